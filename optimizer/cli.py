@@ -1,0 +1,118 @@
+"""`mergeopt` command line: argument parsing only; each command calls one function of the package."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from optimizer.errors import MergeoptError
+
+EXAMPLES = {
+    "zoo": """examples:
+  mergeopt zoo                      # one line per model: <name><TAB><folder>
+  mergeopt zoo --rebuild --out /tmp/zoo   # retrain the zoo reproducibly (a few minutes on a CPU)""",
+    "merge": """examples:
+  mergeopt merge search_spaces/example_recipe.yaml --out /tmp/merged
+  mergeopt merge runs/demo/best.yaml --out merged --device cuda --shard-size 2GB""",
+}
+
+
+def _size(text: str) -> int:
+    units = {"KB": 1024, "MB": 1024**2, "GB": 1024**3, "B": 1}
+    text = text.strip().upper()
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            try:
+                return int(float(text[: -len(unit)]) * factor)
+            except ValueError:
+                break
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size {text!r} is not understood; write e.g. 500MB or 5GB") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mergeopt",
+        description="Search DARE / task-arithmetic merge recipes for homologous language models.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  mergeopt zoo\n  mergeopt merge search_spaces/example_recipe.yaml --out /tmp/merged\n\n"
+               "Run 'mergeopt COMMAND --help' for a command's options.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES[name],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
+        return p
+
+    zoo = command("zoo", "List the embedded tiny model zoo (or retrain it with --rebuild).")
+    zoo.add_argument("--rebuild", action="store_true", help="retrain base and specialists from scratch")
+    zoo.add_argument("--out", type=Path, default=None, help="folder for --rebuild (default: the package's own zoo)")
+    zoo.add_argument("--seed", type=int, default=0, help="training seed for --rebuild (default 0)")
+
+    merge = command("merge", "Merge the models of a recipe YAML into a safetensors model folder.")
+    merge.add_argument("recipe", type=Path, help="recipe YAML (mergekit format, optional mergeopt: block)")
+    merge.add_argument("--out", type=Path, required=True, help="output model folder")
+    merge.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
+    merge.add_argument("--shard-size", type=_size, default="5GB", help="largest safetensors shard (default 5GB)")
+    merge.add_argument("--allow-pickle", action="store_true",
+                       help="also load pickled .bin weights (with weights_only=True); off by default")
+    return parser
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from optimizer import zoo
+
+    if args.rebuild:
+        models = zoo.rebuild(out_dir=args.out, seed=args.seed, progress=True)
+    else:
+        models = zoo.zoo_models()
+    for name, folder in models.items():
+        print(f"{name}\t{Path(folder).resolve()}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from optimizer.merge.engine import MergeEngine
+    from optimizer.recipe import Recipe
+
+    recipe = Recipe.load(args.recipe)
+    start = time.perf_counter()
+    engine = MergeEngine.for_recipe(recipe, device=args.device, allow_pickle=args.allow_pickle, progress=True)
+    loaded = time.perf_counter()
+    out = engine.save(recipe, args.out, max_shard_bytes=args.shard_size, progress=True)
+    done = time.perf_counter()
+    print(f"merged {len(recipe.models)} models with {recipe.merge_method} into {out.resolve()} "
+          f"(load {loaded - start:.1f}s, merge+write {done - loaded:.1f}s)", file=sys.stderr)
+    print(out.resolve())
+    return 0
+
+
+COMMANDS = {"zoo": cmd_zoo, "merge": cmd_merge}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except MergeoptError as exc:
+        if args.debug:
+            raise
+        print(f"mergeopt {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"mergeopt {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
