@@ -1,0 +1,1 @@
+"""Inner-loop scoring: tasks, generation and backends (transformers, vLLM)."""
