@@ -108,7 +108,10 @@ class Recipe:
     # ---- YAML -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"merge_method": self.merge_method}
-        if self.base_model is not None:
+        # linear merges whole weights: a base_model mergekit would treat as one more input (needing a weight),
+        # so it is written only when it is one of the models.
+        if self.base_model is not None and (self.uses_base or any(_same_path(m.model, self.base_model)
+                                                                  for m in self.models)):
             out["base_model"] = self.base_model
         out["models"] = [{"model": m.model, **({"parameters": copy.deepcopy(m.parameters)} if m.parameters else {})}
                          for m in self.models]
