@@ -1,0 +1,65 @@
+"""The `mergeopt` command line, run as a user runs it (a subprocess)."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from optimizer.merge.engine import MergeEngine
+from optimizer.recipe import ModelSpec, Recipe
+
+
+def mergeopt(*args, check=False):
+    proc = subprocess.run([sys.executable, "-m", "optimizer.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.mark.parametrize("command", ["zoo", "merge"])
+def test_every_command_has_help_with_an_example(command):
+    proc = mergeopt(command, "--help", check=True)
+    assert "examples:" in proc.stdout and f"mergeopt {command}" in proc.stdout
+
+
+def test_merge_writes_the_model_the_engine_builds(tmp_path, llama_family):
+    base, models = llama_family
+    recipe = Recipe("dare_ties", [ModelSpec(str(m), {"weight": 0.5, "density": 0.6}) for m in models],
+                    base_model=str(base), seed=7)
+    path = recipe.save(tmp_path / "recipe.yaml")
+    proc = mergeopt("merge", path, "--out", tmp_path / "merged", check=True)
+    assert proc.stdout.strip() == str((tmp_path / "merged").resolve())
+    assert "merging" in proc.stderr  # the progress bar
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
+    expected = MergeEngine(base, models, device="cpu").state_dict(Recipe.load(path))
+    for name, tensor in expected.items():
+        assert torch.equal(merged[name], tensor), name
+
+
+def test_errors_are_one_line_and_nonzero(tmp_path, llama_family):
+    base, models = llama_family
+    proc = mergeopt("merge", tmp_path / "missing.yaml", "--out", tmp_path / "o")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0
+    assert "missing.yaml does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"merge_method: dare_ties\nbase_model: {base}\nmodels:\n  - model: {tmp_path / 'nowhere'}\n"
+                   "    parameters: {weight: 1.0}\n")
+    proc = mergeopt("merge", bad, "--out", tmp_path / "o")
+    assert proc.returncode == 1 and "does not exist" in proc.stderr and proc.stderr.count("\n") == 1
+    proc = mergeopt("--debug", "merge", bad, "--out", tmp_path / "o")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_unwritable_output_is_a_clear_error(tmp_path, llama_family):
+    base, models = llama_family
+    recipe = Recipe("task_arithmetic", [ModelSpec(str(models[0]), {"weight": 1.0})], base_model=str(base))
+    path = recipe.save(tmp_path / "r.yaml")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    proc = mergeopt("merge", path, "--out", blocker / "sub")
+    assert proc.returncode == 1 and "cannot create output folder" in proc.stderr
