@@ -1,0 +1,399 @@
+"""Benchmark subsets as data: task sets built once per run, scored many times.
+
+A task set YAML names tasks; each task is
+
+* ``kind: generate`` -- a local JSONL file of ``{"prompt", "target"}``; greedy generation, exact match after a
+  normaliser;
+* ``kind: multiple_choice`` -- a local JSONL file of ``{"prompt", "choices": [...], "answer": index}``; the choice
+  with the highest log-likelihood wins (``acc``; ``acc_norm`` divides by the choice's length in characters);
+* ``kind: lm_eval`` -- an lm-evaluation-harness task by name (``task: arc_easy``) or by its YAML (``path:``);
+  its documents are read and its requests built once; each candidate only fills in the model's answers.
+
+```yaml
+seed: 0            # picks the subsets; the same items for every candidate of a run
+limit: 100         # default subset size per task (null: all items)
+tasks:
+  - {name: add, kind: generate, path: add.jsonl, max_new_tokens: 8}
+  - {name: arc, kind: lm_eval, task: arc_easy, metric: acc, limit: 200}
+```
+
+Building a task turns items into backend requests (:class:`GenerationRequest`, :class:`LoglikelihoodRequest`)
+once; :meth:`PreparedTask.finish` turns the backend's answers into a :class:`Score`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from optimizer.errors import MergeoptError
+
+KINDS = ("generate", "multiple_choice", "lm_eval")
+NORMALIZERS = ("none", "strip", "lower", "alnum")
+_TASK_KEYS = {"name", "kind", "path", "task", "metric", "limit", "max_new_tokens", "normalizer", "stop"}
+_SET_KEYS = {"tasks", "seed", "limit"}
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    max_new_tokens: int
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LoglikelihoodRequest:
+    context: str
+    continuation: str
+
+
+@dataclass
+class Score:
+    """One task's result for one candidate. ``value`` is None when scoring failed (``error`` says why)."""
+
+    metric: str
+    value: float | None
+    stderr: float | None
+    n: int
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"metric": self.metric, "value": self.value, "stderr": self.stderr, "n": self.n}
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    kind: str = "generate"
+    path: Path | None = None
+    task: str | None = None  # lm-eval task name
+    metric: str | None = None
+    limit: int | None = None
+    max_new_tokens: int = 32
+    normalizer: str = "strip"
+    stop: tuple[str, ...] = ()
+
+
+def mean_and_stderr(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error with the sample variance (lm-evaluation-harness' convention)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def normalize(text: str, rule: str) -> str:
+    if rule == "none":
+        return text
+    text = text.strip()
+    if rule == "lower":
+        return text.lower()
+    if rule == "alnum":
+        return re.sub(r"[^0-9a-z]+", " ", text.lower()).strip()
+    return text
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+class PreparedTask:
+    """A task with its subset chosen and its requests built; scored by :meth:`finish`."""
+
+    def __init__(self, spec: TaskSpec, generation: list[GenerationRequest], loglikelihood: list[LoglikelihoodRequest]):
+        self.spec = spec
+        self.generation = generation
+        self.loglikelihood = loglikelihood
+
+    @property
+    def metric(self) -> str:
+        raise NotImplementedError
+
+    def finish(self, generated: list[str], loglikelihoods: list[tuple[float, bool]]) -> Score:
+        raise NotImplementedError
+
+
+class GenerateTask(PreparedTask):
+    def __init__(self, spec: TaskSpec, items: list[dict]):
+        requests = [GenerationRequest(item["prompt"], spec.max_new_tokens, spec.stop) for item in items]
+        super().__init__(spec, requests, [])
+        self.targets = [normalize(str(item["target"]), spec.normalizer) for item in items]
+
+    @property
+    def metric(self) -> str:
+        return "exact_match"
+
+    def finish(self, generated, loglikelihoods):
+        hits = [float(normalize(cut_at_stop(text, self.spec.stop), self.spec.normalizer) == target)
+                for text, target in zip(generated, self.targets)]
+        value, stderr = mean_and_stderr(hits)
+        return Score(self.metric, value, stderr, len(hits))
+
+
+class MultipleChoiceTask(PreparedTask):
+    def __init__(self, spec: TaskSpec, items: list[dict]):
+        requests, self.spans, self.answers, self.lengths = [], [], [], []
+        for item in items:
+            start = len(requests)
+            requests += [LoglikelihoodRequest(item["prompt"], str(choice)) for choice in item["choices"]]
+            self.spans.append((start, len(requests)))
+            self.answers.append(int(item["answer"]))
+            self.lengths.append([max(1, len(str(c))) for c in item["choices"]])
+        super().__init__(spec, [], requests)
+
+    @property
+    def metric(self) -> str:
+        return self.spec.metric or "acc"
+
+    def finish(self, generated, loglikelihoods):
+        hits = []
+        for (start, stop), answer, lengths in zip(self.spans, self.answers, self.lengths):
+            scores = [ll for ll, _ in loglikelihoods[start:stop]]
+            if self.metric == "acc_norm":
+                scores = [s / n for s, n in zip(scores, lengths)]
+            hits.append(float(max(range(len(scores)), key=scores.__getitem__) == answer))
+        value, stderr = mean_and_stderr(hits)
+        return Score(self.metric, value, stderr, len(hits))
+
+
+class LmEvalTask(PreparedTask):
+    """An lm-evaluation-harness task: documents loaded and requests built once, metrics by the task itself."""
+
+    def __init__(self, spec: TaskSpec, seed: int):
+        try:
+            from lm_eval.tasks import TaskManager, get_task_dict
+        except ImportError:
+            raise MergeoptError(f"task {spec.name} is an lm-eval task but lm-eval is not installed; "
+                                "pip install lm-eval") from None
+        if spec.path is not None:
+            task_manager = TaskManager(include_path=str(spec.path.parent), include_defaults=False)
+            task_name = spec.task or _yaml_task_name(spec.path)
+        else:
+            task_manager = TaskManager()
+            task_name = spec.task
+        try:
+            task_dict = get_task_dict([task_name], task_manager)
+        except Exception as exc:  # lm-eval raises several types for unknown tasks or missing data
+            raise MergeoptError(f"lm-eval task {task_name!r} cannot be loaded ({type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else ''}); check the name or its data files") from None
+        tasks = [t for t in _flatten(task_dict)]
+        if len(tasks) != 1:
+            raise MergeoptError(f"lm-eval task {task_name!r} is a group of {len(tasks)} tasks; list its tasks one by one")
+        self.task = tasks[0]
+        docs = list(self.task.eval_docs)
+        indices = list(range(len(docs)))
+        if spec.limit is not None and spec.limit < len(docs):
+            indices = sorted(random.Random(seed).sample(indices, spec.limit))
+        self.indices = indices
+        self.task.build_all_requests(samples=indices, rank=0, world_size=1)
+        self.instances = sorted(self.task.instances, key=lambda inst: (inst.doc_id, inst.idx))
+        generation, loglikelihood, self.routes = [], [], []
+        for inst in self.instances:
+            if inst.request_type == "generate_until":
+                context, kwargs = inst.args[0], dict(inst.args[1])
+                until = kwargs.get("until") or []
+                until = (until,) if isinstance(until, str) else tuple(until)
+                generation.append(GenerationRequest(context, int(kwargs.get("max_gen_toks", spec.max_new_tokens)), until))
+                self.routes.append(("g", len(generation) - 1))
+            elif inst.request_type == "loglikelihood":
+                loglikelihood.append(LoglikelihoodRequest(inst.args[0], inst.args[1]))
+                self.routes.append(("l", len(loglikelihood) - 1))
+            else:
+                raise MergeoptError(f"lm-eval task {task_name!r} needs {inst.request_type} requests, which mergeopt "
+                                    "does not score yet; choose a generate_until, loglikelihood or multiple_choice task")
+        super().__init__(spec, generation, loglikelihood)
+        metrics = list(self.task.aggregation())
+        self._metric = spec.metric or metrics[0]
+        if self._metric not in metrics:
+            raise MergeoptError(f"task {spec.name}: metric {self._metric!r} is not one of {', '.join(metrics)}")
+
+    @property
+    def metric(self) -> str:
+        return self._metric
+
+    def finish(self, generated, loglikelihoods):
+        for inst, (route, index) in zip(self.instances, self.routes):
+            inst.resps = [generated[index] if route == "g" else loglikelihoods[index]]
+            inst.filtered_resps = {}
+        self.task.apply_filters()
+        by_doc: dict[int, list] = {}
+        for inst in self.instances:
+            by_doc.setdefault(inst.doc_id, []).append(inst)
+        filter_key = next(iter(self.instances[0].filtered_resps))
+        values = []
+        for doc_id, instances in sorted(by_doc.items()):
+            metrics = self.task.process_results(instances[0].doc, [i.filtered_resps[filter_key] for i in instances])
+            if self.metric in metrics:
+                values.append(float(metrics[self.metric]))
+        value, stderr = mean_and_stderr(values)
+        return Score(self.metric, value, stderr, len(values))
+
+
+def _flatten(task_dict):
+    for value in task_dict.values():
+        if isinstance(value, dict):
+            yield from _flatten(value)
+        else:
+            yield value
+
+
+def _yaml_task_name(path: Path) -> str:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        data = None
+    if not isinstance(data, dict) or "task" not in data:
+        raise MergeoptError(f"{path} is not an lm-eval task YAML (no 'task:' key)")
+    return str(data["task"])
+
+
+@dataclass
+class TaskSet:
+    """The tasks of a run: subsets chosen and requests built once, in a fixed order."""
+
+    tasks: list[PreparedTask]
+    seed: int = 0
+    source: str = ""
+    names: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.names = [t.spec.name for t in self.tasks]
+
+    def __iter__(self):
+        return iter(self.tasks)
+
+
+def read_jsonl(path: Path, kind: str, task: str) -> list[dict]:
+    if not path.is_file():
+        raise MergeoptError(f"task {task}: data file {path} does not exist")
+    required = ("prompt", "target") if kind == "generate" else ("prompt", "choices", "answer")
+    items = []
+    with path.open() as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError:
+                raise MergeoptError(f"{path}:{number}: not valid JSON; one object per line") from None
+            missing = [k for k in required if k not in item]
+            if missing:
+                raise MergeoptError(f"{path}:{number}: missing key {missing[0]!r} (a {kind} item needs {', '.join(required)})")
+            items.append(item)
+    if not items:
+        raise MergeoptError(f"task {task}: {path} holds no items")
+    return items
+
+
+def subset(items: list, limit: int | None, seed: int) -> list:
+    """The same ``limit`` items for a given seed, in file order."""
+    if limit is None or limit >= len(items):
+        return list(items)
+    keep = sorted(random.Random(seed).sample(range(len(items)), limit))
+    return [items[i] for i in keep]
+
+
+def prepare(spec: TaskSpec, seed: int) -> PreparedTask:
+    if spec.kind == "lm_eval":
+        return LmEvalTask(spec, seed)
+    items = subset(read_jsonl(spec.path, spec.kind, spec.name), spec.limit, seed)
+    return GenerateTask(spec, items) if spec.kind == "generate" else MultipleChoiceTask(spec, items)
+
+
+def parse_task(entry: Any, root: Path, default_limit: int | None, where: str) -> TaskSpec:
+    if not isinstance(entry, dict):
+        raise MergeoptError(f"{where}: each task must be a mapping with at least 'name'")
+    unknown = set(entry) - _TASK_KEYS
+    if unknown:
+        raise MergeoptError(f"{where}: unknown key {sorted(unknown)[0]!r}; allowed: {', '.join(sorted(_TASK_KEYS))}")
+    name = entry.get("name") or entry.get("task")
+    if not name:
+        raise MergeoptError(f"{where}: a task needs a 'name'")
+    kind = entry.get("kind", "generate" if "path" in entry and "task" not in entry else "lm_eval")
+    if kind not in KINDS:
+        raise MergeoptError(f"{where}: kind {kind!r} is not one of {', '.join(KINDS)}")
+    path = entry.get("path")
+    if path is not None:
+        path = Path(path)
+        path = path if path.is_absolute() else (root / path).resolve()
+    if kind != "lm_eval" and path is None:
+        raise MergeoptError(f"{where}: a {kind} task needs 'path' (a JSONL file)")
+    if kind == "lm_eval" and path is None and not entry.get("task"):
+        raise MergeoptError(f"{where}: an lm_eval task needs 'task' (its name) or 'path' (its YAML)")
+    normalizer = entry.get("normalizer", "strip")
+    if normalizer not in NORMALIZERS:
+        raise MergeoptError(f"{where}: normalizer {normalizer!r} is not one of {', '.join(NORMALIZERS)}")
+    limit = entry.get("limit", default_limit)
+    for key, value in (("limit", limit), ("max_new_tokens", entry.get("max_new_tokens", 32))):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise MergeoptError(f"{where}: {key} must be a positive integer, got {value!r}")
+    metric = entry.get("metric")
+    if kind == "generate" and metric not in (None, "exact_match"):
+        raise MergeoptError(f"{where}: a generate task's metric is exact_match, got {metric!r}")
+    if kind == "multiple_choice" and metric not in (None, "acc", "acc_norm"):
+        raise MergeoptError(f"{where}: a multiple_choice task's metric is acc or acc_norm, got {metric!r}")
+    stop = entry.get("stop") or ()
+    return TaskSpec(name=str(name), kind=kind, path=path, task=entry.get("task"), metric=metric, limit=limit,
+                    max_new_tokens=int(entry.get("max_new_tokens", 32)), normalizer=normalizer,
+                    stop=(stop,) if isinstance(stop, str) else tuple(stop))
+
+
+def task_specs(spec: str | Path, limit: int | None = None) -> tuple[list[TaskSpec], int, str]:
+    """Parse SPEC (``zoo``, a task-set YAML, an lm-eval task YAML, or lm-eval task names) without loading data."""
+    text = str(spec)
+    if text == "zoo":
+        from optimizer.zoo import zoo_task_spec
+
+        return task_specs(zoo_task_spec(), limit)
+    path = Path(text)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise MergeoptError(f"task file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError:
+            raise MergeoptError(f"{path}: not valid YAML; fix the syntax and retry") from None
+        if isinstance(data, dict) and "task" in data and "tasks" not in data:
+            return [TaskSpec(name=str(data["task"]), kind="lm_eval", path=path.resolve(), limit=limit)], 0, text
+        if not isinstance(data, dict) or not isinstance(data.get("tasks"), list) or not data["tasks"]:
+            raise MergeoptError(f"{path}: a task set needs a non-empty 'tasks:' list")
+        unknown = set(data) - _SET_KEYS
+        if unknown:
+            raise MergeoptError(f"{path}: unknown key {sorted(unknown)[0]!r}; allowed: {', '.join(sorted(_SET_KEYS))}")
+        default_limit = limit if limit is not None else data.get("limit")
+        specs = [parse_task(entry, path.parent.resolve(), default_limit, f"{path}: tasks[{i}]")
+                 for i, entry in enumerate(data["tasks"])]
+        if limit is not None:
+            specs = [replace(s, limit=limit) for s in specs]
+        names = [s.name for s in specs]
+        duplicate = next((n for n in names if names.count(n) > 1), None)
+        if duplicate:
+            raise MergeoptError(f"{path}: task name {duplicate!r} appears twice")
+        seed = data.get("seed", 0)
+        if not isinstance(seed, int):
+            raise MergeoptError(f"{path}: seed must be an integer")
+        return specs, seed, text
+    if path.suffix == ".jsonl":
+        return [TaskSpec(name=path.stem, kind="generate", path=path.resolve(), limit=limit)], 0, text
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    return [TaskSpec(name=n, kind="lm_eval", task=n, limit=limit) for n in names], 0, text
+
+
+def load_task_set(spec: str | Path, limit: int | None = None, seed: int | None = None) -> TaskSet:
+    """Build a task set once per run: subsets chosen with a fixed seed, requests built."""
+    specs, file_seed, source = task_specs(spec, limit)
+    seed = file_seed if seed is None else seed
+    return TaskSet([prepare(s, seed) for s in specs], seed=seed, source=source)
