@@ -16,6 +16,11 @@ EXAMPLES = {
     "merge": """examples:
   mergeopt merge search_spaces/example_recipe.yaml --out /tmp/merged
   mergeopt merge runs/demo/best.yaml --out merged --device cuda --shard-size 2GB""",
+    "eval": """examples:
+  mergeopt eval zoo:adder --tasks zoo                 # a model folder (or zoo:NAME) on the zoo's task set
+  mergeopt eval search_spaces/example_recipe.yaml --tasks zoo --limit 50 --json   # merged in memory
+  mergeopt eval ./my-model --tasks tasks.yaml --backend vllm
+  mergeopt eval ./my-model --tasks arc_easy,hellaswag --limit 200   # lm-eval tasks by name""",
 }
 
 
@@ -62,16 +67,71 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--shard-size", type=_size, default="5GB", help="largest safetensors shard (default 5GB)")
     merge.add_argument("--allow-pickle", action="store_true",
                        help="also load pickled .bin weights (with weights_only=True); off by default")
+    ev = command("eval", "Score a model folder or a recipe (merged in memory) on a task set.")
+    ev.add_argument("target", help="a model folder, zoo:NAME, or a recipe YAML")
+    ev.add_argument("--tasks", required=True, help="'zoo', a task-set YAML, an lm-eval task YAML, or lm-eval task names")
+    ev.add_argument("--limit", type=int, default=None, help="items per task (a fixed-seed subset)")
+    ev.add_argument("--seed", type=int, default=None, help="seed of the subsets (default: the task set's, else 0)")
+    ev.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="inference engine (default hf)")
+    ev.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+    ev.add_argument("--batch-size", type=int, default=64, help="generation batch size of the hf backend")
+    ev.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
+    ev.add_argument("--allow-pickle", action="store_true", help="also load pickled .bin weights (weights_only=True)")
     return parser
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from optimizer.evaluate.scoring import evaluate_candidate, make_backend
+    from optimizer.evaluate.tasks import load_task_set
+    from optimizer.recipe import Recipe, zoo_path
+
+    if args.limit is not None and args.limit < 1:
+        raise MergeoptError("--limit must be a positive number of items")
+    task_set = load_task_set(args.tasks, limit=args.limit, seed=args.seed)
+    target = args.target
+    engine = recipe = None
+    extra = {"batch_size": args.batch_size} if args.backend == "hf" else {}
+    if target.endswith((".yaml", ".yml")):
+        from optimizer.merge.engine import MergeEngine
+
+        recipe = Recipe.load(target)
+        engine = MergeEngine.for_recipe(recipe, device=args.device, allow_pickle=args.allow_pickle)
+        backend = make_backend(args.backend, engine.base_path, device=args.device, **extra)
+    else:
+        folder = zoo_path(target) if target.startswith("zoo:") else target
+        if not Path(folder).is_dir():
+            raise MergeoptError(f"{target} is neither a model folder nor a recipe YAML")
+        backend = make_backend(args.backend, folder, device=args.device, **extra)
+    result = evaluate_candidate(backend, task_set, engine, recipe, progress=not args.json)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(f"{'task':<16} {'metric':<12} {'value':>7} {'stderr':>7} {'n':>5}")
+        for name, s in result.scores.items():
+            value = "failed" if s.value is None else f"{s.value:.4f}"
+            stderr = "" if s.stderr is None else f"{s.stderr:.4f}"
+            print(f"{name:<16} {s.metric:<12} {value:>7} {stderr:>7} {s.n:>5}")
+        print(f"swap {result.seconds.get('swap', 0):.2f}s, score {result.seconds.get('score', 0):.2f}s", file=sys.stderr)
+    if result.failed:
+        print(f"mergeopt eval: candidate failed: {result.error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
     from optimizer import zoo
 
     if args.rebuild:
-        models = zoo.rebuild(out_dir=args.out, seed=args.seed, progress=True)
+        from optimizer.zoo.train import rebuild
+
+        models = rebuild(out_dir=args.out, seed=args.seed, progress=True)
     else:
         models = zoo.zoo_models()
+        missing = [name for name, folder in models.items() if not (Path(folder) / "config.json").is_file()]
+        if missing:
+            raise MergeoptError(f"the zoo model {missing[0]} is not built; run 'mergeopt zoo --rebuild'")
     for name, folder in models.items():
         print(f"{name}\t{Path(folder).resolve()}")
     return 0
@@ -93,7 +153,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"zoo": cmd_zoo, "merge": cmd_merge}
+COMMANDS = {"zoo": cmd_zoo, "merge": cmd_merge, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,10 +40,12 @@ class CandidateResult:
         return {name: s.to_dict() for name, s in self.scores.items()}
 
 
-def score(backend, task_set: TaskSet) -> dict[str, Score]:
+def score(backend, task_set: TaskSet, progress: bool = False) -> dict[str, Score]:
     """Per-task scores; a task whose scoring raises gets a failed Score with the reason."""
+    from tqdm import tqdm
+
     results: dict[str, Score] = {}
-    for task in task_set:
+    for task in tqdm(task_set.tasks, desc="scoring", unit="task", disable=not progress, leave=False):
         try:
             generated = backend.generate(task.generation) if task.generation else []
             likelihoods = backend.loglikelihood(task.loglikelihood) if task.loglikelihood else []
@@ -58,7 +60,7 @@ def score(backend, task_set: TaskSet) -> dict[str, Score]:
     return results
 
 
-def evaluate_candidate(backend, task_set: TaskSet, engine=None, recipe=None) -> CandidateResult:
+def evaluate_candidate(backend, task_set: TaskSet, engine=None, recipe=None, progress: bool = False) -> CandidateResult:
     """Swap a recipe's weights into the backend (when given) and score it; never raises for a bad candidate."""
     seconds = {}
     start = time.perf_counter()
@@ -70,7 +72,7 @@ def evaluate_candidate(backend, task_set: TaskSet, engine=None, recipe=None) -> 
         except Exception as exc:
             return CandidateResult({}, {"swap": time.perf_counter() - start}, error=_reason(exc))
     seconds["swap"] = time.perf_counter() - start
-    scores = score(backend, task_set)
+    scores = score(backend, task_set, progress=progress)
     seconds["score"] = time.perf_counter() - start - seconds["swap"]
     errors = [f"{name}: {s.error}" for name, s in scores.items() if s.error]
     return CandidateResult(scores, seconds, error="; ".join(errors) or None)

@@ -174,7 +174,7 @@ class LmEvalTask(PreparedTask):
 
     def __init__(self, spec: TaskSpec, seed: int):
         try:
-            from lm_eval.tasks import TaskManager, get_task_dict
+            from lm_eval.tasks import TaskManager
         except ImportError:
             raise MergeoptError(f"task {spec.name} is an lm-eval task but lm-eval is not installed; "
                                 "pip install lm-eval") from None
@@ -185,11 +185,11 @@ class LmEvalTask(PreparedTask):
             task_manager = TaskManager()
             task_name = spec.task
         try:
-            task_dict = get_task_dict([task_name], task_manager)
+            loaded = task_manager.load([task_name])
         except Exception as exc:  # lm-eval raises several types for unknown tasks or missing data
             raise MergeoptError(f"lm-eval task {task_name!r} cannot be loaded ({type(exc).__name__}: "
                                 f"{str(exc).splitlines()[0] if str(exc) else ''}); check the name or its data files") from None
-        tasks = [t for t in _flatten(task_dict)]
+        tasks = list(loaded["tasks"].values())
         if len(tasks) != 1:
             raise MergeoptError(f"lm-eval task {task_name!r} is a group of {len(tasks)} tasks; list its tasks one by one")
         self.task = tasks[0]
@@ -240,14 +240,6 @@ class LmEvalTask(PreparedTask):
                 values.append(float(metrics[self.metric]))
         value, stderr = mean_and_stderr(values)
         return Score(self.metric, value, stderr, len(values))
-
-
-def _flatten(task_dict):
-    for value in task_dict.values():
-        if isinstance(value, dict):
-            yield from _flatten(value)
-        else:
-            yield value
 
 
 def _yaml_task_name(path: Path) -> str:
