@@ -181,7 +181,7 @@ def make_variants(engine, model, base_dir: Path, model_dirs: list[Path]):
     # (flat output view, flat base, (M, n) deltas) per tensor, resolved once, as the engine itself does per build.
     triples = [(targets[n].view(-1), engine.base[n], engine.deltas[n]) for n in engine.names]
     weights = np.asarray(WEIGHTS[: len(model_dirs)], dtype=np.float32)
-    _, _, _, weighted_sum_kernel = sparsify.numba_kernels()
+    weighted_sum_kernel = sparsify.numba_kernels().weighted_sum
 
     def numba_wsum():
         for out, base, deltas in triples:
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                 numba_threads=numba.get_num_threads(), numba_threading_layer=_threading_layer(),
                 torch_threads=torch.get_num_threads(), cpu=_cpu_name(), cores=os.cpu_count(),
                 python=platform.python_version(), torch=torch.__version__, numba=numba.__version__,
-                chunk=sparsify.CHUNK, max_abs_diff_task_arithmetic_vs_wsum=agreement,
+                chunk=sparsify.numba_kernels().CHUNK, max_abs_diff_task_arithmetic_vs_wsum=agreement,
                 load_before=load_before, load_after=load_after)
 
     print(f"\n**{args.size}**: {n_params / 1e6:.1f}M params/model x {len(model_dirs)} fine-tunes "

@@ -28,7 +28,6 @@ import torch
 
 RANK_BITS = 16
 RANK_LEVELS = 1 << RANK_BITS  # 65536
-CHUNK = 8192  # elements per parallel work item of the CPU kernel; a multiple of 4
 PARALLEL_MIN_ELEMENTS = 1 << 16  # smaller tensors are merged on one thread
 
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -95,143 +94,30 @@ class TensorPlan:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# numba kernel (CPU)
+# CPU: fused numba kernels (optimizer/merge/kernels.py)
 # ---------------------------------------------------------------------------------------------------------
-def _build_numba_kernels():
-    import numba as nb
-
-    u64 = nb.uint64
-    golden, mix1, mix2 = u64(_GOLDEN), u64(_MIX1), u64(_MIX2)
-    s30, s27, s31 = u64(30), u64(27), u64(31)
-
-    @nb.njit(inline="always")
-    def splitmix(x):
-        z = x
-        z = (z ^ (z >> s30)) * mix1
-        z = (z ^ (z >> s27)) * mix2
-        return z ^ (z >> s31)
-
-    @nb.njit(inline="always")
-    def fill_contrib(contrib, m, delta, start, stop, coef, mode, threshold, magnitude, key):
-        if mode == 0:  # keep all
-            for i in range(start, stop):
-                contrib[m, i - start] = coef * delta[i]
-        elif mode == 1:  # DARE: counter-based 16-bit ranks, 4 per hash
-            thr = u64(threshold)
-            for blk in range(start // 4, (stop + 3) // 4):
-                h = splitmix(key + u64(blk) * golden)
-                base_i = blk * 4
-                for j in range(4):
-                    i = base_i + j
-                    if i >= stop:
-                        break
-                    r = (h >> u64(16 * j)) & u64(0xFFFF)
-                    contrib[m, i - start] = coef * delta[i] if r >= thr else np.float32(0.0)
-        elif mode == 2:  # TIES trim
-            for i in range(start, stop):
-                d = delta[i]
-                contrib[m, i - start] = coef * d if abs(d) >= magnitude else np.float32(0.0)
-        else:
-            for i in range(start, stop):
-                contrib[m, i - start] = np.float32(0.0)
-
-    def merge_kernel(out, base, deltas, weights, scales, modes, thresholds, magnitudes, keys,
-                     consensus, normalize, lam, base_coef, weight_sum):
-        n = base.shape[0]
-        n_models = deltas.shape[0]
-        n_chunks = (n + 8191) // 8192
-        for c in nb.prange(n_chunks):  # a plain range when compiled serial
-            start = c * 8192
-            stop = min(n, start + 8192)
-            contrib = np.empty((n_models, stop - start), dtype=np.float32)
-            for m in range(n_models):
-                fill_contrib(contrib, m, deltas[m], start, stop, np.float32(weights[m] * scales[m]), modes[m],
-                             thresholds[m], magnitudes[m], keys[m])
-            for i in range(start, stop):
-                k = i - start
-                if consensus:
-                    total = np.float32(0.0)
-                    for m in range(n_models):
-                        total += contrib[m, k]
-                    positive = total >= 0
-                    mix = np.float32(0.0)
-                    divisor = np.float32(0.0)
-                    for m in range(n_models):
-                        v = contrib[m, k]
-                        if (v > 0 and positive) or (v < 0 and not positive):
-                            mix += v
-                            divisor += weights[m]
-                    if normalize:
-                        mix = mix / (divisor if divisor != 0 else np.float32(1.0))
-                else:
-                    mix = np.float32(0.0)
-                    for m in range(n_models):
-                        mix += contrib[m, k]
-                    if normalize:
-                        mix = mix / weight_sum
-                out[i] = base_coef * base[i] + lam * mix
-
-    # Threads pay off only for large tensors; small ones run serially (no thread wake-up cost).
-    merge_parallel = nb.njit(parallel=True, cache=True)(merge_kernel)
-    merge_serial = nb.njit(parallel=False, cache=True)(merge_kernel)
-
-    @nb.njit(parallel=True, cache=True)
-    def kept_l1(delta, threshold, key):
-        """Sum of |delta| over the elements a DARE mask keeps (for mergekit's L1 rescale rule)."""
-        n = delta.shape[0]
-        n_blocks = (n + 3) // 4
-        thr = u64(threshold)
-        total = 0.0
-        for blk in nb.prange(n_blocks):
-            h = splitmix(key + u64(blk) * golden)
-            acc = 0.0
-            for j in range(4):
-                i = blk * 4 + j
-                if i < n and ((h >> u64(16 * j)) & u64(0xFFFF)) >= thr:
-                    acc += abs(delta[i])
-            total += acc
-        return total
-
-    @nb.njit(parallel=True, cache=True)
-    def weighted_sum_kernel(out, base, deltas, weights):
-        """Plain fused weighted sum of deltas (no masks): the speed baseline of the benchmarks."""
-        n = base.shape[0]
-        n_models = deltas.shape[0]
-        for i in nb.prange(n):
-            acc = base[i]
-            for m in range(n_models):
-                acc += weights[m] * deltas[m, i]
-            out[i] = acc
-
-    return merge_parallel, merge_serial, kept_l1, weighted_sum_kernel
-
-
-_KERNELS = None
-
-
 def numba_kernels():
-    global _KERNELS
-    if _KERNELS is None:
-        os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "mergeopt-numba"))
-        _KERNELS = _build_numba_kernels()
-    return _KERNELS
+    """The compiled CPU kernels module (imported on first use; numba caches compiled code on disk)."""
+    os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "mergeopt-numba"))
+    from optimizer.merge import kernels
+
+    return kernels
 
 
 def merge_flat_cpu(out: torch.Tensor, base: torch.Tensor, deltas: torch.Tensor, plan: TensorPlan) -> None:
     """Fused merge of one flattened float32 CPU tensor into ``out`` (may alias a live parameter)."""
-    merge_parallel, merge_serial, _, _ = numba_kernels()
-    merge_kernel = merge_parallel if base.numel() >= PARALLEL_MIN_ELEMENTS else merge_serial
+    kernels = numba_kernels()
+    kernel = kernels.merge_parallel if base.numel() >= PARALLEL_MIN_ELEMENTS else kernels.merge_serial
     weight_sum = float(plan.weights.sum())
     if abs(weight_sum) < 1e-8:
         weight_sum = 1.0
-    merge_kernel(out.numpy(), base.numpy(), deltas.numpy(), plan.weights, plan.scales, plan.keep_mode,
-                 plan.thresholds, plan.magnitudes, plan.keys, plan.consensus, plan.normalize,
-                 np.float32(plan.lam), np.float32(plan.base_coef), np.float32(weight_sum))
+    kernel(out.numpy(), base.numpy(), deltas.numpy(), plan.weights, plan.scales, plan.keep_mode,
+           plan.thresholds, plan.magnitudes, plan.keys, plan.consensus, plan.normalize,
+           np.float32(plan.lam), np.float32(plan.base_coef), np.float32(weight_sum))
 
 
 def kept_l1_cpu(delta: torch.Tensor, threshold: int, key: int) -> float:
-    _, _, kept_l1, _ = numba_kernels()
-    return float(kept_l1(delta.numpy(), threshold, np.uint64(key)))
+    return float(numba_kernels().kept_l1(delta.numpy(), threshold, np.uint64(key)))
 
 
 # ---------------------------------------------------------------------------------------------------------
