@@ -73,6 +73,7 @@ class MergeEngine:
             bar.update()
         bar.close()
         self._rows = {path: row for row, path in enumerate(self.model_paths)}
+        self._l1: dict[tuple[str, int], float] = {}  # dense L1 norms of deltas, for the l1 rescale rule
 
     @classmethod
     def for_recipe(cls, recipe: Recipe, device: str | torch.device | None = None, allow_pickle: bool = False,
@@ -109,7 +110,8 @@ class MergeEngine:
         positions = self._positions(recipe) if positions is None else positions
         active = [row for row, pos in enumerate(positions) if pos is not None]
         sub = tensor_plan(recipe, slot, [positions[r] for r in active],
-                          delta_rows=lambda i: self.deltas[slot.name][active[i]])
+                          delta_rows=lambda i: self.deltas[slot.name][active[i]],
+                          dense_l1=lambda i: self._dense_l1(slot.name, active[i]))
         if len(active) == len(positions):
             return sub
         # Models the recipe leaves out take part with weight 0 and nothing kept.
@@ -122,6 +124,12 @@ class MergeEngine:
             keys=_scatter(sub.keys, active, len(positions), 0),
             consensus=sub.consensus, normalize=sub.normalize, lam=sub.lam, base_coef=sub.base_coef)
         return full
+
+    def _dense_l1(self, name: str, row: int) -> float:
+        key = (name, row)
+        if key not in self._l1:
+            self._l1[key] = float(self.deltas[name][row].abs().sum())
+        return self._l1[key]
 
     # ---- building ---------------------------------------------------------------------------------------
     def _merge_into(self, slot: TensorSlot, plan: sparsify.TensorPlan, out: torch.Tensor | None) -> torch.Tensor:

@@ -46,11 +46,13 @@ class TensorSlot:
     t: float  # relative depth in [0, 1]; 0 outside the layer stack (mergekit's convention)
 
 
-def tensor_plan(recipe: Recipe, slot: TensorSlot, model_positions: list[int], delta_rows=None) -> sparsify.TensorPlan:
+def tensor_plan(recipe: Recipe, slot: TensorSlot, model_positions: list[int], delta_rows=None,
+                dense_l1=None) -> sparsify.TensorPlan:
     """Resolve a recipe into the kernel's per-model arrays for one tensor.
 
     ``model_positions`` are the recipe positions of the models whose deltas the engine holds, in the engine's row
-    order; ``delta_rows(m)`` returns the delta of engine row ``m`` (needed for TIES thresholds and L1 rescale).
+    order; ``delta_rows(m)`` returns the delta of row ``m`` (needed for TIES thresholds and L1 rescale) and
+    ``dense_l1(m)`` its L1 norm (recipe-independent, so the engine caches it).
     """
     spec = METHODS[recipe.merge_method]
     n = len(model_positions)
@@ -91,7 +93,7 @@ def tensor_plan(recipe: Recipe, slot: TensorSlot, model_positions: list[int], de
             scales[row] = sparsify.dare_scale(threshold)
         elif recipe.rescale == "l1" and threshold < sparsify.RANK_LEVELS:
             delta = delta_rows(row)
-            before = float(delta.abs().sum())
+            before = dense_l1(row) if dense_l1 is not None else float(delta.abs().sum())
             after = (sparsify.kept_l1_cpu(delta, threshold, key) if delta.device.type == "cpu"
                      else sparsify.kept_l1_torch(delta, threshold, key))
             if before >= 1e-7 and after >= 1e-7:
