@@ -16,6 +16,13 @@ EXAMPLES = {
     "merge": """examples:
   mergeopt merge search_spaces/example_recipe.yaml --out /tmp/merged
   mergeopt merge runs/demo/best.yaml --out merged --device cuda --shard-size 2GB""",
+    "search": """examples:
+  mergeopt search search_spaces/demo.yaml                      # runs/demo/, resumes if it exists
+  mergeopt search search_spaces/demo.yaml --trials 100 --optimizer nsga2 --run-dir runs/demo-nsga2
+  mergeopt search space.yaml --storage postgresql://user@db/mergeopt --study big-merge --device cuda:1""",
+    "export": """examples:
+  mergeopt export runs/demo                      # pareto/*.yaml, pareto/front.csv, best.yaml, trials.csv
+  mergeopt export runs/demo --materialize        # also the merged model of every front recipe""",
     "eval": """examples:
   mergeopt eval zoo:adder --tasks zoo                 # a model folder (or zoo:NAME) on the zoo's task set
   mergeopt eval search_spaces/example_recipe.yaml --tasks zoo --limit 50 --json   # merged in memory
@@ -77,7 +84,74 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=64, help="generation batch size of the hf backend")
     ev.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
     ev.add_argument("--allow-pickle", action="store_true", help="also load pickled .bin weights (weights_only=True)")
+    se = command("search", "Search merge recipes: ask -> merge -> score -> tell, recorded in an Optuna study.")
+    se.add_argument("space", type=Path, help="search-space YAML (see search_spaces/)")
+    se.add_argument("--run-dir", type=Path, default=None, help="run folder (default runs/<space name>)")
+    se.add_argument("--trials", type=int, default=None, help="total trials of the study (overrides budget.trials)")
+    se.add_argument("--minutes", type=float, default=None, help="time budget of this invocation")
+    se.add_argument("--optimizer", default=None, help="cma | tpe | nsga2 | random (overrides the space)")
+    se.add_argument("--seed", type=int, default=None, help="sampler and DARE mask seed (overrides the space)")
+    se.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite in the run folder)")
+    se.add_argument("--study", default=None, help="study name in the storage (default: the space's name)")
+    se.add_argument("--backend", choices=("hf", "vllm"), default=None, help="inference engine (overrides the space)")
+    se.add_argument("--device", default=None, help="cpu, cuda or cuda:N (one worker per device)")
+    se.add_argument("--quiet", action="store_true", help="no progress output")
+
+    ex = command("export", "Write a run's Pareto front and best recipe as mergekit YAML.")
+    ex.add_argument("run", type=Path, help="run folder")
+    ex.add_argument("--storage", default=None, help="Optuna storage URL, if the search used one")
+    ex.add_argument("--study", default=None, help="study name, if not the space's name")
+    ex.add_argument("--materialize", action="store_true", help="also write the merged models of the front")
+    ex.add_argument("--device", default=None, help="device for --materialize")
     return parser
+
+
+def print_front(result) -> None:
+    if not result.front:
+        print("no completed full-fidelity trial yet: nothing to export")
+        return
+    tasks = list(result.front[0].objectives)
+    print("Pareto front (" + ", ".join(tasks) + "):")
+    print(f"  {'trial':>5}  " + "  ".join(f"{t:>8}" for t in tasks) + f"  {'mean':>8}  file")
+    for e in result.front:
+        star = "*" if result.best and e.trial == result.best.trial else " "
+        print(f" {star}{e.trial:>5}  " + "  ".join(f"{v:>8.3f}" for v in e.objectives.values())
+              + f"  {e.scalarized:>8.3f}  {e.path}")
+    print(f"best recipe: {result.best.path}  (* above)")
+    print(f"all trials:  {result.run_dir / 'trials.csv'}")
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from optimizer.export import export_run
+    from optimizer.search.loop import run_search
+    from optimizer.space import load_space
+
+    if args.trials is not None and args.trials < 1:
+        raise MergeoptError("--trials must be at least 1")
+    overrides = {"trials": args.trials, "minutes": args.minutes, "optimizer": args.optimizer, "seed": args.seed,
+                 "backend": args.backend}
+    space = load_space(args.space, overrides)
+    run_dir = args.run_dir or Path("runs") / space.name
+    result = run_search(space, run_dir, storage=args.storage, study_name=args.study, device=args.device,
+                        progress=not args.quiet)
+    exported = export_run(run_dir, storage=args.storage, study_name=args.study)
+    print_front(exported)
+    if result.stopped_reason:
+        print(f"mergeopt search: stopped: {result.stopped_reason}", file=sys.stderr)
+        return 1
+    if result.interrupted:
+        print("mergeopt search: interrupted; everything so far is saved — rerun the same command to continue",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from optimizer.export import export_run
+
+    print_front(export_run(args.run, storage=args.storage, study_name=args.study, materialize=args.materialize,
+                           device=args.device, progress=True))
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -153,7 +227,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"zoo": cmd_zoo, "merge": cmd_merge, "eval": cmd_eval}
+COMMANDS = {"zoo": cmd_zoo, "merge": cmd_merge, "eval": cmd_eval, "search": cmd_search, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,131 @@
+"""Export a run: the Pareto front and the best recipe as mergekit YAML, the trial table, merged models on request.
+
+Files written into the run folder:
+  ``pareto/trial-NNNN.yaml``  one recipe per non-dominated trial (full fidelity), scores in its mergeopt block
+  ``pareto/front.csv``        the front as a table
+  ``best.yaml``               the best trial by the scalarized objective
+  ``trials.csv``              every trial, flattened
+  ``pareto/trial-NNNN/``      (``--materialize``) the merged model of each front recipe
+
+Each recipe is the exact YAML that was built and scored, so ``mergeopt merge`` of it gives the same bits.
+Files are written to a temporary name and renamed, so a full disk or a read-only folder leaves the previous
+export (and the study, which is only read) intact.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from optuna.trial import TrialState
+
+from optimizer.errors import MergeoptError
+from optimizer.recipe import Recipe
+from optimizer.search.pareto import non_dominated
+
+
+@dataclass
+class FrontEntry:
+    trial: int
+    objectives: dict[str, float]
+    scalarized: float
+    path: Path
+
+
+@dataclass
+class ExportResult:
+    run_dir: Path
+    front: list[FrontEntry] = field(default_factory=list)
+    best: FrontEntry | None = None
+    trials: int = 0
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise MergeoptError(f"cannot write {path} ({exc.strerror}); free space or make the run folder writable — "
+                            "the study is untouched, rerun 'mergeopt export' after") from None
+
+
+def export_run(run_dir: str | Path, storage: str | None = None, study_name: str | None = None,
+               materialize: bool = False, device: str | None = None, progress: bool = False) -> ExportResult:
+    from optimizer.search.loop import open_study, trials_table
+    from optimizer.space import load_space
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "space.yaml").is_file():
+        raise MergeoptError(f"{run_dir} is not a run folder (no space.yaml); run 'mergeopt search' first")
+    space = load_space(run_dir / "space.yaml")
+    if storage is None and not (run_dir / "study.db").is_file():
+        raise MergeoptError(f"{run_dir} has no study.db; pass the --storage the search used")
+    try:
+        study = open_study(space, run_dir, storage, study_name, create=False)
+    except KeyError:
+        raise MergeoptError(f"no study named {study_name or space.name!r} in the run's storage") from None
+
+    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+              if t.user_attrs.get("fidelity") == "full" and t.user_attrs.get("scores")]
+    result = ExportResult(run_dir=run_dir, trials=len(study.get_trials(deepcopy=False)))
+    pareto = run_dir / "pareto"
+    try:
+        pareto.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise MergeoptError(f"cannot create {pareto} ({exc.strerror}); make the run folder writable") from None
+    table = trials_table(study)
+    _write(run_dir / "trials.csv", table.to_csv(index=False))
+    if not trials:
+        return result
+
+    def objective_vector(t) -> list[float]:
+        scores = t.user_attrs["scores"]
+        return [scores[o.task]["value"] * (1 if o.direction == "maximize" else -1) for o in space.objectives]
+
+    vectors = [objective_vector(t) for t in trials]
+    front_ids = non_dominated(vectors)
+    keep = set()
+    rows = ["trial," + ",".join(o.task for o in space.objectives) + ",scalarized,file"]
+    for i in sorted(front_ids, key=lambda i: -trials[i].user_attrs["scalarized"]):
+        t = trials[i]
+        name = f"trial-{t.number:04d}.yaml"
+        keep.add(name)
+        path = pareto / name
+        _write(path, _recipe_text(t, space))
+        entry = FrontEntry(t.number, {o.task: t.user_attrs["scores"][o.task]["value"] for o in space.objectives},
+                           t.user_attrs["scalarized"], path)
+        result.front.append(entry)
+        rows.append(f"{t.number}," + ",".join(f"{v:.6g}" for v in entry.objectives.values())
+                    + f",{entry.scalarized:.6g},{path.name}")
+    for stale in pareto.glob("trial-*.yaml"):
+        if stale.name not in keep:
+            stale.unlink()
+    _write(pareto / "front.csv", "\n".join(rows) + "\n")
+
+    best = max(trials, key=lambda t: t.user_attrs["scalarized"])
+    _write(run_dir / "best.yaml", _recipe_text(best, space))
+    result.best = FrontEntry(best.number, {o.task: best.user_attrs["scores"][o.task]["value"] for o in space.objectives},
+                             best.user_attrs["scalarized"], run_dir / "best.yaml")
+    if materialize:
+        from optimizer.merge.engine import MergeEngine
+
+        engine = MergeEngine(space.base_model, space.models, device=device, progress=progress)
+        for entry in result.front:
+            engine.save(Recipe.load(entry.path), pareto / entry.path.stem, progress=progress)
+    return result
+
+
+def _recipe_text(trial, space) -> str:
+    recipe = Recipe.from_dict(yaml.safe_load(trial.user_attrs["recipe"]))
+    recipe.info = {
+        "trial": trial.number,
+        "study": space.name,
+        "scores": {task: {k: v for k, v in s.items() if k in ("metric", "value", "stderr", "n")}
+                   for task, s in trial.user_attrs["scores"].items()},
+        "objectives": {"scalarized": trial.user_attrs["scalarized"]},
+    }
+    return recipe.to_yaml()

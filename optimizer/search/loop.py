@@ -1,0 +1,323 @@
+"""The outer loop: ask -> build -> score -> tell, until the budget is spent; resumable at every trial.
+
+Everything a run knows lives in its Optuna study (``runs/<name>/study.db`` unless ``--storage`` names another
+database): each candidate is one trial with its genome (params), per-task scores and standard errors, objective
+values, recipe YAML, fidelity, timings and state. Re-running the same command continues the study:
+
+* a trial that a killed process left RUNNING is marked FAIL (and, for CMA-ES, its candidate is queued again),
+  so after ``kill -9`` at most the candidate in flight is lost and no trial is duplicated;
+* Ctrl-C finishes nothing half-way: the candidate in flight is recorded as failed ("interrupted"), the tables
+  are written, and the command exits 130;
+* three failures in a row with the same reason stop the run with that reason (a broken setup should not burn
+  the whole budget).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+import yaml
+from optuna.trial import TrialState
+
+from optimizer.errors import MergeoptError
+from optimizer.evaluate.scoring import CandidateResult, evaluate_candidate, make_backend
+from optimizer.evaluate.tasks import load_task_set
+from optimizer.merge.checkpoint import load_state_dict
+from optimizer.merge.engine import MergeEngine
+from optimizer.search.optimizers import FINISHED, make_optimizer, make_sampler
+from optimizer.space import SearchSpace
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+warnings.filterwarnings("ignore", message="Could not import matplotlib.pyplot")
+MAX_SAME_FAILURES = 3
+
+
+@dataclass
+class SearchResult:
+    run_dir: Path
+    study: optuna.Study
+    new_trials: int = 0
+    interrupted: bool = False
+    stopped_reason: str | None = None
+    parents: dict = field(default_factory=dict)
+
+
+def storage_url(run_dir: Path, storage: str | None) -> str:
+    return storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
+
+
+def open_study(space: SearchSpace, run_dir: Path, storage: str | None = None, study_name: str | None = None,
+               create: bool = True) -> optuna.Study:
+    url = storage_url(run_dir, storage)
+    local = url.startswith("sqlite")
+    # Shared databases get heartbeats so trials of a dead worker are detected; a local run folder uses its lock.
+    heartbeat = {} if local else {"heartbeat_interval": 20, "grace_period": 60}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        rdb = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if local else {},
+                                         **heartbeat)
+    directions = ([o.direction for o in space.objectives] if space.multi_objective else ["maximize"])
+    sampler = make_sampler(space.optimizer, space.seed, space.optimizer_settings, space.multi_objective)
+    name = study_name or space.name
+    if not create:
+        return optuna.load_study(study_name=name, storage=rdb, sampler=sampler)
+    return optuna.create_study(study_name=name, storage=rdb, directions=directions, sampler=sampler,
+                               load_if_exists=True)
+
+
+def _save_space(space: SearchSpace, run_dir: Path) -> None:
+    """Keep the space next to its study; refuse to continue a run with a different space."""
+    path = run_dir / "space.yaml"
+    text = yaml.safe_dump(space.source, sort_keys=False)
+    if path.exists():
+        old = yaml.safe_load(path.read_text())
+        if old != space.source:
+            changed = sorted(k for k in set(old) | set(space.source) if old.get(k) != space.source.get(k))
+            raise MergeoptError(f"{run_dir} holds a run of a different search space (key {changed[0]!r} differs); "
+                                "use another --run-dir or restore the original space file")
+        return
+    path.write_text(text)
+
+
+def _take_lock(run_dir: Path, shared: bool) -> Path | None:
+    """One local worker per run folder; with shared storage (PostgreSQL), heartbeats guard instead."""
+    lock = run_dir / ".lock"
+    if shared:
+        return None
+    if lock.exists():
+        try:
+            pid = int(lock.read_text().strip() or 0)
+        except ValueError:
+            pid = 0
+        if pid and pid != os.getpid() and _alive(pid):
+            raise MergeoptError(f"{run_dir} is in use by process {pid}; wait for it, or use --storage with a database "
+                                "server to run several workers on one study")
+    lock.write_text(str(os.getpid()))
+    return lock
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_stale(study: optuna.Study, optimizer, shared: bool) -> list:
+    """Mark trials left RUNNING by a dead worker as failed; let the optimiser re-queue their candidates."""
+    if shared:
+        stale_ids = set(optuna.storages.fail_stale_trials(study) or [])  # heartbeat-based
+        stale = [t for t in study.get_trials(deepcopy=False) if t.number in stale_ids]
+    else:  # we hold the folder's lock: every RUNNING trial belongs to a dead process
+        stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        for t in stale:
+            study._storage.set_trial_user_attr(t._trial_id, "error", "worker died while scoring this candidate")
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    if stale:
+        optimizer.recover(study, stale)
+    return stale
+
+
+def _objective_values(space: SearchSpace, result: CandidateResult) -> list[float] | None:
+    if result.failed:
+        return None
+    values = {name: s.value for name, s in result.scores.items()}
+    if any(values.get(o.task) is None or not math.isfinite(values[o.task]) for o in space.objectives):
+        return None
+    if space.multi_objective:
+        return [values[o.task] for o in space.objectives]
+    return [space.scalarize(values)]
+
+
+def _score_parents(space, study, backend, task_set, progress: bool) -> dict:
+    if "parents" in study.user_attrs:
+        return study.user_attrs["parents"]
+    parents = {}
+    for label, folder in [("base", space.base_model)] + [(Path(m).name, m) for m in space.models]:
+        backend.load_state(load_state_dict(folder).items())
+        result = evaluate_candidate(backend, task_set)
+        parents[label] = {"path": folder, "scores": result.to_dict()}
+        if progress:
+            shown = ", ".join(f"{t} {s.value:.3f}" for t, s in result.scores.items() if s.value is not None)
+            print(f"  parent {label:<12} {shown}", file=sys.stderr)
+    study.set_user_attr("parents", parents)
+    return parents
+
+
+def _promote(study: optuna.Study, space: SearchSpace, low_value: float) -> bool:
+    """Successive-halving rule: go to the full subset when the low-fidelity score is in the top fraction so far."""
+    earlier = [t.user_attrs.get("low_value") for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    earlier = sorted(v for v in earlier if v is not None)
+    if len(earlier) < 3:
+        return True
+    cut = earlier[min(len(earlier) - 1, int(len(earlier) * (1 - space.fidelity_promote)))]
+    return low_value >= cut
+
+
+def run_search(space: SearchSpace, run_dir: Path, storage: str | None = None, study_name: str | None = None,
+               device: str | None = None, progress: bool = True, worker_trials: int | None = None) -> SearchResult:
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MergeoptError(f"cannot create run folder {run_dir} ({exc.strerror}); choose another --run-dir") from None
+    shared = storage is not None and not storage.startswith("sqlite")
+    lock = _take_lock(run_dir, shared)
+    try:
+        return _run(space, run_dir, storage, study_name, device, progress, shared, worker_trials)
+    finally:
+        if lock is not None and lock.exists() and lock.read_text().strip() == str(os.getpid()):
+            lock.unlink()
+
+
+def _run(space, run_dir, storage, study_name, device, progress, shared, worker_trials) -> SearchResult:
+    from tqdm import tqdm
+
+    _save_space(space, run_dir)
+    task_set = load_task_set(space.tasks, limit=space.limit, seed=space.seed)
+    missing = [o.task for o in space.objectives if o.task not in task_set.names]
+    if missing:
+        raise MergeoptError(f"objective task {missing[0]!r} is not in the task set {space.tasks} "
+                            f"(it has {', '.join(task_set.names)})")
+    low_set = (load_task_set(space.tasks, limit=space.fidelity_low, seed=space.seed)
+               if space.fidelity_low else None)
+    study = open_study(space, run_dir, storage, study_name)
+    genes = [g.name for g in space.genes()]
+    optimizer = make_optimizer(space.optimizer, genes, space.seed, space.optimizer_settings)
+    stale = recover_stale(study, optimizer, shared)
+    if stale and progress:
+        print(f"resuming: {len(stale)} unfinished trial(s) of a stopped run marked failed", file=sys.stderr)
+
+    engine = MergeEngine(space.base_model, space.models, device=device, progress=progress)
+    backend = make_backend(space.backend, space.base_model, device=device, dtype=space.dtype)
+    result = SearchResult(run_dir=run_dir, study=study)
+    result.parents = _score_parents(space, study, backend, task_set, progress)
+
+    def finished() -> int:
+        return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+    start = time.monotonic()
+    deadline = start + space.minutes * 60 if space.minutes else None
+    target = space.trials if worker_trials is None else min(space.trials, finished() + worker_trials)
+    bar = tqdm(total=space.trials, initial=finished(), desc=f"search {space.name}", unit="trial",
+               disable=not progress, file=sys.stderr)
+    failures: list[str] = []
+    best = _best_value(study, space)
+    while finished() < target and (deadline is None or time.monotonic() < deadline):
+        trial = optimizer.ask(study)
+        try:
+            values = _evaluate_trial(space, trial, engine, backend, task_set, low_set, study)
+        except KeyboardInterrupt:
+            trial.set_user_attr("error", "interrupted")
+            optimizer.tell(study, trial, None)
+            result.interrupted = True
+            break
+        reason = trial.user_attrs.get("error", "unknown") if values is None else None
+        optimizer.tell(study, trial, values)
+        result.new_trials += 1
+        bar.update(1)
+        if values is None:
+            failures.append(_failure_kind(reason))
+            if len(failures) >= MAX_SAME_FAILURES and len(set(failures[-MAX_SAME_FAILURES:])) == 1:
+                result.stopped_reason = f"{MAX_SAME_FAILURES} candidates in a row failed: {reason}"
+                break
+        else:
+            failures.clear()
+            if not space.multi_objective and (best is None or values[0] > best):
+                best = values[0]
+            if best is not None:
+                bar.set_postfix_str(f"best {best:.3f}")
+    bar.close()
+    return result
+
+
+def _failure_kind(reason: str) -> str:
+    return reason.split(":", 1)[0]
+
+
+def _best_value(study: optuna.Study, space: SearchSpace) -> float | None:
+    if space.multi_objective:
+        return None
+    values = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+              if t.user_attrs.get("fidelity") == "full"]
+    return max(values) if values else None
+
+
+def _evaluate_trial(space, trial, engine, backend, task_set, low_set, study) -> list[float] | None:
+    genome = {name: trial.params[name] for name in trial.params} if trial.params else None
+    if not genome:
+        genome = {g.name: trial.suggest_float(g.name, 0.0, 1.0) for g in space.genes()}
+    recipe = space.recipe(genome)
+    trial.set_user_attr("recipe", recipe.to_yaml())
+    trial.set_user_attr("seed", recipe.seed)
+    timings: dict[str, float] = {}
+    fidelity = "full"
+    if low_set is not None:
+        low = evaluate_candidate(backend, low_set, engine, recipe)
+        timings["low_swap"], timings["low_score"] = low.seconds.get("swap", 0.0), low.seconds.get("score", 0.0)
+        low_values = _objective_values(space, low)
+        if low_values is None:
+            return _record(trial, space, low, "low", timings)
+        low_scalar = space.scalarize({n: s.value for n, s in low.scores.items()})
+        trial.set_user_attr("low_value", low_scalar)
+        trial.set_user_attr("low_scores", low.to_dict())
+        if not _promote(study, space, low_scalar):
+            return _record(trial, space, low, "low", timings)
+        result = evaluate_candidate(backend, task_set, engine, recipe)
+    else:
+        result = evaluate_candidate(backend, task_set, engine, recipe)
+    return _record(trial, space, result, fidelity, timings)
+
+
+def _record(trial, space, result: CandidateResult, fidelity: str, timings: dict) -> list[float] | None:
+    timings.update({k: round(v, 4) for k, v in result.seconds.items()})
+    trial.set_user_attr("scores", result.to_dict())
+    trial.set_user_attr("fidelity", fidelity)
+    trial.set_user_attr("seconds", timings)
+    values = _objective_values(space, result)
+    if values is None:
+        trial.set_user_attr("error", result.error or "an objective has no finite score")
+    else:
+        trial.set_user_attr("scalarized", space.scalarize({n: s.value for n, s in result.scores.items()}))
+    return values
+
+
+def trials_table(study: optuna.Study):
+    """All trials as a flat pandas table (one row per trial)."""
+    import pandas as pd
+
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        row = {"trial": t.number, "state": t.state.name, "fidelity": t.user_attrs.get("fidelity"),
+               "scalarized": t.user_attrs.get("scalarized"), "error": t.user_attrs.get("error")}
+        if t.values is not None:
+            for i, v in enumerate(t.values):
+                row[f"objective_{i}"] = v
+        for task, s in (t.user_attrs.get("scores") or {}).items():
+            row[f"{task}"] = s.get("value")
+            row[f"{task}_stderr"] = s.get("stderr")
+            row[f"{task}_n"] = s.get("n")
+        for name, value in t.params.items():
+            row[f"gene.{name}"] = value
+        for k, v in (t.user_attrs.get("seconds") or {}).items():
+            row[f"seconds_{k}"] = v
+        row["started"] = t.datetime_start.isoformat() if t.datetime_start else None
+        row["duration_s"] = t.duration.total_seconds() if t.duration else None
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def dump_json(value) -> str:
+    return json.dumps(value, sort_keys=True)

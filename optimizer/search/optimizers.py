@@ -1,0 +1,174 @@
+"""Optimisers behind one ask/tell interface; every candidate is a trial of one Optuna study.
+
+``ask(study)`` returns an Optuna trial whose params are the genome (unit-cube coordinates by gene name);
+``tell(study, trial, values)`` records its objective values (None: the candidate failed).
+
+* ``tpe``, ``nsga2``, ``random``: Optuna's samplers, used as they are (they read the study, so they resume and
+  share a study across workers for free).
+* ``cma``: pycma's CMA-ES. Each generation's solutions are enqueued as Optuna trials (tagged with their
+  generation and index); once all of a generation's trials are finished, their fitness is told to CMA. The CMA
+  state is pickled into the study's user attributes after every ask and tell, so a resumed run (or another worker
+  on the same study) continues the same CMA run. A failed candidate gets the worst fitness of its generation.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import pickle
+
+import optuna
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState
+
+FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+
+
+def distributions(gene_names: list[str]) -> dict[str, FloatDistribution]:
+    return {name: FloatDistribution(0.0, 1.0) for name in gene_names}
+
+
+def make_sampler(name: str, seed: int, settings: dict, multi_objective: bool) -> optuna.samplers.BaseSampler:
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=int(settings.get("n_startup_trials", 10)),
+                                          multivariate=True, constant_liar=True)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=int(settings.get("population_size", 16)))
+    if name in ("random", "cma"):  # cma enqueues every trial's params; the sampler never draws
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(name)
+
+
+class OptunaOptimizer:
+    def __init__(self, gene_names: list[str]):
+        self.dists = distributions(gene_names)
+
+    def ask(self, study: optuna.Study) -> optuna.Trial:
+        trial = study.ask(self.dists)
+        return trial
+
+    def tell(self, study: optuna.Study, trial: optuna.Trial, values: list[float] | None) -> None:
+        if values is None:
+            study.tell(trial, state=TrialState.FAIL)
+        else:
+            study.tell(trial, values)
+
+    def recover(self, study: optuna.Study, stale: list[optuna.trial.FrozenTrial]) -> None:
+        """Trials a dead worker left RUNNING: already marked failed; samplers need nothing more."""
+
+
+class CMAOptimizer:
+    """CMA-ES over the unit cube with pycma's smooth bound transform (no clipping plateaus)."""
+
+    STATE = "cma:state"
+    GENERATION = "cma:generation"
+    TOLD = "cma:told"  # the last generation whose fitness CMA has been told
+
+    def __init__(self, gene_names: list[str], seed: int, popsize: int | None = None, sigma0: float = 0.25,
+                 x0: list[float] | None = None):
+        self.names = list(gene_names)
+        self.dists = distributions(gene_names)
+        self.seed = seed
+        self.popsize = popsize
+        self.sigma0 = sigma0
+        self.x0 = x0 if x0 is not None else [0.5] * len(gene_names)
+
+    # ---- CMA state in the study ---------------------------------------------------------------------
+    def _new_es(self):
+        import cma
+
+        # CMA runs unbounded on genotypes; candidates are mapped into the unit cube by pycma's smooth bound
+        # transform (identity inside, quadratic near the edges, reflected beyond), see _phenotype.
+        options = {"seed": self.seed + 1, "verbose": -9, "verb_log": 0, "verb_disp": 0, "tolfun": 0, "tolx": 0,
+                   "tolstagnation": 10**9, "tolflatfitness": 10**9}
+        if self.popsize:
+            options["popsize"] = int(self.popsize)
+        return cma.CMAEvolutionStrategy(list(self.x0), self.sigma0, options)
+
+    def _load(self, study: optuna.Study):
+        blob = study.user_attrs.get(self.STATE)
+        if blob is None:
+            return self._new_es(), -1
+        es = pickle.loads(base64.b64decode(blob))  # our own state, written by this class into our own study
+        return es, int(study.user_attrs.get(self.GENERATION, -1))
+
+    def _save(self, study: optuna.Study, es, generation: int) -> None:
+        study.set_user_attr(self.STATE, base64.b64encode(pickle.dumps(es)).decode())
+        study.set_user_attr(self.GENERATION, generation)
+
+    def _generation_trials(self, study: optuna.Study, generation: int) -> list[optuna.trial.FrozenTrial]:
+        return [t for t in study.get_trials(deepcopy=False)
+                if t.system_attrs.get("fixed_params") is not None and t.user_attrs.get("cma_generation") == generation]
+
+    def _phenotype(self, x) -> list[float]:
+        from cma.transformations import BoxConstraintsLinQuadTransformation
+
+        transform = BoxConstraintsLinQuadTransformation([[0.0, 1.0]] * len(self.names))
+        return [min(1.0, max(0.0, float(v))) for v in transform(list(x))]
+
+    # ---- ask / tell ---------------------------------------------------------------------------------
+    def ask(self, study: optuna.Study) -> optuna.Trial:
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        if not waiting:
+            es, generation = self._load(study)
+            solutions = es.ask()
+            generation += 1
+            for index, x in enumerate(solutions):
+                unit = self._phenotype(x)
+                study.enqueue_trial({n: float(v) for n, v in zip(self.names, unit)},
+                                    user_attrs={"cma_generation": generation, "cma_index": index,
+                                                "cma_x": [float(v) for v in x]},
+                                    skip_if_exists=False)
+            self._save(study, es, generation)
+        return study.ask(self.dists)
+
+    def tell(self, study: optuna.Study, trial: optuna.Trial, values: list[float] | None) -> None:
+        if values is None:
+            study.tell(trial, state=TrialState.FAIL)
+        else:
+            study.tell(trial, values)
+        self._maybe_update(study)
+
+    def _maybe_update(self, study: optuna.Study) -> None:
+        """Tell CMA a generation's fitness once every one of its candidates is finished."""
+        es, generation = self._load(study)
+        if generation < 0 or study.user_attrs.get(self.TOLD) == generation:
+            return
+        by_index: dict[int, list[optuna.trial.FrozenTrial]] = {}
+        for t in self._generation_trials(study, generation):
+            by_index.setdefault(t.user_attrs["cma_index"], []).append(t)
+        if len(by_index) < es.popsize:
+            return
+        maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+        fitness: list[float | None] = []
+        for index in range(es.popsize):
+            copies = by_index.get(index, [])
+            complete = [t for t in copies if t.state == TrialState.COMPLETE and t.value is not None
+                        and math.isfinite(t.value)]
+            if complete:
+                fitness.append(-complete[0].value if maximize else complete[0].value)
+            elif copies and all(t.state in FINISHED for t in copies):
+                fitness.append(None)  # failed: gets the generation's worst fitness below
+            else:
+                return  # still running or re-queued
+        done = [f for f in fitness if f is not None]
+        worst = max(done) + 1.0 if done else 1.0
+        solutions = [by_index[i][0].user_attrs["cma_x"] for i in range(es.popsize)]
+        es.tell(solutions, [worst if f is None else f for f in fitness])
+        self._save(study, es, generation)
+        study.set_user_attr(self.TOLD, generation)
+
+    def recover(self, study: optuna.Study, stale: list[optuna.trial.FrozenTrial]) -> None:
+        """Re-queue the candidates a dead worker left unfinished, so the generation can complete."""
+        for t in stale:
+            if "cma_generation" in t.user_attrs:
+                study.enqueue_trial(t.params, user_attrs={k: t.user_attrs[k] for k in
+                                                          ("cma_generation", "cma_index", "cma_x")},
+                                    skip_if_exists=False)
+        self._maybe_update(study)
+
+
+def make_optimizer(name: str, gene_names: list[str], seed: int, settings: dict):
+    if name == "cma":
+        return CMAOptimizer(gene_names, seed, popsize=settings.get("popsize"), sigma0=float(settings.get("sigma0", 0.25)))
+    return OptunaOptimizer(gene_names)

@@ -1,0 +1,406 @@
+"""Search spaces: what may vary in a merge recipe, and the genome <-> Recipe mapping.
+
+A genome is a point of the unit cube ``[0, 1]^d``; every coordinate maps linearly onto its parameter's bounds,
+so there are no plateaus (no abs/clamp folding that makes half the early samples collapse onto one value).
+Optimisers see only the cube: CMA-ES handles its edges with pycma's smooth bound transform, Optuna samplers
+draw inside it.
+
+Granularity decides how many values each model gets per parameter:
+  * ``global``: one weight and one drop rate shared by all models;
+  * ``per_model``: one value per model;
+  * ``{layer_groups: K}``: K contiguous groups of layers per model (piecewise constant over depth);
+  * ``per_layer``: one value per model and layer;
+  * ``{gradient: K}``: K control points per model, linearly interpolated over depth (mergekit's gradients).
+Tensors outside the layer stack (embeddings, final norm, head) take the first layer's value (mergekit's t = 0).
+``modules: [self_attn, mlp]`` gives each listed module its own values (matched as substrings of tensor names);
+other tensors (norms, embeddings) use the last listed module's values.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from optimizer.errors import MergeoptError
+from optimizer.merge.methods import METHODS
+from optimizer.recipe import ModelSpec, Recipe, zoo_path
+
+OPTIMIZERS = ("cma", "tpe", "nsga2", "random")
+DIRECTIONS = ("maximize", "minimize")
+_KEYS = {
+    "name": "a name for the run (default: the file's stem)",
+    "base_model": "the base model folder or zoo:NAME",
+    "models": "the fine-tuned models (folders or zoo:NAME)",
+    "merge_method": "|".join(METHODS),
+    "granularity": "global | per_model | per_layer | {layer_groups: K} | {gradient: K}",
+    "modules": "a list of tensor-name substrings that get their own values, e.g. [self_attn, mlp]",
+    "bounds": "{weight: [lo, hi], drop_rate: [lo, hi]}",
+    "fixed": "recipe parameters held constant, e.g. {normalize: false, lambda: 1.0}",
+    "objectives": "a list of {task, metric, direction}",
+    "scalarization": "task weights for single-objective optimisers, e.g. {add: 1, sort: 2}",
+    "optimizer": "{name: cma|tpe|nsga2|random, ...settings}",
+    "budget": "{trials: N, minutes: M}",
+    "seed": "an integer: sampler seed and DARE mask seed",
+    "tasks": "the task set: zoo, a task-set YAML or lm-eval task names",
+    "limit": "items per task (the scoring subset)",
+    "fidelity": "{low: N, promote: F}: score every candidate on N items first, promote the top F to the full subset",
+    "backend": "hf | vllm",
+    "dtype": "float32 | bfloat16 | float16",
+}
+_OPTIMIZER_SETTINGS = {"cma": {"popsize", "sigma0"}, "tpe": {"n_startup_trials"}, "nsga2": {"population_size"},
+                       "random": set()}
+
+
+@dataclass(frozen=True)
+class Objective:
+    task: str
+    direction: str = "maximize"
+    metric: str | None = None
+
+
+@dataclass(frozen=True)
+class Gene:
+    """One coordinate of the genome: which parameter of which model, for which module and layer group."""
+
+    name: str
+    param: str  # "weight" | "drop_rate"
+    model: int  # index into SearchSpace.models; -1: shared by all (global granularity)
+    module: int  # index into SearchSpace.modules; -1: no module split
+    group: int
+    low: float
+    high: float
+
+    def value(self, unit: float) -> float:
+        return self.low + (self.high - self.low) * min(1.0, max(0.0, unit))
+
+    def unit(self, value: float) -> float:
+        return 0.0 if self.high == self.low else (value - self.low) / (self.high - self.low)
+
+
+@dataclass
+class SearchSpace:
+    name: str
+    base_model: str
+    models: list[str]
+    merge_method: str = "dare_ties"
+    granularity: str = "per_model"
+    groups: int = 1  # values per model and parameter along depth
+    interpolate: bool = False  # gradient control points (True) or piecewise-constant groups (False)
+    modules: list[str] = field(default_factory=list)
+    weight_bounds: tuple[float, float] = (0.0, 1.0)
+    drop_bounds: tuple[float, float] = (0.0, 0.9)
+    fixed: dict[str, Any] = field(default_factory=dict)
+    objectives: list[Objective] = field(default_factory=list)
+    scalarization: dict[str, float] = field(default_factory=dict)
+    optimizer: str = "cma"
+    optimizer_settings: dict[str, Any] = field(default_factory=dict)
+    trials: int = 50
+    minutes: float | None = None
+    seed: int = 0
+    tasks: str = "zoo"
+    limit: int | None = 100
+    fidelity_low: int | None = None
+    fidelity_promote: float = 0.5
+    backend: str = "hf"
+    dtype: str = "float32"
+    num_layers: int = 1
+    source: dict[str, Any] = field(default_factory=dict)
+
+    # ---- genome -----------------------------------------------------------------------------------
+    @property
+    def uses_drop_rate(self) -> bool:
+        return METHODS[self.merge_method].sparsification is not None
+
+    def genes(self) -> list[Gene]:
+        params = [("weight", self.weight_bounds)]
+        if self.uses_drop_rate:
+            params.append(("drop_rate", self.drop_bounds))
+        model_ids = [-1] if self.granularity == "global" else list(range(len(self.models)))
+        module_ids = list(range(len(self.modules))) or [-1]
+        genes = []
+        for param, (low, high) in params:
+            for m in model_ids:
+                for mod in module_ids:
+                    for g in range(self.groups):
+                        label = "all" if m < 0 else _short(self.models[m])
+                        parts = [param[0], label] + ([self.modules[mod]] if mod >= 0 else []) + (
+                            [f"g{g}"] if self.groups > 1 else [])
+                        genes.append(Gene(".".join(parts), param, m, mod, g, low, high))
+        return genes
+
+    @property
+    def dimension(self) -> int:
+        return len(self.genes())
+
+    def recipe(self, genome: dict[str, float] | list[float], seed: int | None = None) -> Recipe:
+        """The recipe a genome (unit-cube coordinates, by gene name or in order) stands for."""
+        genes = self.genes()
+        if not isinstance(genome, dict):
+            if len(genome) != len(genes):
+                raise ValueError(f"genome has {len(genome)} values, the space has {len(genes)} genes")
+            genome = {g.name: float(v) for g, v in zip(genes, genome)}
+        values: dict[tuple[str, int, int], list[float]] = {}
+        for gene in genes:
+            values.setdefault((gene.param, gene.model, gene.module), [0.0] * self.groups)[gene.group] = \
+                gene.value(genome[gene.name])
+        specs = []
+        for m, path in enumerate(self.models):
+            key_model = -1 if self.granularity == "global" else m
+            params: dict[str, Any] = {}
+            for param in ("weight", "drop_rate"):
+                if param == "drop_rate" and not self.uses_drop_rate:
+                    continue
+                per_module = []
+                for mod in (range(len(self.modules)) if self.modules else [-1]):
+                    series = values[(param, key_model, mod)]
+                    if param == "drop_rate":
+                        series = [1.0 - v for v in series]
+                    per_module.append(self._depth_setting(series))
+                name = "density" if param == "drop_rate" else "weight"
+                if self.modules:
+                    conditions = [{"filter": f, "value": v} for f, v in zip(self.modules, per_module)]
+                    conditions.append({"value": per_module[-1]})
+                    params[name] = conditions
+                else:
+                    params[name] = per_module[0]
+            specs.append(ModelSpec(path, params))
+        return Recipe(self.merge_method, specs, base_model=self.base_model, parameters=copy.deepcopy(self.fixed),
+                      dtype=self.dtype, seed=self.seed if seed is None else seed)
+
+    def _depth_setting(self, series: list[float]):
+        series = [_clean(v) for v in series]
+        if len(series) == 1:
+            return series[0]
+        if self.interpolate:
+            return series
+        # piecewise-constant groups, expanded to one value per layer (a list as long as the layer count maps
+        # layer i exactly onto entry i under mergekit's interpolation)
+        n = self.num_layers
+        return [series[min(self.groups - 1, (i * self.groups) // n)] for i in range(n)]
+
+    def genome_of(self, recipe_values: dict[str, float]) -> dict[str, float]:
+        """Unit coordinates of gene values given in parameter units (e.g. for enqueuing a known recipe)."""
+        return {g.name: g.unit(recipe_values[g.name]) for g in self.genes()}
+
+    # ---- objectives ---------------------------------------------------------------------------------
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1 and self.optimizer in ("nsga2", "tpe", "random")
+
+    def scalarize(self, values: dict[str, float]) -> float:
+        """Weighted mean of the objectives (signs turned so that larger is better)."""
+        total = weight_sum = 0.0
+        for obj in self.objectives:
+            w = float(self.scalarization.get(obj.task, 1.0))
+            v = values[obj.task]
+            total += w * (v if obj.direction == "maximize" else -v)
+            weight_sum += w
+        return total / weight_sum
+
+
+def _short(path: str) -> str:
+    return Path(path).name or path
+
+
+def _clean(v: float) -> float:
+    """Round to 6 significant digits: readable YAML, and the recipe stays exactly what was scored."""
+    return float(f"{v:.6g}")
+
+
+def _fail(source: str, key: str, problem: str) -> MergeoptError:
+    hint = _KEYS.get(key.split(".")[0], "")
+    return MergeoptError(f"{source}: {key}: {problem}" + (f" (expected {hint})" if hint else ""))
+
+
+def _bounds(data: dict, key: str, default: tuple[float, float], lo: float, hi: float, source: str):
+    value = data.get(key, list(default))
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        raise _fail(source, f"bounds.{key}", f"must be [low, high], got {value!r}")
+    low, high = float(value[0]), float(value[1])
+    if low > high:
+        raise _fail(source, f"bounds.{key}", f"low {low} is above high {high}")
+    if low < lo or high > hi or not (math.isfinite(low) and math.isfinite(high)):
+        raise _fail(source, f"bounds.{key}", f"must lie within [{lo}, {hi}], got [{low}, {high}]")
+    return low, high
+
+
+def load_space(path: str | Path, overrides: dict[str, Any] | None = None, resolve_models: bool = True) -> SearchSpace:
+    path = Path(path)
+    if not path.is_file():
+        raise MergeoptError(f"search space {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        raise MergeoptError(f"{path}: not valid YAML" + (f" (line {line + 1})" if line is not None else "")) from None
+    return parse_space(data, source=str(path), root=path.parent, default_name=path.stem, overrides=overrides,
+                       resolve_models=resolve_models)
+
+
+def parse_space(data: Any, source: str = "space", root: Path = Path("."), default_name: str = "search",
+                overrides: dict[str, Any] | None = None, resolve_models: bool = True) -> SearchSpace:
+    if not isinstance(data, dict):
+        raise MergeoptError(f"{source}: a search space is a mapping of keys: {', '.join(_KEYS)}")
+    unknown = sorted(set(data) - set(_KEYS))
+    if unknown:
+        raise MergeoptError(f"{source}: unknown key {unknown[0]!r}; allowed keys: {', '.join(_KEYS)}")
+    raw = copy.deepcopy(data)
+
+    def model_ref(value: Any, key: str) -> str:
+        if not isinstance(value, str) or not value:
+            raise _fail(source, key, f"must be a model folder or zoo:NAME, got {value!r}")
+        if not resolve_models:
+            return value
+        if value.startswith("zoo:"):
+            return zoo_path(value)
+        candidate = Path(value) if Path(value).is_absolute() else (root / value)
+        if not candidate.exists():
+            candidate = Path(value)
+        if not candidate.is_dir():
+            raise _fail(source, key, f"model folder {value} does not exist")
+        return str(candidate.resolve())
+
+    for key in ("base_model", "models", "objectives"):
+        if key not in data:
+            raise _fail(source, key, "is missing")
+    base = model_ref(data["base_model"], "base_model")
+    if not isinstance(data["models"], list) or not data["models"]:
+        raise _fail(source, "models", "must be a non-empty list")
+    models = [model_ref(m, f"models[{i}]") for i, m in enumerate(data["models"])]
+
+    method = data.get("merge_method", "dare_ties")
+    if method not in METHODS or METHODS[method].whole_weights:
+        raise _fail(source, "merge_method", f"{method!r} cannot be searched; use one of "
+                    f"{', '.join(m for m in METHODS if not METHODS[m].whole_weights)}")
+
+    granularity, groups, interpolate = "per_model", 1, False
+    g = data.get("granularity", "per_model")
+    if g in ("global", "per_model"):
+        granularity = g
+    elif g == "per_layer":
+        granularity, groups = "per_layer", -1
+    elif isinstance(g, dict) and len(g) == 1 and next(iter(g)) in ("layer_groups", "gradient"):
+        kind, k = next(iter(g.items()))
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise _fail(source, f"granularity.{kind}", f"must be a positive integer, got {k!r}")
+        granularity, groups, interpolate = kind, k, kind == "gradient"
+    else:
+        raise _fail(source, "granularity", f"{g!r} is not valid")
+
+    modules = data.get("modules") or []
+    if not isinstance(modules, list) or not all(isinstance(m, str) and m for m in modules):
+        raise _fail(source, "modules", f"must be a list of tensor-name substrings, got {modules!r}")
+
+    bounds = data.get("bounds") or {}
+    if not isinstance(bounds, dict) or set(bounds) - {"weight", "drop_rate"}:
+        bad = sorted(set(bounds) - {"weight", "drop_rate"}) if isinstance(bounds, dict) else [bounds]
+        raise _fail(source, "bounds", f"unknown entry {bad[0]!r}; allowed: weight, drop_rate")
+    weight_bounds = _bounds(bounds, "weight", (0.0, 1.0), -2.0, 3.0, source)
+    drop_bounds = _bounds(bounds, "drop_rate", (0.0, 0.9), 0.0, 0.99, source)
+
+    fixed = data.get("fixed") or {}
+    if not isinstance(fixed, dict) or set(fixed) - {"normalize", "lambda", "int8_mask"}:
+        raise _fail(source, "fixed", "allowed entries: normalize, lambda, int8_mask")
+
+    objectives = []
+    if not isinstance(data["objectives"], list) or not data["objectives"]:
+        raise _fail(source, "objectives", "must be a non-empty list")
+    for i, obj in enumerate(data["objectives"]):
+        if isinstance(obj, str):
+            obj = {"task": obj}
+        if not isinstance(obj, dict) or "task" not in obj or set(obj) - {"task", "metric", "direction"}:
+            raise _fail(source, f"objectives[{i}]", f"must be {{task, metric, direction}}, got {obj!r}")
+        direction = obj.get("direction", "maximize")
+        if direction not in DIRECTIONS:
+            raise _fail(source, f"objectives[{i}].direction", f"{direction!r} is not maximize or minimize")
+        objectives.append(Objective(str(obj["task"]), direction, obj.get("metric")))
+
+    scalarization = data.get("scalarization") or {}
+    if not isinstance(scalarization, dict):
+        raise _fail(source, "scalarization", "must map task names to weights")
+    for task, w in scalarization.items():
+        if task not in {o.task for o in objectives}:
+            raise _fail(source, f"scalarization.{task}", "names no objective")
+        if not isinstance(w, (int, float)) or w < 0:
+            raise _fail(source, f"scalarization.{task}", f"must be a non-negative number, got {w!r}")
+
+    opt = data.get("optimizer", {"name": "cma"})
+    if isinstance(opt, str):
+        opt = {"name": opt}
+    if not isinstance(opt, dict) or opt.get("name") not in OPTIMIZERS:
+        raise _fail(source, "optimizer.name", f"{(opt or {}).get('name') if isinstance(opt, dict) else opt!r} is "
+                    f"not one of {', '.join(OPTIMIZERS)}")
+    settings = {k: v for k, v in opt.items() if k != "name"}
+    bad = sorted(set(settings) - _OPTIMIZER_SETTINGS[opt["name"]])
+    if bad:
+        raise _fail(source, f"optimizer.{bad[0]}", f"is not a setting of {opt['name']}; allowed: "
+                    f"{', '.join(sorted(_OPTIMIZER_SETTINGS[opt['name']])) or 'none'}")
+
+    budget = data.get("budget") or {"trials": 50}
+    if not isinstance(budget, dict) or set(budget) - {"trials", "minutes"} or not budget:
+        raise _fail(source, "budget", f"must be {{trials: N, minutes: M}}, got {budget!r}")
+    trials = budget.get("trials", 10**9)
+    if not isinstance(trials, int) or trials < 1:
+        raise _fail(source, "budget.trials", f"must be a positive integer, got {trials!r}")
+    minutes = budget.get("minutes")
+    if minutes is not None and (not isinstance(minutes, (int, float)) or minutes <= 0):
+        raise _fail(source, "budget.minutes", f"must be a positive number, got {minutes!r}")
+
+    seed = data.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise _fail(source, "seed", f"must be an integer, got {seed!r}")
+    limit = data.get("limit", 100)
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise _fail(source, "limit", f"must be a positive integer, got {limit!r}")
+    fidelity = data.get("fidelity")
+    low, promote = None, 0.5
+    if fidelity is not None:
+        if not isinstance(fidelity, dict) or set(fidelity) - {"low", "promote"} or "low" not in fidelity:
+            raise _fail(source, "fidelity", f"must be {{low: N, promote: F}}, got {fidelity!r}")
+        low, promote = fidelity["low"], fidelity.get("promote", 0.5)
+        if not isinstance(low, int) or low < 1 or (limit is not None and low >= limit):
+            raise _fail(source, "fidelity.low", f"must be a positive integer below limit ({limit}), got {low!r}")
+        if not isinstance(promote, (int, float)) or not 0 < promote <= 1:
+            raise _fail(source, "fidelity.promote", f"must be a fraction in (0, 1], got {promote!r}")
+    tasks = data.get("tasks", "zoo")
+    if isinstance(tasks, str) and tasks != "zoo" and tasks.endswith((".yaml", ".yml", ".jsonl")):
+        candidate = root / tasks
+        tasks = str(candidate.resolve()) if candidate.exists() else tasks
+    backend = data.get("backend", "hf")
+    if backend not in ("hf", "vllm"):
+        raise _fail(source, "backend", f"{backend!r} is not hf or vllm")
+    dtype = data.get("dtype", "float32")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise _fail(source, "dtype", f"{dtype!r} is not float32, bfloat16 or float16")
+
+    space = SearchSpace(
+        name=str(data.get("name", default_name)), base_model=base, models=models, merge_method=method,
+        granularity=granularity, groups=groups, interpolate=interpolate, modules=list(modules),
+        weight_bounds=weight_bounds, drop_bounds=drop_bounds, fixed=dict(fixed), objectives=objectives,
+        scalarization={k: float(v) for k, v in scalarization.items()}, optimizer=opt["name"],
+        optimizer_settings=settings, trials=trials, minutes=minutes, seed=seed, tasks=str(tasks), limit=limit,
+        fidelity_low=low, fidelity_promote=float(promote), backend=backend, dtype=dtype, source=raw)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key == "optimizer":
+            if value not in OPTIMIZERS:
+                raise MergeoptError(f"--optimizer {value!r} is not one of {', '.join(OPTIMIZERS)}")
+            if value != space.optimizer:
+                space.optimizer_settings = {}
+        setattr(space, key, value)
+    if resolve_models:
+        from optimizer.merge.checkpoint import num_layers, read_config
+
+        space.num_layers = num_layers(read_config(base))
+    if space.groups == -1:
+        space.groups = space.num_layers
+    if space.groups > max(1, space.num_layers) and not space.interpolate:
+        raise _fail(source, "granularity.layer_groups", f"{space.groups} groups but the model has {space.num_layers} layers")
+    return space
