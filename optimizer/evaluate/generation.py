@@ -32,11 +32,20 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
     return ids
 
 
-def _accepts_logits_to_keep(model: Any) -> bool:
+def _forward_parameters(model: Any) -> set[str]:
     try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
+        return set(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):
-        return False
+        return set()
+
+
+def _returned_cache(outputs: Any) -> Any:
+    # transformers >= 5.2x calls the KV cache ``cache``; earlier versions call it ``past_key_values``.
+    for name in ("cache", "past_key_values"):
+        value = outputs.get(name)
+        if value is not None:
+            return value
+    raise ValueError("the model returned no KV cache; greedy_generate needs a causal LM that supports use_cache")
 
 
 @torch.inference_mode()
@@ -46,7 +55,7 @@ def _generate_batch(
     max_new_tokens: int,
     pad_id: int,
     eos_ids: set[int],
-    keep_last_logits: bool,
+    forward_parameters: set[str],
 ) -> list[list[int]]:
     """Greedy continuation token ids of each prompt, cut before the first EOS."""
     device = model.device
@@ -58,7 +67,9 @@ def _generate_batch(
         attention_mask[row, width - len(ids) :] = 1
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    extra = {"logits_to_keep": 1} if keep_last_logits else {}
+    # Only the last position's logits are needed (a real vocabulary times a long prompt is a lot of memory).
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters else {}
+    cache_argument = "cache" if "cache" in forward_parameters else "past_key_values"
     eos = torch.tensor(sorted(eos_ids), device=device)
 
     outputs = model(
@@ -79,7 +90,7 @@ def _generate_batch(
             input_ids=next_token[:, None],
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=outputs.past_key_values,
+            **{cache_argument: _returned_cache(outputs)},
             use_cache=True,
             **extra,
         )
@@ -114,7 +125,7 @@ def greedy_generate(
     encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
     # Longest first, so similar lengths share a batch (little padding) and memory peaks on the first batch.
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    keep_last_logits = _accepts_logits_to_keep(model)
+    forward_parameters = _forward_parameters(model)
 
     was_training = model.training
     model.eval()
@@ -123,7 +134,7 @@ def greedy_generate(
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             token_ids = _generate_batch(
-                model, [encoded[i] for i in rows], max_new_tokens, pad_id, eos_ids, keep_last_logits
+                model, [encoded[i] for i in rows], max_new_tokens, pad_id, eos_ids, forward_parameters
             )
             texts = tokenizer.batch_decode(token_ids, skip_special_tokens=True)
             for row, text in zip(rows, texts):

@@ -46,7 +46,8 @@ class TrainSettings:
     pretrain_lr: float = 1e-3
     pretrain_weight_decay: float = 0.01
     finetune_steps: int = 400
-    finetune_lr: float = 3e-4
+    finetune_lr: float = 1e-4
+    finetune_replay: float = 0.25
     batch_size: int = 64
     warmup_fraction: float = 0.04
 
@@ -216,7 +217,7 @@ def rebuild(
         specialist = copy.deepcopy(base)
         train_steps(
             specialist,
-            training_stream(specialist_mixture(skill), seed=seed * 1000 + index, exclude=excluded),
+            training_stream(specialist_mixture(skill, settings.finetune_replay), seed=seed * 1000 + index, exclude=excluded),
             steps(settings.finetune_steps),
             settings.finetune_lr,
             settings.batch_size,
