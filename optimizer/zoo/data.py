@@ -4,8 +4,8 @@ Every generator takes an explicit integer seed and draws from its own ``random.R
 the same items in every process (no use of ``hash()``, which Python randomises per process).
 
 Each skill has two difficulty levels. The base model is pretrained on copying plus the *easy* level of every
-skill; each specialist is fine-tuned on the *mid* level of one skill; the held-out evaluation sets are drawn from
-the *mid* level and every training stream skips their prompts, so evaluation items are never trained on.
+skill; each specialist is fine-tuned on the *mid* level of one skill (plus a replay share of the pretraining
+mixture, see :func:`specialist_mixture`); the held-out evaluation sets are drawn from the *mid* level and every training stream skips their prompts, so evaluation items are never trained on.
 
 Prompt formats (the target is the exact completion, without EOS):
     add:123+4567=   -> 4690
