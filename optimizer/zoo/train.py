@@ -3,7 +3,7 @@
     python -m optimizer.zoo.train [OUT_DIR] [--seed 0] [--scale 1.0]
 
 The base is pretrained on copying plus the easy level of every skill, so it partly has each skill; each
-specialist is fine-tuned briefly (small lr, few steps) on the mid level of one skill, with 25% of its batches
+specialist is fine-tuned briefly (small lr, few steps) on the mid level of one skill, with 25% of its training items
 replaying the pretraining mixture. The fine-tuning deltas stay
 small and the specialists share the base's representation, which is what lets task arithmetic combine them.
 Everything is seeded explicitly, so a rebuild with the same seed, scale and torch version gives the same weights
