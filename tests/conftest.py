@@ -1,48 +1,11 @@
-"""Tiny real models, built inside the tests, so every test runs on a CPU in seconds."""
+"""Shared fixtures; the model builders live in helpers.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-import torch
-import transformers
-
-ARCHS = {
-    # Llama with grouped-query attention (4 heads, 2 KV heads) and tied embeddings
-    "llama": lambda: transformers.LlamaConfig(
-        vocab_size=48, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=64),
-    "qwen2": lambda: transformers.Qwen2Config(
-        vocab_size=48, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=64),
-    "mistral": lambda: transformers.MistralConfig(
-        vocab_size=48, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, sliding_window=None),
-    "gpt2": lambda: transformers.GPT2Config(vocab_size=48, n_embd=64, n_layer=3, n_head=4, n_positions=64),
-}
-
-
-def make_family(root: Path, arch: str = "llama", n_models: int = 3, delta_scale: float = 0.02,
-                seed: int = 0) -> tuple[Path, list[Path]]:
-    """A base model and ``n_models`` fine-tunes of it (base + small random deltas), saved as safetensors."""
-    torch.manual_seed(seed)
-    config = ARCHS[arch]()
-    base = transformers.AutoModelForCausalLM.from_config(config)
-    base_dir = root / f"{arch}-base"
-    base.save_pretrained(base_dir)
-    folders = []
-    for i in range(n_models):
-        gen = torch.Generator().manual_seed(seed * 100 + i + 1)
-        tuned = transformers.AutoModelForCausalLM.from_config(config)
-        tuned.load_state_dict(base.state_dict())
-        with torch.no_grad():
-            for p in tuned.parameters():
-                p.add_(torch.randn(p.shape, generator=gen) * delta_scale)
-        folder = root / f"{arch}-ft{i}"
-        tuned.save_pretrained(folder)
-        folders.append(folder)
-    return base_dir, folders
+from helpers import make_family
 
 
 @pytest.fixture(scope="session")

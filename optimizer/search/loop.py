@@ -70,8 +70,15 @@ def open_study(space: SearchSpace, run_dir: Path, storage: str | None = None, st
     name = study_name or space.name
     if not create:
         return optuna.load_study(study_name=name, storage=rdb, sampler=sampler)
-    return optuna.create_study(study_name=name, storage=rdb, directions=directions, sampler=sampler,
-                               load_if_exists=True)
+    study = optuna.create_study(study_name=name, storage=rdb, directions=directions, sampler=sampler,
+                                load_if_exists=True)
+    existing = len(study.get_trials(deepcopy=False))
+    if existing:
+        # A resumed run (or another worker) must not replay the random draws of the first one: the sampler's
+        # seed moves on with the study, deterministically.
+        study.sampler = make_sampler(space.optimizer, space.seed + 7919 * existing, space.optimizer_settings,
+                                     space.multi_objective)
+    return study
 
 
 def _save_space(space: SearchSpace, run_dir: Path) -> None:
@@ -124,6 +131,7 @@ def recover_stale(study: optuna.Study, optimizer, shared: bool) -> list:
         stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         for t in stale:
             study._storage.set_trial_user_attr(t._trial_id, "error", "worker died while scoring this candidate")
+            study._storage.set_trial_user_attr(t._trial_id, "lost", True)
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
     if stale:
         optimizer.recover(study, stale)
@@ -206,7 +214,8 @@ def _run(space, run_dir, storage, study_name, device, progress, shared, worker_t
     result.parents = _score_parents(space, study, backend, task_set, progress)
 
     def finished() -> int:
-        return len(study.get_trials(deepcopy=False, states=FINISHED))
+        # candidates lost with a dead worker are scored again, so they do not spend the budget
+        return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED) if not t.user_attrs.get("lost"))
 
     start = time.monotonic()
     deadline = start + space.minutes * 60 if space.minutes else None

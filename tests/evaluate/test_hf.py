@@ -12,30 +12,7 @@ from optimizer.evaluate.scoring import evaluate_candidate
 from optimizer.evaluate.tasks import GenerationRequest, LoglikelihoodRequest, TaskSpec, GenerateTask, TaskSet
 from optimizer.merge.engine import MergeEngine
 from optimizer.recipe import ModelSpec, Recipe
-from optimizer.zoo.tokenizer import save_tokenizer
-
-
-def tiny_family(root: Path, n: int = 2):
-    """Char-level Llamas sharing the zoo tokenizer: a base and ``n`` perturbed copies."""
-    from optimizer.zoo.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
-
-    config = transformers.LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=2, max_position_embeddings=64, bos_token_id=BOS_ID,
-                                      eos_token_id=EOS_ID, pad_token_id=PAD_ID)
-    torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(config)
-    folders = []
-    for i in range(n + 1):
-        model = transformers.LlamaForCausalLM(config)
-        model.load_state_dict(base.state_dict())
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.5 * (i > 0))
-        folder = root / f"m{i}"
-        model.save_pretrained(folder)
-        save_tokenizer(folder)
-        folders.append(folder)
-    return folders[0], folders[1:]
+from helpers import tiny_family
 
 
 def test_loglikelihood_matches_a_direct_computation(tmp_path):

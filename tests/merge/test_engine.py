@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import transformers
-from conftest import ARCHS, make_family
+from helpers import ARCHS, make_family
 from safetensors.torch import load_file, save_file
 
 from optimizer.errors import MergeoptError

@@ -1,0 +1,76 @@
+"""Search spaces: validation names the key; genomes map onto recipes with the right shapes and bounds."""
+
+import pytest
+import yaml
+from helpers import write_space
+
+from optimizer.errors import MergeoptError
+from optimizer.space import load_space
+
+
+def test_per_model_genome_maps_bounds_and_drop_rates(search_setup):
+    space = load_space(write_space(search_setup, "pm", bounds={"weight": [0.2, 1.2], "drop_rate": [0.1, 0.5]}))
+    genes = space.genes()
+    assert space.dimension == 6 and [g.param for g in genes].count("drop_rate") == 3
+    recipe = space.recipe([0.0, 0.5, 1.0, 0.0, 0.5, 1.0])
+    assert [m.parameters["weight"] for m in recipe.models] == [0.2, 0.7, 1.2]
+    assert [m.parameters["density"] for m in recipe.models] == [0.9, 0.7, 0.5]
+    assert recipe.merge_method == "dare_ties" and recipe.seed == 0
+
+
+def test_global_layer_groups_gradient_and_modules(search_setup):
+    assert load_space(write_space(search_setup, "g", granularity="global")).dimension == 2
+    assert load_space(write_space(search_setup, "t", merge_method="task_arithmetic")).dimension == 3  # no drop rate
+    groups = load_space(write_space(search_setup, "lg", granularity={"layer_groups": 2}, modules=["self_attn", "mlp"]))
+    assert groups.dimension == 2 * 3 * 2 * 2
+    recipe = groups.recipe([i / 24 for i in range(24)])
+    weight = recipe.models[0].parameters["weight"]
+    assert [c.get("filter") for c in weight] == ["self_attn", "mlp", None]
+    assert len(weight[0]["value"]) == groups.num_layers == 2  # one value per layer (2 layers, 2 groups)
+    per_layer = load_space(write_space(search_setup, "pl", granularity="per_layer", merge_method="task_arithmetic"))
+    assert per_layer.dimension == 3 * 2
+    gradient = load_space(write_space(search_setup, "gr", granularity={"gradient": 3}, merge_method="task_arithmetic"))
+    assert gradient.recipe([0.0, 0.5, 1.0] * 3).models[0].parameters["weight"] == [0.0, 0.5, 1.0]
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"wieghts": 1}, "unknown key 'wieghts'"),
+    ({"bounds": {"weight": [1.0, 0.5]}}, r"bounds.weight: low 1.0 is above high 0.5"),
+    ({"bounds": {"drop_rate": [0.0, 1.5]}}, r"bounds.drop_rate: must lie within \[0.0, 0.99\]"),
+    ({"bounds": {"density": [0.1, 0.2]}}, "bounds: unknown entry 'density'"),
+    ({"models": []}, "models: must be a non-empty list"),
+    ({"granularity": "per_block"}, "granularity: 'per_block' is not valid"),
+    ({"granularity": {"layer_groups": 0}}, "granularity.layer_groups: must be a positive integer"),
+    ({"optimizer": {"name": "pso"}}, "optimizer.name: 'pso' is not one of cma, tpe, nsga2, random"),
+    ({"optimizer": {"name": "cma", "popsize": 4, "sigma": 0.1}}, "optimizer.sigma: is not a setting of cma"),
+    ({"budget": {"trials": "many"}}, "budget.trials: must be a positive integer"),
+    ({"seed": 1.5}, "seed: must be an integer"),
+    ({"merge_method": "linear"}, "merge_method: 'linear' cannot be searched"),
+    ({"objectives": [{"task": "gen", "direction": "up"}]}, r"objectives\[0\].direction: 'up'"),
+    ({"scalarization": {"nope": 1}}, "scalarization.nope: names no objective"),
+    ({"fidelity": {"low": 50}}, r"fidelity.low: must be a positive integer below limit \(12\)"),
+    ({"base_model": "/nowhere/at/all"}, "base_model: model folder /nowhere/at/all does not exist"),
+])
+def test_bad_spaces_name_the_key(search_setup, override, message):
+    with pytest.raises(MergeoptError, match=message):
+        load_space(write_space(search_setup, "bad", **override))
+
+
+def test_missing_keys_and_bad_yaml(search_setup):
+    path = search_setup / "missing.yaml"
+    path.write_text(yaml.safe_dump({"base_model": "x", "models": ["y"]}))
+    with pytest.raises(MergeoptError, match="objectives: is missing"):
+        load_space(path)
+    path.write_text("base_model: [unclosed\n")
+    with pytest.raises(MergeoptError, match="not valid YAML"):
+        load_space(path)
+
+
+def test_example_spaces_in_the_repository_parse():
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).resolve().parents[2].joinpath("search_spaces").glob("*.yaml")):
+        if "recipe" in path.name:
+            continue
+        space = load_space(path)
+        assert space.dimension >= 1 and space.objectives, path
