@@ -197,15 +197,7 @@ class Recipe:
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
         path = Path(path)
-        if not path.is_file():
-            raise MergeoptError(f"recipe file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            line = getattr(getattr(exc, "problem_mark", None), "line", None)
-            where = f" (line {line + 1})" if line is not None else ""
-            raise MergeoptError(f"{path}: not valid YAML{where}; fix the syntax and retry") from None
-        recipe = cls.from_dict(data, source=str(path))
+        recipe = cls.from_dict(read_yaml_file(path, "recipe file"), source=str(path))
         recipe.resolve_paths(path.parent)
         return recipe
 
@@ -224,6 +216,18 @@ class Recipe:
         self.tokenizer_source = fix(self.tokenizer_source)
         for m in self.models:
             m.model = fix(m.model)  # type: ignore[assignment]
+
+
+def read_yaml_file(path: Path, kind: str) -> Any:
+    """A YAML file's content, or one clear line: the file is missing, or which line breaks the syntax."""
+    if not path.is_file():
+        raise MergeoptError(f"{kind} {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise MergeoptError(f"{path}: not valid YAML{where}; fix the syntax and retry") from None
 
 
 def zoo_path(reference: str) -> str:

@@ -24,11 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from optimizer.errors import MergeoptError
 from optimizer.merge.methods import METHODS
-from optimizer.recipe import ModelSpec, Recipe, zoo_path
+from optimizer.recipe import ModelSpec, Recipe, read_yaml_file, zoo_path
 
 OPTIMIZERS = ("cma", "tpe", "nsga2", "random")
 DIRECTIONS = ("maximize", "minimize")
@@ -232,13 +231,7 @@ def _bounds(data: dict, key: str, default: tuple[float, float], lo: float, hi: f
 
 def load_space(path: str | Path, overrides: dict[str, Any] | None = None, resolve_models: bool = True) -> SearchSpace:
     path = Path(path)
-    if not path.is_file():
-        raise MergeoptError(f"search space {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        raise MergeoptError(f"{path}: not valid YAML" + (f" (line {line + 1})" if line is not None else "")) from None
+    data = read_yaml_file(path, "search space")
     return parse_space(data, source=str(path), root=path.parent, default_name=path.stem, overrides=overrides,
                        resolve_models=resolve_models)
 

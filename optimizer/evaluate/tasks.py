@@ -352,12 +352,9 @@ def task_specs(spec: str | Path, limit: int | None = None) -> tuple[list[TaskSpe
         return task_specs(zoo_task_spec(), limit)
     path = Path(text)
     if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise MergeoptError(f"task file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError:
-            raise MergeoptError(f"{path}: not valid YAML; fix the syntax and retry") from None
+        from optimizer.recipe import read_yaml_file
+
+        data = read_yaml_file(path, "task file")
         if isinstance(data, dict) and "task" in data and "tasks" not in data:
             return [TaskSpec(name=str(data["task"]), kind="lm_eval", path=path.resolve(), limit=limit)], 0, text
         if not isinstance(data, dict) or not isinstance(data.get("tasks"), list) or not data["tasks"]:
