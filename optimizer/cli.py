@@ -27,7 +27,8 @@ EXAMPLES = {
   mergeopt eval zoo:adder --tasks zoo                 # a model folder (or zoo:NAME) on the zoo's task set
   mergeopt eval search_spaces/example_recipe.yaml --tasks zoo --limit 50 --json   # merged in memory
   mergeopt eval ./my-model --tasks tasks.yaml --backend vllm
-  mergeopt eval ./my-model --tasks arc_easy,hellaswag --limit 200   # lm-eval tasks by name""",
+  mergeopt eval ./my-model --tasks arc_easy,hellaswag --limit 200   # lm-eval tasks by name
+  mergeopt eval runs/demo/best.yaml --tasks zoo --limit 100 --holdout   # items the demo search never saw""",
 }
 
 
@@ -79,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tasks", required=True, help="'zoo', a task-set YAML, an lm-eval task YAML, or lm-eval task names")
     ev.add_argument("--limit", type=int, default=None, help="items per task (a fixed-seed subset)")
     ev.add_argument("--seed", type=int, default=None, help="seed of the subsets (default: the task set's, else 0)")
+    ev.add_argument("--holdout", action="store_true",
+                    help="score the items the (--limit, --seed) subset leaves out: a search's held-out check")
     ev.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="inference engine (default hf)")
     ev.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     ev.add_argument("--batch-size", type=int, default=64, help="generation batch size of the hf backend")
@@ -163,7 +166,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise MergeoptError("--limit must be a positive number of items")
-    task_set = load_task_set(args.tasks, limit=args.limit, seed=args.seed)
+    if args.holdout and args.limit is None:
+        raise MergeoptError("--holdout needs the --limit the search used (its subset is what is held out from)")
+    task_set = load_task_set(args.tasks, limit=args.limit, seed=args.seed, holdout=args.holdout)
     target = args.target
     engine = recipe = None
     extra = {"batch_size": args.batch_size} if args.backend == "hf" else {}

@@ -172,7 +172,7 @@ class MultipleChoiceTask(PreparedTask):
 class LmEvalTask(PreparedTask):
     """An lm-evaluation-harness task: documents loaded and requests built once, metrics by the task itself."""
 
-    def __init__(self, spec: TaskSpec, seed: int):
+    def __init__(self, spec: TaskSpec, seed: int, holdout: bool = False):
         try:
             from lm_eval.tasks import TaskManager
         except ImportError:
@@ -194,9 +194,9 @@ class LmEvalTask(PreparedTask):
             raise MergeoptError(f"lm-eval task {task_name!r} is a group of {len(tasks)} tasks; list its tasks one by one")
         self.task = tasks[0]
         docs = list(self.task.eval_docs)
-        indices = list(range(len(docs)))
-        if spec.limit is not None and spec.limit < len(docs):
-            indices = sorted(random.Random(seed).sample(indices, spec.limit))
+        indices = subset_indices(len(docs), spec.limit, seed, holdout)
+        if not indices:
+            raise MergeoptError(f"task {spec.name}: no held-out documents (the subset of {spec.limit} takes them all)")
         self.indices = indices
         self.task.build_all_requests(samples=indices, rank=0, world_size=1)
         self.instances = sorted(self.task.instances, key=lambda inst: (inst.doc_id, inst.idx))
@@ -290,18 +290,32 @@ def read_jsonl(path: Path, kind: str, task: str) -> list[dict]:
     return items
 
 
-def subset(items: list, limit: int | None, seed: int) -> list:
-    """The same ``limit`` items for a given seed, in file order."""
-    if limit is None or limit >= len(items):
-        return list(items)
-    keep = sorted(random.Random(seed).sample(range(len(items)), limit))
-    return [items[i] for i in keep]
+def subset_indices(n: int, limit: int | None, seed: int, holdout: bool = False) -> list[int]:
+    """Indices of the ``limit`` items a seed picks, in file order (or, with ``holdout``, of all the others).
+
+    The items are a prefix of one seeded permutation, so subsets are nested: the small subset of a
+    multi-fidelity search lies inside the full one, and the held-out items are exactly those no candidate of the
+    search was scored on.
+    """
+    if limit is None or limit >= n:
+        return [] if holdout else list(range(n))
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return sorted(order[limit:] if holdout else order[:limit])
 
 
-def prepare(spec: TaskSpec, seed: int) -> PreparedTask:
+def subset(items: list, limit: int | None, seed: int, holdout: bool = False) -> list:
+    """The same ``limit`` items for a given seed, in file order (``holdout``: the items left out)."""
+    return [items[i] for i in subset_indices(len(items), limit, seed, holdout)]
+
+
+def prepare(spec: TaskSpec, seed: int, holdout: bool = False) -> PreparedTask:
     if spec.kind == "lm_eval":
-        return LmEvalTask(spec, seed)
-    items = subset(read_jsonl(spec.path, spec.kind, spec.name), spec.limit, seed)
+        return LmEvalTask(spec, seed, holdout)
+    items = subset(read_jsonl(spec.path, spec.kind, spec.name), spec.limit, seed, holdout)
+    if not items:
+        raise MergeoptError(f"task {spec.name}: no held-out items (the subset of {spec.limit} takes them all); "
+                            "lower the limit")
     return GenerateTask(spec, items) if spec.kind == "generate" else MultipleChoiceTask(spec, items)
 
 
@@ -381,8 +395,13 @@ def task_specs(spec: str | Path, limit: int | None = None) -> tuple[list[TaskSpe
     return [TaskSpec(name=n, kind="lm_eval", task=n, limit=limit) for n in names], 0, text
 
 
-def load_task_set(spec: str | Path, limit: int | None = None, seed: int | None = None) -> TaskSet:
-    """Build a task set once per run: subsets chosen with a fixed seed, requests built."""
+def load_task_set(spec: str | Path, limit: int | None = None, seed: int | None = None,
+                  holdout: bool = False) -> TaskSet:
+    """Build a task set once per run: subsets chosen with a fixed seed, requests built.
+
+    ``holdout=True`` builds the complement instead: every item the same ``(limit, seed)`` subset leaves out, to
+    check a search's best recipe on items no candidate was selected on.
+    """
     specs, file_seed, source = task_specs(spec, limit)
     seed = file_seed if seed is None else seed
-    return TaskSet([prepare(s, seed) for s in specs], seed=seed, source=source)
+    return TaskSet([prepare(s, seed, holdout) for s in specs], seed=seed, source=source)

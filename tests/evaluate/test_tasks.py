@@ -46,6 +46,14 @@ def test_subset_is_deterministic_and_in_file_order():
     assert subset(items, 200, seed=1) == items
 
 
+def test_subsets_are_nested_and_the_holdout_is_their_complement():
+    items = list(range(100))
+    small, full, held = subset(items, 10, seed=3), subset(items, 40, seed=3), subset(items, 40, seed=3, holdout=True)
+    assert set(small) < set(full)  # the low-fidelity subset lies inside the full one
+    assert sorted(full + held) == items and not set(full) & set(held)
+    assert subset(items, 200, seed=3, holdout=True) == []
+
+
 def test_generate_metric_normalises_and_cuts_at_stop(task_dir):
     spec = TaskSpec(name="t", path=task_dir / "echo.jsonl", stop=("\n",))
     task = GenerateTask(spec, [{"prompt": "a", "target": " 12 "}, {"prompt": "b", "target": "7"}])
