@@ -32,6 +32,10 @@ class HFBackend:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size = batch_size
         self.model_path = str(model_path)
+        if not trust_remote_code:
+            from optimizer.merge.checkpoint import read_config
+
+            read_config(model_path)  # a missing config or one that needs custom code: one clear line
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=trust_remote_code)
             self.model = transformers.AutoModelForCausalLM.from_pretrained(

@@ -53,7 +53,22 @@ def read_config(folder: str | Path) -> dict:
         raise MergeoptError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); repair or re-export it") from None
     if not isinstance(config, dict):
         raise MergeoptError(f"{path} must hold a JSON object")
+    _refuse_remote_code(folder, config)
     return config
+
+
+def _refuse_remote_code(folder: Path, config: dict) -> None:
+    """A config whose architecture exists only as Python files in the folder (``auto_map``) would need
+    ``trust_remote_code``, which mergeopt never turns on: such a folder is refused up front."""
+    if not config.get("auto_map"):
+        return
+    from transformers import CONFIG_MAPPING  # only for folders that ship code
+
+    if config.get("model_type") in CONFIG_MAPPING:
+        return  # transformers has the architecture built in and ignores the folder's code
+    raise MergeoptError(f"{folder} needs custom model code (config.json model_type {config.get('model_type')!r} with "
+                        "auto_map); mergeopt never runs code from a model folder (trust_remote_code stays off): "
+                        "use a model whose architecture transformers ships")
 
 
 def num_layers(config: dict, tensor_names: list[str] | None = None) -> int:

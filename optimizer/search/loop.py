@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -30,9 +31,10 @@ from optuna.trial import TrialState
 from optimizer.errors import MergeoptError
 from optimizer.evaluate.scoring import CandidateResult, evaluate_candidate, make_backend
 from optimizer.evaluate.tasks import load_task_set
-from optimizer.merge.checkpoint import load_state_dict
+from optimizer.merge.checkpoint import check_homologous, inspect_model, load_state_dict
 from optimizer.merge.engine import MergeEngine
 from optimizer.search.optimizers import FINISHED, make_optimizer, make_sampler
+from optimizer.search.faults import with_faults
 from optimizer.space import SearchSpace
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -129,13 +131,21 @@ def recover_stale(study: optuna.Study, optimizer, shared: bool) -> list:
         stale = [t for t in study.get_trials(deepcopy=False) if t.number in stale_ids]
     else:  # we hold the folder's lock: every RUNNING trial belongs to a dead process
         stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        for t in stale:
-            study._storage.set_trial_user_attr(t._trial_id, "error", "worker died while scoring this candidate")
-            study._storage.set_trial_user_attr(t._trial_id, "lost", True)
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        _mark_lost(study, optimizer, stale, "worker died while scoring this candidate")
+        return stale
     if stale:
         optimizer.recover(study, stale)
     return stale
+
+
+def _mark_lost(study: optuna.Study, optimizer, trials: list, reason: str) -> None:
+    """Candidates that were never scored to the end: FAIL with ``lost`` (no budget spent), then re-queued."""
+    for t in trials:
+        study._storage.set_trial_user_attr(t._trial_id, "error", reason)
+        study._storage.set_trial_user_attr(t._trial_id, "lost", True)
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    if trials:
+        optimizer.recover(study, trials)
 
 
 def _objective_values(space: SearchSpace, result: CandidateResult) -> list[float] | None:
@@ -177,6 +187,7 @@ def _promote(study: optuna.Study, space: SearchSpace, low_value: float) -> bool:
 def run_search(space: SearchSpace, run_dir: Path, storage: str | None = None, study_name: str | None = None,
                device: str | None = None, progress: bool = True, worker_trials: int | None = None) -> SearchResult:
     run_dir = Path(run_dir)
+    task_sets = _preflight(space)  # bad input is refused before the run folder or the study is touched
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -184,16 +195,14 @@ def run_search(space: SearchSpace, run_dir: Path, storage: str | None = None, st
     shared = storage is not None and not storage.startswith("sqlite")
     lock = _take_lock(run_dir, shared)
     try:
-        return _run(space, run_dir, storage, study_name, device, progress, shared, worker_trials)
+        return _run(space, run_dir, storage, study_name, device, progress, shared, worker_trials, task_sets)
     finally:
         if lock is not None and lock.exists() and lock.read_text().strip() == str(os.getpid()):
             lock.unlink()
 
 
-def _run(space, run_dir, storage, study_name, device, progress, shared, worker_trials) -> SearchResult:
-    from tqdm import tqdm
-
-    _save_space(space, run_dir)
+def _preflight(space: SearchSpace):
+    """Everything that can be checked without spending a trial: tasks, objectives, homology of the models."""
     task_set = load_task_set(space.tasks, limit=space.limit, seed=space.seed)
     missing = [o.task for o in space.objectives if o.task not in task_set.names]
     if missing:
@@ -201,6 +210,16 @@ def _run(space, run_dir, storage, study_name, device, progress, shared, worker_t
                             f"(it has {', '.join(task_set.names)})")
     low_set = (load_task_set(space.tasks, limit=space.fidelity_low, seed=space.seed)
                if space.fidelity_low else None)
+    # headers only (no weights read): names the first tensor that differs
+    check_homologous(inspect_model(space.base_model), [inspect_model(m) for m in space.models])
+    return task_set, low_set
+
+
+def _run(space, run_dir, storage, study_name, device, progress, shared, worker_trials, task_sets) -> SearchResult:
+    from tqdm import tqdm
+
+    _save_space(space, run_dir)
+    task_set, low_set = task_sets
     study = open_study(space, run_dir, storage, study_name)
     genes = [g.name for g in space.genes()]
     optimizer = make_optimizer(space.optimizer, genes, space.seed, space.optimizer_settings)
@@ -227,20 +246,23 @@ def _run(space, run_dir, storage, study_name, device, progress, shared, worker_t
     while finished() < target and (deadline is None or time.monotonic() < deadline):
         trial = optimizer.ask(study)
         try:
-            values = _evaluate_trial(space, trial, engine, backend, task_set, low_set, study)
+            values = _evaluate_trial(space, trial, engine, with_faults(backend, trial.number), task_set, low_set, study)
         except KeyboardInterrupt:
-            trial.set_user_attr("error", "interrupted")
-            optimizer.tell(study, trial, None)
+            # not the candidate's fault: recorded as lost (it does not spend the budget) and queued again
+            _mark_lost(study, optimizer, [study._storage.get_trial(trial._trial_id)], "interrupted")
             result.interrupted = True
             break
         reason = trial.user_attrs.get("error", "unknown") if values is None else None
+        if reason is not None:
+            trial.set_user_attr("failure_kind", _failure_kind(reason))
         optimizer.tell(study, trial, values)
         result.new_trials += 1
         bar.update(1)
         if values is None:
             failures.append(_failure_kind(reason))
             if len(failures) >= MAX_SAME_FAILURES and len(set(failures[-MAX_SAME_FAILURES:])) == 1:
-                result.stopped_reason = f"{MAX_SAME_FAILURES} candidates in a row failed: {reason}"
+                result.stopped_reason = (f"{MAX_SAME_FAILURES} candidates in a row failed with the same fault "
+                                         f"({failures[-1]}): {reason}")
                 break
         else:
             failures.clear()
@@ -253,7 +275,16 @@ def _run(space, run_dir, storage, study_name, device, progress, shared, worker_t
 
 
 def _failure_kind(reason: str) -> str:
-    return reason.split(":", 1)[0]
+    """What went wrong, whichever task it surfaced in: "oom", "nan", or the exception's type."""
+    lowered = reason.lower()
+    if "out of memory" in lowered or "outofmemory" in lowered:
+        return "oom"
+    if re.search(r"\bnan\b|finite", lowered):
+        return "nan"
+    for part in re.split(r"[;:]\s*", reason):  # "task: Type: message at file:line; task: ..."
+        if re.fullmatch(r"[A-Za-z_][\w.]*(Error|Exception|Failure)", part.strip()):
+            return part.strip()
+    return reason.split(";")[0].split(" at ")[0].strip()
 
 
 def _best_value(study: optuna.Study, space: SearchSpace) -> float | None:

@@ -1,0 +1,66 @@
+"""A testing hook: inject faults into chosen trials of a search through ``MERGEOPT_FAULT``.
+
+The reliability tests (and anyone checking a deployment) use it to make a candidate fail the way real hardware
+fails, without mocking the loop, the study or the optimiser::
+
+    MERGEOPT_FAULT=oom@trial:3                 # trial 3 runs out of memory while its weights are built
+    MERGEOPT_FAULT=error@trial:2-4,kill@trial:7
+
+Kinds (all raised inside the backend's weight swap, where the real faults happen):
+  ``oom``        torch.OutOfMemoryError, as a GPU allocation failure raises it
+  ``error``      RuntimeError (a bug or a driver error in the candidate's build)
+  ``interrupt``  KeyboardInterrupt, as Ctrl-C delivers it mid-candidate
+  ``kill``       SIGKILL of the whole process mid-candidate (as ``kill -9`` or the OOM killer)
+Trial numbers are the study's trial numbers; ``N-M`` is a closed range. Unset (the default), nothing changes.
+The variable is read in one place only: :func:`with_faults`, called by the search loop for every candidate.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+
+from optimizer.errors import MergeoptError
+
+ENV = "MERGEOPT_FAULT"
+KINDS = ("oom", "error", "interrupt", "kill")
+
+
+def parse(spec: str) -> dict[int, str]:
+    """``"oom@trial:3,error@trial:5-6"`` -> {3: "oom", 5: "error", 6: "error"}."""
+    faults: dict[int, str] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        kind, _, where = item.partition("@trial:")
+        first, _, last = where.partition("-")
+        if kind not in KINDS or not first.isdigit() or (last and not last.isdigit()):
+            raise MergeoptError(f"{ENV}={spec!r}: {item!r} is not KIND@trial:N or KIND@trial:N-M "
+                                f"(KIND one of {', '.join(KINDS)})")
+        for number in range(int(first), int(last or first) + 1):
+            faults[number] = kind
+    return faults
+
+
+def with_faults(backend, trial_number: int):
+    """The backend itself, or (when ``MERGEOPT_FAULT`` names this trial) a wrapper whose swap fails."""
+    kind = parse(os.environ.get(ENV, "")).get(trial_number)
+    return backend if kind is None else _FaultyBackend(backend, kind, trial_number)
+
+
+class _FaultyBackend:
+    def __init__(self, backend, kind: str, trial_number: int):
+        self._backend, self._kind, self._number = backend, kind, trial_number
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def swap(self, engine, recipe) -> None:
+        note = f"(injected by {ENV} at trial {self._number})"
+        if self._kind == "oom":
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB {note}")
+        if self._kind == "error":
+            raise RuntimeError(f"candidate build failed {note}")
+        if self._kind == "interrupt":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGKILL)
