@@ -30,6 +30,12 @@ EVAL_SEED = 20240611
 """Seed of the shipped held-out evaluation split (independent of the training seed)."""
 
 EVAL_SIZE = 200
+"""Items per skill that every training stream excludes by construction (the first items of each eval set)."""
+
+SHIPPED_EVAL_SIZE = 400
+"""Items per skill in the shipped task files: the ``EVAL_SIZE`` excluded ones, then items checked against a replay of
+the actual training streams (see ``optimizer.zoo.train.trained_prompts``), so a search can select on one half
+and report the other."""
 
 LETTERS = string.ascii_lowercase
 
@@ -79,14 +85,19 @@ def make_item(skill: str, level: str, rng: random.Random) -> tuple[str, str]:
     raise ValueError(f"unknown skill {skill!r}; expected one of {SKILLS + ('copy',)}")
 
 
-def eval_items(skill: str, n: int = EVAL_SIZE, seed: int = EVAL_SEED) -> list[dict[str, str]]:
-    """The held-out evaluation set of ``skill``: ``n`` distinct mid-level items, ``{"id", "prompt", "target"}``."""
+def eval_items(skill: str, n: int = EVAL_SIZE, seed: int = EVAL_SEED,
+               skip: frozenset[str] = frozenset()) -> list[dict[str, str]]:
+    """The held-out evaluation set of ``skill``: ``n`` distinct mid-level items, ``{"id", "prompt", "target"}``.
+
+    Prompts in ``skip`` (those a training run drew) are passed over; the first ``EVAL_SIZE`` items never are, as
+    training excludes them, so a longer set always starts with the shorter one.
+    """
     rng = random.Random(seed * 101 + SKILLS.index(skill))
     seen: set[str] = set()
     items: list[dict[str, str]] = []
     while len(items) < n:
         prompt, target = make_item(skill, "mid", rng)
-        if prompt in seen:
+        if prompt in seen or prompt in skip:
             continue
         seen.add(prompt)
         items.append({"id": f"{skill}-{len(items):04d}", "prompt": prompt, "target": target})

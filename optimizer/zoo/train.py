@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import math
 import sys
@@ -35,6 +36,7 @@ from optimizer.zoo.data import (
     heldout_prompts,
     specialist_mixture,
     training_stream,
+    SHIPPED_EVAL_SIZE,
 )
 from optimizer.zoo.tokenizer import BOS_ID, EOS_ID, MODEL_MAX_LENGTH, PAD_ID, VOCAB_SIZE, encode, save_tokenizer
 
@@ -149,14 +151,33 @@ def save_model(model: LlamaForCausalLM, folder: Path) -> None:
     save_tokenizer(folder)
 
 
-def write_tasks(folder: Path, n: int = EVAL_SIZE, seed: int = EVAL_SEED) -> dict[str, Path]:
-    """The held-out JSONL sets (one per skill) and ``zoo.yaml`` describing them."""
+def trained_prompts(seed: int = 0, settings: TrainSettings = TrainSettings(), scale: float = 1.0) -> frozenset[str]:
+    """Every prompt the training of a rebuild with ``seed`` draws (a replay of its streams, no training)."""
+    excluded = heldout_prompts()
+    streams = [(PRETRAIN_MIXTURE, seed * 1000, settings.pretrain_steps)] + [
+        (specialist_mixture(skill, settings.finetune_replay), seed * 1000 + index, settings.finetune_steps)
+        for index, skill in enumerate(SPECIALIST_TASK.values(), start=1)]
+    prompts: set[str] = set()
+    for mixture, stream_seed, steps in streams:
+        count = max(1, round(steps * scale)) * settings.batch_size
+        stream = training_stream(mixture, seed=stream_seed, exclude=excluded)
+        prompts.update(prompt for prompt, _ in itertools.islice(stream, count))
+    return frozenset(prompts)
+
+
+def write_tasks(folder: Path, n: int = SHIPPED_EVAL_SIZE, seed: int = EVAL_SEED, train_seed: int = 0,
+                settings: TrainSettings = TrainSettings(), scale: float = 1.0) -> dict[str, Path]:
+    """The held-out JSONL sets (one per skill) and ``zoo.yaml`` describing them.
+
+    Items past ``EVAL_SIZE`` skip every prompt the training with ``train_seed`` draws, so all ``n`` are unseen.
+    """
     folder.mkdir(parents=True, exist_ok=True)
+    skip = trained_prompts(train_seed, settings, scale) if n > EVAL_SIZE else frozenset()
     paths: dict[str, Path] = {}
     for skill in SKILLS:
         path = folder / f"{skill}.jsonl"
         with path.open("w") as handle:
-            for item in eval_items(skill, n, seed):
+            for item in eval_items(skill, n, seed, skip):
                 handle.write(json.dumps(item) + "\n")
         paths[skill] = path
     lines = [
@@ -190,7 +211,7 @@ def rebuild(
     """
     out_dir = Path(out_dir) if out_dir is not None else ZOO_DIR
     started = time.perf_counter()
-    write_tasks(out_dir / "tasks")
+    write_tasks(out_dir / "tasks", train_seed=seed, settings=settings, scale=scale)
     excluded = heldout_prompts()
 
     def steps(count: int) -> int:

@@ -69,7 +69,13 @@ def test_heldout_split_is_disjoint_from_training_streams():
     assert not first & {prompt for prompt, _ in itertools.islice(filtered, 500)}
 
 
-def test_shipped_task_files_match_the_generator():
+def test_shipped_task_files_match_the_generator_and_skip_every_trained_prompt():
+    from optimizer.zoo.train import trained_prompts
+
+    trained = trained_prompts()
     for skill, path in zoo_tasks().items():
-        lines = path.read_text().splitlines()
-        assert [json.loads(line) for line in lines] == data.eval_items(skill)
+        items = [json.loads(line) for line in path.read_text().splitlines()]
+        assert len(items) == data.SHIPPED_EVAL_SIZE
+        assert items[: data.EVAL_SIZE] == data.eval_items(skill)  # the always-excluded part comes first
+        assert items == data.eval_items(skill, data.SHIPPED_EVAL_SIZE, skip=trained)
+        assert not trained & {item["prompt"] for item in items}

@@ -40,7 +40,7 @@ def test_api_lists_base_first_and_existing_files():
         for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
             assert (folder / name).is_file()
     for path in zoo_tasks().values():
-        assert len(path.read_text().splitlines()) == 200
+        assert len(path.read_text().splitlines()) == 400
     spec = zoo_task_spec().read_text()
     for task, max_new in TASK_MAX_NEW_TOKENS.items():
         assert f"path: {task}.jsonl" in spec and f"max_new_tokens: {max_new}" in spec
