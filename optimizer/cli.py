@@ -23,6 +23,10 @@ EXAMPLES = {
     "export": """examples:
   mergeopt export runs/demo                      # pareto/*.yaml, pareto/front.csv, best.yaml, trials.csv
   mergeopt export runs/demo --materialize        # also the merged model of every front recipe""",
+    "report": """examples:
+  mergeopt report runs/demo                      # summary here, runs/demo/report.html (opens offline)
+  mergeopt report runs/demo --html /tmp/demo.html
+  python -c "import optimizer; print(optimizer.load_run('runs/demo').front)"   # the same tables in pandas""",
     "eval": """examples:
   mergeopt eval zoo:adder --tasks zoo                 # a model folder (or zoo:NAME) on the zoo's task set
   mergeopt eval search_spaces/example_recipe.yaml --tasks zoo --limit 50 --json   # merged in memory
@@ -106,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--study", default=None, help="study name, if not the space's name")
     ex.add_argument("--materialize", action="store_true", help="also write the merged models of the front")
     ex.add_argument("--device", default=None, help="device for --materialize")
+
+    rp = command("report", "Summarize a run's trade-offs here and in a self-contained HTML report.")
+    rp.add_argument("run", type=Path, help="run folder")
+    rp.add_argument("--html", type=Path, default=None, help="HTML file to write (default <run>/report.html)")
+    rp.add_argument("--storage", default=None, help="Optuna storage URL, if the search used one")
+    rp.add_argument("--study", default=None, help="study name, if not the space's name")
     return parser
 
 
@@ -154,6 +164,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     print_front(export_run(args.run, storage=args.storage, study_name=args.study, materialize=args.materialize,
                            device=args.device, progress=True))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from optimizer.export import export_run
+    from optimizer.report import load_run, summarize, write_html
+
+    # export first, so the report's links (pareto/*.yaml) and trials.csv match the study as it is now
+    export_run(args.run, storage=args.storage, study_name=args.study)
+    run = load_run(args.run, storage=args.storage, study_name=args.study)
+    print(summarize(run))
+    print(f"report: {write_html(run, args.html)}")
     return 0
 
 
@@ -232,7 +254,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"zoo": cmd_zoo, "merge": cmd_merge, "eval": cmd_eval, "search": cmd_search, "export": cmd_export}
+COMMANDS = {"zoo": cmd_zoo, "merge": cmd_merge, "eval": cmd_eval, "search": cmd_search, "export": cmd_export,
+            "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,11 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from optuna.trial import TrialState
 
 from optimizer.errors import MergeoptError
 from optimizer.recipe import Recipe
-from optimizer.search.pareto import non_dominated
 
 
 @dataclass
@@ -55,43 +53,26 @@ def _write(path: Path, text: str) -> None:
 
 def export_run(run_dir: str | Path, storage: str | None = None, study_name: str | None = None,
                materialize: bool = False, device: str | None = None, progress: bool = False) -> ExportResult:
-    from optimizer.search.loop import open_study, trials_table
-    from optimizer.space import load_space
+    from optimizer.report import comparable, front_trials, open_run, trials_table
 
     run_dir = Path(run_dir)
-    if not (run_dir / "space.yaml").is_file():
-        raise MergeoptError(f"{run_dir} is not a run folder (no space.yaml); run 'mergeopt search' first")
-    space = load_space(run_dir / "space.yaml")
-    if storage is None and not (run_dir / "study.db").is_file():
-        raise MergeoptError(f"{run_dir} has no study.db; pass the --storage the search used")
-    try:
-        study = open_study(space, run_dir, storage, study_name, create=False)
-    except KeyError:
-        raise MergeoptError(f"no study named {study_name or space.name!r} in the run's storage") from None
-
-    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-              if t.user_attrs.get("fidelity") == "full" and t.user_attrs.get("scores")]
-    result = ExportResult(run_dir=run_dir, trials=len(study.get_trials(deepcopy=False)))
+    space, study = open_run(run_dir, storage, study_name)
+    records = study.get_trials(deepcopy=False)
+    trials = [t for t in records if comparable(t)]
+    result = ExportResult(run_dir=run_dir, trials=len(records))
     pareto = run_dir / "pareto"
     try:
         pareto.mkdir(exist_ok=True)
     except OSError as exc:
         raise MergeoptError(f"cannot create {pareto} ({exc.strerror}); make the run folder writable") from None
-    table = trials_table(study)
+    table = trials_table(study, space, records)  # the same table load_run(run_dir).trials gives
     _write(run_dir / "trials.csv", table.to_csv(index=False))
     if not trials:
         return result
 
-    def objective_vector(t) -> list[float]:
-        scores = t.user_attrs["scores"]
-        return [scores[o.task]["value"] * (1 if o.direction == "maximize" else -1) for o in space.objectives]
-
-    vectors = [objective_vector(t) for t in trials]
-    front_ids = non_dominated(vectors)
     keep = set()
     rows = ["trial," + ",".join(o.task for o in space.objectives) + ",scalarized,file"]
-    for i in sorted(front_ids, key=lambda i: -trials[i].user_attrs["scalarized"]):
-        t = trials[i]
+    for t in front_trials(records, space):
         name = f"trial-{t.number:04d}.yaml"
         keep.add(name)
         path = pareto / name
