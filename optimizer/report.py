@@ -111,7 +111,8 @@ def trials_table(study, space=None, trials=None):
             row[f"objective_{i}"] = v
         for name, unit in t.params.items():
             if name in genes:
-                row[_param_name(name, genes[name].param)] = genes[name].value(unit)
+                # rounded as the recipe rounds them (6 significant digits): the value that was built and scored
+                row[_param_name(name, genes[name].param)] = float(f"{genes[name].value(unit):.6g}")
         for name, unit in t.params.items():
             row[f"gene.{name}"] = unit
         row["low_scalarized"] = attrs.get("low_value")
@@ -150,7 +151,8 @@ class Run:
 
     def recipe(self, trial: int) -> Recipe:
         """The exact recipe a trial built and scored."""
-        return Recipe.from_dict(yaml.safe_load(self.records[trial].user_attrs["recipe"]),
+        record = next(t for t in self.records if t.number == trial)
+        return Recipe.from_dict(yaml.safe_load(record.user_attrs["recipe"]),
                                 source=f"trial {trial}")
 
     def comparable_trials(self) -> list:
