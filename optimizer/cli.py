@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = command("report", "Summarize a run's trade-offs here and in a self-contained HTML report.")
     rp.add_argument("run", type=Path, help="run folder")
-    rp.add_argument("--html", type=Path, default=None, help="HTML file to write (default <run>/report.html)")
+    rp.add_argument("--html", type=Path, default=None, metavar="FILE",
+                    help="HTML file to write (default <run>/report.html)")
     rp.add_argument("--storage", default=None, help="Optuna storage URL, if the search used one")
     rp.add_argument("--study", default=None, help="study name, if not the space's name")
     return parser

@@ -194,7 +194,8 @@ def best_per_task(run: Run) -> list[dict]:
     for o in run.space.objectives:
         pick = max if o.direction == "maximize" else min
         best = pick(trials, key=lambda t: t.user_attrs["scores"][o.task]["value"], default=None)
-        parents = [(label, (info.get("scores") or {}).get(o.task, {}).get("value")) for label, info in run.parents.items()]
+        parents = [(label, ((info.get("scores") or {}).get(o.task) or {}).get("value"))
+                   for label, info in run.parents.items()]
         parents = [(label, v) for label, v in parents if v is not None]
         parent = pick(parents, key=lambda p: p[1], default=(None, None))
         out.append({"task": o.task, "direction": o.direction,
@@ -232,10 +233,12 @@ def progress_curves(run: Run) -> dict:
     curves: dict[str, list] = {"evaluation": [], "scalarized": [], "hypervolume": []}
     curves.update({o.task: [] for o in space.objectives})
     points: list[list[float]] = []
+    volume = None
     best: dict[str, float | None] = {k: None for k in ["scalarized"] + [o.task for o in space.objectives]}
     for i, t in enumerate(finished, 1):
         if comparable(t) and (vector := _signed(space, t.user_attrs["scores"])) is not None:
             points.append(vector)
+            volume = hypervolume(points, reference)  # only changes when a point is added
             for o in space.objectives:
                 v = t.user_attrs["scores"][o.task]["value"]
                 better = max if o.direction == "maximize" else min
@@ -245,7 +248,7 @@ def progress_curves(run: Run) -> dict:
         curves["evaluation"].append(i)
         for key, value in best.items():
             curves[key].append(value)
-        curves["hypervolume"].append(hypervolume(points, reference) if points else None)
+        curves["hypervolume"].append(volume)
     return curves
 
 
@@ -366,7 +369,8 @@ def summarize(run: Run) -> str:
     lines.append(f"  {'task':<12} {'best':>8} {'trial':>6}   best parent")
     for row in best_per_task(run):
         parent = f"{_fmt(row['parent_value'])} ({row['parent']})" if row["parent"] else "-"
-        lines.append(f"  {row['task']:<12} {_fmt(row['value']):>8} {row['trial'] if row['trial'] is not None else '-':>6}"
+        trial = row["trial"] if row["trial"] is not None else "-"
+        lines.append(f"  {row['task']:<12} {_fmt(row['value']):>8} {trial:>6}"
                      f"   {parent}")
     width = max(8, *(len(t) for t in run.tasks))
     lines.append(f"Pareto front ({len(run.front)} recipes, best mean first):")
@@ -433,8 +437,7 @@ def plot_front(run: Run) -> bytes | None:
         ax.scatter(fx, fy, s=42, color="tab:red", edgecolor="darkred", label="Pareto front", zorder=4)
         if len(tasks) == 2 and fx:
             # the 2-D front as a staircase between its points (signed so both axes grow to the better side)
-            sx, sy = _sign(run, x), _sign(run, y)
-            pts = sorted(zip(fx, fy), key=lambda p: -sx * p[0])
+            pts = sorted(zip(fx, fy), key=lambda p: -_sign(run, x) * p[0])
             stair_x, stair_y = [], []
             for a, b in pts:
                 if stair_x:
@@ -443,7 +446,6 @@ def plot_front(run: Run) -> bytes | None:
                 stair_x.append(a)
                 stair_y.append(b)
             ax.plot(stair_x, stair_y, color="tab:red", lw=1, alpha=0.6, zorder=3)
-            del sy
         for m, (label, info) in enumerate(run.parents.items()):
             scores = info.get("scores") or {}
             px, py = (scores.get(x) or {}).get("value"), (scores.get(y) or {}).get("value")
@@ -568,7 +570,8 @@ def plot_layers(run: Run) -> bytes | None:
 
 # ---- HTML -----------------------------------------------------------------------------------------
 STYLE = """
-body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto;max-width:1200px;color:#222;
+padding:0 1em}
 h1{font-size:1.5em;margin-bottom:.2em} h2{font-size:1.15em;margin-top:1.8em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:.85em;margin:.5em 0} td,th{padding:.25em .7em;border-bottom:1px solid #eee;
 text-align:right} th{background:#f5f5f5} td.l,th.l{text-align:left} .muted{color:#777;font-size:.85em}
@@ -601,7 +604,8 @@ def render_html(run: Run, html_path: Path) -> str:
              f"<h1>mergeopt report: {esc(space.name)}</h1>",
              f'<p class="muted">run folder <code>{esc(str(run.path))}</code>, generated '
              f'{datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}</p>']
-    granularity = space.granularity + (f" ({space.groups})" if space.granularity in ("layer_groups", "gradient") else "")
+    grouped = space.granularity in ("layer_groups", "gradient")
+    granularity = space.granularity + (f" ({space.groups})" if grouped else "")
     kv = [("merge method", space.merge_method), ("models", ", ".join(Path(m).name for m in space.models)),
           ("base model", Path(space.base_model).name), ("granularity", granularity),
           ("genes", str(space.dimension)), ("optimizer", space.optimizer),
