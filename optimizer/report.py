@@ -547,8 +547,9 @@ def plot_layers(run: Run) -> bytes | None:
     columns = list(per_trial[0]["weight"])
     n_layers = len(next(iter(per_trial[0]["weight"].values())))
     width = max(6.0, min(18.0, 1.2 + 0.32 * n_layers * len(columns)))
-    height = 0.9 + 0.28 * len(trials)
-    fig, axes = plt.subplots(len(params), 1, figsize=(width, height * len(params) + 0.6), squeeze=False)
+    height = 1.5 + 0.28 * len(trials)  # per panel: title and model labels need room even for a 1-recipe front
+    fig, axes = plt.subplots(len(params), 1, figsize=(width, height * len(params)), squeeze=False,
+                             layout="constrained")
     for ax, param in zip(axes[:, 0], params):
         grid = np.array([[v for c in columns for v in values[param][c]] for values in per_trial])
         image = ax.imshow(grid, aspect="auto", cmap="viridis" if param == "weight" else "magma",
@@ -564,7 +565,7 @@ def plot_layers(run: Run) -> bytes | None:
                         color="white" if v < (grid.min() + grid.max()) / 2 else "black")
         ax.set_title(f"{param.replace('_', ' ')} per layer (layers 0..{n_layers - 1} left to right within each model)",
                      fontsize=9)
-        fig.colorbar(image, ax=ax, fraction=0.025, pad=0.01)
+        fig.colorbar(image, ax=ax, fraction=0.025, pad=0.01, aspect=max(5, 4 * len(trials)))
     return _png(fig)
 
 

@@ -24,7 +24,7 @@ def chromium() -> str:
     return binary
 
 
-def test_every_image_of_the_report_renders_without_console_errors(report_run, tmp_path, chromium):
+def test_every_image_of_the_report_renders_without_console_errors(chromium, report_run, tmp_path):
     page = write_html(load_run(report_run), tmp_path / "report.html")
     shot = tmp_path / "shot.png"
     result = inspect_page(page, screenshot=shot, binary=chromium)
