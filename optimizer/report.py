@@ -275,7 +275,7 @@ def layer_values(recipe: Recipe, space) -> dict[str, dict[str, list[float]]]:
                 weights.append(float(resolve_parameter("weight", scopes, tensor, t, default=1.0)))
                 density = resolve_parameter("density", scopes, tensor, t, default=None)
                 if density is not None:
-                    drops.append(1.0 - float(density))
+                    drops.append(round(1.0 - float(density), 6))  # recipes hold 6 significant digits
             out["weight"][column] = weights
             if drops:
                 out["drop_rate"][column] = drops
@@ -341,6 +341,10 @@ def _fmt(v, digits: int = 3) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"
@@ -373,7 +377,7 @@ def summarize(run: Run) -> str:
         lines.append(f"  {row['task']:<12} {_fmt(row['value']):>8} {trial:>6}"
                      f"   {parent}")
     width = max(8, *(len(t) for t in run.tasks))
-    lines.append(f"Pareto front ({len(run.front)} recipes, best mean first):")
+    lines.append(f"Pareto front ({_count(len(run.front), 'recipe')}, best mean first):")
     lines.append(f"  {'trial':>5}  " + "  ".join(f"{t:>{width}}" for t in run.tasks) + f"  {'mean':>8}  file")
     for _, row in run.front.iterrows():
         lines.append(f"  {int(row['trial']):>5}  " + "  ".join(f"{_fmt(row[t]):>{width}}" for t in run.tasks)
@@ -466,7 +470,8 @@ def plot_front(run: Run) -> bytes | None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False,
                bbox_to_anchor=(0.5, -0.01))
-    fig.suptitle(f"Pareto front of {len(on_front)} recipes among {len(trials)} full-fidelity trials", fontsize=11)
+    title = f"Pareto front of {_count(len(on_front), 'recipe')} among {_count(len(trials), 'full-fidelity trial')}"
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0.06 if rows == 1 else 0.03, 1, 1))
     return _png(fig)
 
