@@ -509,6 +509,10 @@ def plot_progress(run: Run) -> bytes | None:
     right.set_ylabel("hypervolume")
     right.set_title("reference: worst score seen per task", fontsize=9)
     right.grid(alpha=0.3)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return _png(fig)
 
 
@@ -568,7 +572,7 @@ def plot_layers(run: Run) -> bytes | None:
             for (r, c), v in np.ndenumerate(grid):
                 ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6.5,
                         color="white" if v < (grid.min() + grid.max()) / 2 else "black")
-        ax.set_title(f"{param.replace('_', ' ')} per layer (layers 0..{n_layers - 1} left to right within each model)",
+        ax.set_title(f"{param.replace('_', ' ')} per layer (layers 0..{n_layers - 1} left to right in each block)",
                      fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.025, pad=0.01, aspect=max(5, 4 * len(trials)))
     return _png(fig)
@@ -580,7 +584,8 @@ body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto;m
 padding:0 1em}
 h1{font-size:1.5em;margin-bottom:.2em} h2{font-size:1.15em;margin-top:1.8em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:.85em;margin:.5em 0} td,th{padding:.25em .7em;border-bottom:1px solid #eee;
-text-align:right} th{background:#f5f5f5} td.l,th.l{text-align:left} .muted{color:#777;font-size:.85em}
+text-align:right;white-space:nowrap} th{background:#f5f5f5} td.l,th.l{text-align:left;white-space:normal}
+.muted{color:#777;font-size:.85em}
 img{max-width:100%;height:auto;display:block;margin:.5em 0} .kv td{text-align:left} code{font-size:.9em}
 """
 
