@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+FRONT_ROWS = 12  # the terminal shows the best of the front by mean; front.csv has all of it
+
+
 def print_front(result) -> None:
     if not result.front:
         print("no completed full-fidelity trial yet: nothing to export")
@@ -127,10 +130,14 @@ def print_front(result) -> None:
     tasks = list(result.front[0].objectives)
     print("Pareto front (" + ", ".join(tasks) + "):")
     print(f"  {'trial':>5}  " + "  ".join(f"{t:>8}" for t in tasks) + f"  {'mean':>8}  file")
-    for e in result.front:
+    shown = result.front[:FRONT_ROWS]
+    for e in shown:
         star = "*" if result.best and e.trial == result.best.trial else " "
         print(f" {star}{e.trial:>5}  " + "  ".join(f"{v:>8.3f}" for v in e.objectives.values())
               + f"  {e.scalarized:>8.3f}  {e.path}")
+    if len(result.front) > len(shown):
+        print(f"  ... {len(result.front) - len(shown)} more in {result.run_dir / 'pareto' / 'front.csv'}")
+    print(f"recipes:     {result.run_dir / 'pareto'}/trial-NNNN.yaml (one per front member)")
     print(f"best recipe: {result.best.path}  (* above)")
     print(f"all trials:  {result.run_dir / 'trials.csv'}")
 
@@ -150,6 +157,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                         progress=not args.quiet)
     exported = export_run(run_dir, storage=args.storage, study_name=args.study)
     print_front(exported)
+    if exported.front:
+        _search_report(run_dir, args.storage, args.study)
     if result.stopped_reason:
         print(f"mergeopt search: stopped: {result.stopped_reason}", file=sys.stderr)
         return 1
@@ -158,6 +167,20 @@ def cmd_search(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 130
     return 0
+
+
+def _search_report(run_dir: Path, storage: str | None, study: str | None) -> None:
+    """The HTML report at the end of a search; a report that cannot be drawn never fails the search."""
+    from optimizer.report import load_run, write_html
+
+    try:
+        path = write_html(load_run(run_dir, storage=storage, study_name=study))
+    except Exception as exc:  # the study and the exported recipes are already safe on disk
+        print(f"mergeopt search: no report ({type(exc).__name__}: {exc}); try 'mergeopt report {run_dir}'",
+              file=sys.stderr)
+        return
+    print(f"report:      {path}")
+    print(f"next:        mergeopt merge {run_dir / 'best.yaml'} --out merged   # the best recipe as a model")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
