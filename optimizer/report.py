@@ -503,7 +503,7 @@ def plot_progress(run: Run) -> bytes | None:
     left.set_xlabel("evaluations")
     left.set_ylabel("best so far")
     left.grid(alpha=0.3)
-    left.legend(fontsize=8, loc="lower right")
+    left.legend(fontsize=8, loc="best")
     right.step(x, _nan(curves["hypervolume"]), where="post", color="tab:purple")
     right.set_xlabel("evaluations")
     right.set_ylabel("hypervolume")
