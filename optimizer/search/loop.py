@@ -14,6 +14,7 @@ values, recipe YAML, fidelity, timings and state. Re-running the same command co
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -35,6 +36,8 @@ from optimizer.merge.checkpoint import check_homologous, inspect_model, load_sta
 from optimizer.merge.engine import MergeEngine
 from optimizer.search.optimizers import FINISHED, make_optimizer, make_sampler
 from optimizer.search.faults import with_faults
+from optimizer.search.workers import (Coordinated, StudyLock, heartbeat_settings, join_study, stale_trials,
+                                      worker_id)
 from optimizer.space import SearchSpace
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -51,6 +54,7 @@ class SearchResult:
     interrupted: bool = False
     stopped_reason: str | None = None
     parents: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)  # this worker's time: evaluating, coordination (lock), waiting
 
 
 def storage_url(run_dir: Path, storage: str | None) -> str:
@@ -58,28 +62,34 @@ def storage_url(run_dir: Path, storage: str | None) -> str:
 
 
 def open_study(space: SearchSpace, run_dir: Path, storage: str | None = None, study_name: str | None = None,
-               create: bool = True) -> optuna.Study:
+               create: bool = True, lock: StudyLock | None = None) -> optuna.Study:
     url = storage_url(run_dir, storage)
     local = url.startswith("sqlite")
     # Shared databases get heartbeats so trials of a dead worker are detected; a local run folder uses its lock.
-    heartbeat = {} if local else {"heartbeat_interval": 20, "grace_period": 60}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        rdb = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if local else {},
-                                         **heartbeat)
+    interval, grace = heartbeat_settings() if not local else (None, None)
+    heartbeat = {} if local else {"heartbeat_interval": interval, "grace_period": grace}
     directions = ([o.direction for o in space.objectives] if space.multi_objective else ["maximize"])
     sampler = make_sampler(space.optimizer, space.seed, space.optimizer_settings, space.multi_objective)
     name = study_name or space.name
-    if not create:
-        return optuna.load_study(study_name=name, storage=rdb, sampler=sampler)
-    study = optuna.create_study(study_name=name, storage=rdb, directions=directions, sampler=sampler,
-                                load_if_exists=True)
-    existing = len(study.get_trials(deepcopy=False))
-    if existing:
+    # workers starting together must not race creating the tables and the study (lock: see search/workers.py)
+    with lock() if lock is not None else contextlib.nullcontext():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            rdb = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if local else {},
+                                             **heartbeat)
+        if not create:
+            return optuna.load_study(study_name=name, storage=rdb, sampler=sampler)
+        study = optuna.create_study(study_name=name, storage=rdb, directions=directions, sampler=sampler,
+                                    load_if_exists=True)
+        existing = len(study.get_trials(deepcopy=False))
+        worker = 0
+        if lock is not None and lock.shared:  # same space for all; a number per worker, so draws differ
+            worker = join_study(study, space.source)
+    if existing or worker:
         # A resumed run (or another worker) must not replay the random draws of the first one: the sampler's
         # seed moves on with the study, deterministically.
-        study.sampler = make_sampler(space.optimizer, space.seed + 7919 * existing, space.optimizer_settings,
-                                     space.multi_objective)
+        study.sampler = make_sampler(space.optimizer, space.seed + 7919 * existing + 104729 * worker,
+                                     space.optimizer_settings, space.multi_objective)
     return study
 
 
@@ -87,14 +97,16 @@ def _save_space(space: SearchSpace, run_dir: Path) -> None:
     """Keep the space next to its study; refuse to continue a run with a different space."""
     path = run_dir / "space.yaml"
     text = yaml.safe_dump(space.source, sort_keys=False)
-    if path.exists():
+    if path.exists():  # written whole (os.replace below), so a worker starting beside another reads all or nothing
         old = yaml.safe_load(path.read_text())
         if old != space.source:
             changed = sorted(k for k in set(old) | set(space.source) if old.get(k) != space.source.get(k))
             raise MergeoptError(f"{run_dir} holds a run of a different search space (key {changed[0]!r} differs); "
                                 "use another --run-dir or restore the original space file")
         return
-    path.write_text(text)
+    tmp = path.with_name(f".space.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _take_lock(run_dir: Path, shared: bool) -> Path | None:
@@ -126,9 +138,10 @@ def _alive(pid: int) -> bool:
 
 def recover_stale(study: optuna.Study, optimizer, shared: bool) -> list:
     """Mark trials left RUNNING by a dead worker as failed; let the optimiser re-queue their candidates."""
-    if shared:
-        stale_ids = set(optuna.storages.fail_stale_trials(study) or [])  # heartbeat-based
-        stale = [t for t in study.get_trials(deepcopy=False) if t.number in stale_ids]
+    if shared:  # heartbeat-based, under the study lock (search/workers.py)
+        stale = stale_trials(study)
+        _mark_lost(study, optimizer, stale, "worker stopped sending heartbeats while scoring this candidate")
+        return stale
     else:  # we hold the folder's lock: every RUNNING trial belongs to a dead process
         stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         _mark_lost(study, optimizer, stale, "worker died while scoring this candidate")
@@ -159,9 +172,18 @@ def _objective_values(space: SearchSpace, result: CandidateResult) -> list[float
     return [space.scalarize(values)]
 
 
-def _score_parents(space, study, backend, task_set, progress: bool) -> dict:
+def _score_parents(space, study, backend, task_set, progress: bool, lock: StudyLock) -> dict:
     if "parents" in study.user_attrs:
         return study.user_attrs["parents"]
+    with lock.claim("parents") as mine:  # one of several workers starting together scores them
+        if not mine:
+            return {}
+        if "parents" in study.user_attrs:
+            return study.user_attrs["parents"]
+        return _score_parents_now(space, study, backend, task_set, progress)
+
+
+def _score_parents_now(space, study, backend, task_set, progress: bool) -> dict:
     parents = {}
     for label, folder in [("base", space.base_model)] + [(Path(m).name, m) for m in space.models]:
         backend.load_state(load_state_dict(folder).items())
@@ -220,17 +242,21 @@ def _run(space, run_dir, storage, study_name, device, progress, shared, worker_t
 
     _save_space(space, run_dir)
     task_set, low_set = task_sets
-    study = open_study(space, run_dir, storage, study_name)
+    lock = StudyLock(storage_url(run_dir, storage), study_name or space.name)
+    study = open_study(space, run_dir, storage, study_name, lock=lock)
     genes = [g.name for g in space.genes()]
-    optimizer = make_optimizer(space.optimizer, genes, space.seed, space.optimizer_settings)
-    stale = recover_stale(study, optimizer, shared)
+    inner = make_optimizer(space.optimizer, genes, space.seed, space.optimizer_settings)
+    with lock():
+        stale = recover_stale(study, inner, shared)
+    # ask/tell under the study lock, a heartbeat while scoring, stale trials of dead workers failed and re-queued
+    optimizer = Coordinated(inner, lock, lambda s: recover_stale(s, inner, shared), worker_id(device))
     if stale and progress:
         print(f"resuming: {len(stale)} unfinished trial(s) of a stopped run marked failed", file=sys.stderr)
 
     engine = MergeEngine(space.base_model, space.models, device=device, progress=progress)
     backend = make_backend(space.backend, space.base_model, device=device, dtype=space.dtype)
     result = SearchResult(run_dir=run_dir, study=study)
-    result.parents = _score_parents(space, study, backend, task_set, progress)
+    result.parents = _score_parents(space, study, backend, task_set, progress, lock)
 
     def finished() -> int:
         # candidates lost with a dead worker are scored again, so they do not spend the budget
@@ -243,15 +269,28 @@ def _run(space, run_dir, storage, study_name, device, progress, shared, worker_t
                disable=not progress, file=sys.stderr)
     failures: list[str] = []
     best = _best_value(study, space)
+    evaluating = 0.0
     while finished() < target and (deadline is None or time.monotonic() < deadline):
-        trial = optimizer.ask(study)
+        trial = optimizer.ask(study, target, deadline)
+        if trial is None:  # budget met (or handed out and finished by other workers), or out of time
+            break
+        evaluate_start = time.perf_counter()
         try:
             values = _evaluate_trial(space, trial, engine, with_faults(backend, trial.number), task_set, low_set, study)
         except KeyboardInterrupt:
             # not the candidate's fault: recorded as lost (it does not spend the budget) and queued again
-            _mark_lost(study, optimizer, [study._storage.get_trial(trial._trial_id)], "interrupted")
+            with lock():
+                _mark_lost(study, optimizer, [study._storage.get_trial(trial._trial_id)], "interrupted")
             result.interrupted = True
             break
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # another worker took this trial for dead (no heartbeat for the grace period) and queued it again
+            optimizer.tell(study, trial, None)  # a no-op tell (skip_if_finished) that stops its heartbeat
+            if progress:
+                print(f"trial {trial.number} was failed as stale by another worker; moving on", file=sys.stderr)
+            continue
+        finally:
+            evaluating += time.perf_counter() - evaluate_start
         reason = trial.user_attrs.get("error", "unknown") if values is None else None
         if reason is not None:
             trial.set_user_attr("failure_kind", _failure_kind(reason))
@@ -271,6 +310,10 @@ def _run(space, run_dir, storage, study_name, device, progress, shared, worker_t
             if best is not None:
                 bar.set_postfix_str(f"best {best:.3f}")
     bar.close()
+    if not result.parents and not result.interrupted:  # another worker had the claim: its scores, or (it died) ours
+        result.parents = _score_parents(space, study, backend, task_set, False, lock)
+    optimizer.close()
+    result.seconds = {"evaluating": evaluating, **optimizer.seconds}
     return result
 
 

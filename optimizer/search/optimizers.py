@@ -9,6 +9,8 @@
   generation and index); once all of a generation's trials are finished, their fitness is told to CMA. The CMA
   state is pickled into the study's user attributes after every ask and tell, so a resumed run (or another worker
   on the same study) continues the same CMA run. A failed candidate gets the worst fitness of its generation.
+  Several workers share one generation: they pop its queued trials, and the one that finishes its last candidate
+  tells CMA and enqueues the next (under the study lock of optimizer/search/workers.py).
 """
 
 from __future__ import annotations
@@ -49,9 +51,9 @@ class OptunaOptimizer:
 
     def tell(self, study: optuna.Study, trial: optuna.Trial, values: list[float] | None) -> None:
         if values is None:
-            study.tell(trial, state=TrialState.FAIL)
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         else:
-            study.tell(trial, values)
+            study.tell(trial, values, skip_if_finished=True)
 
     def recover(self, study: optuna.Study, stale: list[optuna.trial.FrozenTrial]) -> None:
         """Trials a dead worker left RUNNING: already marked failed; samplers need nothing more."""
@@ -63,6 +65,7 @@ class CMAOptimizer:
     STATE = "cma:state"
     GENERATION = "cma:generation"
     TOLD = "cma:told"  # the last generation whose fitness CMA has been told
+    PENDING = "cma:pending"  # the current generation's solutions (genotypes), to complete a half-enqueued one
 
     def __init__(self, gene_names: list[str], seed: int, popsize: int | None = None, sigma0: float = 0.25,
                  x0: list[float] | None = None):
@@ -107,26 +110,52 @@ class CMAOptimizer:
         return [min(1.0, max(0.0, float(v))) for v in transform(list(x))]
 
     # ---- ask / tell ---------------------------------------------------------------------------------
-    def ask(self, study: optuna.Study) -> optuna.Trial:
-        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-        if not waiting:
+    def ask(self, study: optuna.Study) -> optuna.Trial | None:
+        """A queued candidate; else the next generation once the current one is told; else None (wait).
+
+        With several workers this runs under the study lock (optimizer/search/workers.py), so only one worker
+        tells a generation and creates the next; a worker that finds the generation handed out but not complete
+        gets None and polls, rather than asking CMA for more candidates than one generation.
+        """
+        if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            return study.ask(self.dists)
+        es, generation = self._load(study)
+        if generation >= 0 and study.user_attrs.get(self.TOLD) != generation:
+            self._requeue_missing(study, generation)
+            self._maybe_update(study)
+            if study.user_attrs.get(self.TOLD) != generation:
+                waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+                return study.ask(self.dists) if waiting else None  # the rest is in flight elsewhere
             es, generation = self._load(study)
-            solutions = es.ask()
-            generation += 1
-            for index, x in enumerate(solutions):
-                unit = self._phenotype(x)
-                study.enqueue_trial({n: float(v) for n, v in zip(self.names, unit)},
-                                    user_attrs={"cma_generation": generation, "cma_index": index,
-                                                "cma_x": [float(v) for v in x]},
-                                    skip_if_exists=False)
-            self._save(study, es, generation)
+        solutions = [[float(v) for v in x] for x in es.ask()]
+        generation += 1
+        # state first, then the trials: a worker dying half-way leaves a generation whose missing candidates
+        # the next asker enqueues (_requeue_missing) instead of a second, different generation
+        study.set_user_attr(self.PENDING, solutions)
+        self._save(study, es, generation)
+        for index, x in enumerate(solutions):
+            self._enqueue(study, generation, index, x)
         return study.ask(self.dists)
 
+    def _enqueue(self, study: optuna.Study, generation: int, index: int, x: list[float]) -> None:
+        unit = self._phenotype(x)
+        study.enqueue_trial({n: float(v) for n, v in zip(self.names, unit)},
+                            user_attrs={"cma_generation": generation, "cma_index": index, "cma_x": list(x)},
+                            skip_if_exists=False)
+
+    def _requeue_missing(self, study: optuna.Study, generation: int) -> None:
+        pending = study.user_attrs.get(self.PENDING) or []
+        present = {t.user_attrs["cma_index"] for t in self._generation_trials(study, generation)}
+        for index, x in enumerate(pending):
+            if index not in present:
+                self._enqueue(study, generation, index, x)
+
     def tell(self, study: optuna.Study, trial: optuna.Trial, values: list[float] | None) -> None:
+        # skip_if_finished: another worker may have failed this trial as stale (and re-queued it) meanwhile
         if values is None:
-            study.tell(trial, state=TrialState.FAIL)
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         else:
-            study.tell(trial, values)
+            study.tell(trial, values, skip_if_finished=True)
         self._maybe_update(study)
 
     def _maybe_update(self, study: optuna.Study) -> None:
