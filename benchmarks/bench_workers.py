@@ -8,7 +8,8 @@ Each configuration is a fresh study of the zoo space (``--limit`` items per task
 study for comparison. Reported per configuration:
 
 * throughput: completed trials per minute between the first trial's start and the last trial's end (the workers'
-  start-up and the parents' scoring are left out: they happen once per worker or per study);
+  start-up and the parents' scoring are left out: they happen once per worker or per study); steady: the same
+  over the window where every worker is scoring (after the last one started, before the first one ran dry);
 * wall: the whole command, start-up included;
 * coordination: the time the workers spent in the study lock (waiting for it, failing stale trials, counting the
   budget, asking and telling the optimiser, CMA's generation bookkeeping), per trial, and as a fraction of the time
@@ -60,8 +61,13 @@ def run_config(n: int, storage: str | None, args, tmp: Path) -> dict:
     space_path.write_text(yaml.safe_dump(space_dict(name, args.optimizer, args.trials, args.limit)))
     run_dir = tmp / name
     cmd = [sys.executable, __file__, "--worker", str(space_path), storage or "", name, str(run_dir)]
+    # the cores are shared out between the workers (as one worker per GPU would get its share of the CPU):
+    # N processes with all-core OpenMP pools each oversubscribe the CPU and spin, which is far slower
+    threads = str(max(1, (os.cpu_count() or 1) // n)) if args.split_threads else os.environ.get("OMP_NUM_THREADS", "")
+    env = dict(os.environ, **({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} if threads else {}))
     start = time.perf_counter()
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(n)]
     outs = [p.communicate() for p in procs]
     wall = time.perf_counter() - start
     for p, (_, err) in zip(procs, outs):
@@ -71,9 +77,19 @@ def run_config(n: int, storage: str | None, args, tmp: Path) -> dict:
     url = storage or f"sqlite:///{run_dir / 'study.db'}"
     trials = optuna.load_study(study_name=name, storage=url).get_trials(states=(TrialState.COMPLETE,))
     span = (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
+    # steady state: from the moment every worker has started its first candidate to the moment the first worker
+    # finishes its last (start-up skew and the tail where workers run out of budget are left out)
+    by_worker: dict[str, list] = {}
+    for t in trials:
+        by_worker.setdefault(t.user_attrs.get("worker"), []).append(t)
+    t0 = max(min(t.datetime_start for t in ts) for ts in by_worker.values())
+    t1 = min(max(t.datetime_complete for t in ts) for ts in by_worker.values())
+    inside = sum(1 for t in trials if t.datetime_start >= t0 and t.datetime_complete <= t1)
+    steady = 60 * inside / (t1 - t0).total_seconds() if t1 > t0 and inside >= n else float("nan")
     total = {k: sum(s[k] for s in stats) for k in ("evaluating", "coordination", "waiting")}
     return {"workers": n, "storage": "postgresql" if storage else "sqlite (local)", "trials": len(trials),
             "per_worker": [s["new_trials"] for s in stats], "span_s": span, "wall_s": wall,
+            "steady_trials_per_min": steady, "seconds_per_trial": total["evaluating"] / len(trials),
             "trials_per_min": 60 * len(trials) / span, "coordination_ms_per_trial": 1000 * total["coordination"] / len(trials),
             "coordination_fraction": total["coordination"] / total["evaluating"],
             "waiting_s": total["waiting"], "evaluating_s": total["evaluating"]}
@@ -92,6 +108,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=20, help="items per task")
     parser.add_argument("--optimizer", default="cma", choices=("cma", "tpe", "random", "nsga2"))
     parser.add_argument("--no-local", action="store_true", help="skip the one-worker SQLite row")
+    parser.add_argument("--no-split-threads", dest="split_threads", action="store_false",
+                        help="let every worker use all cores (OMP_NUM_THREADS unset) instead of cores / workers")
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON")
     args = parser.parse_args()
     if not args.storage:
@@ -102,16 +120,18 @@ def main() -> None:
         for n, storage in configs:
             rows.append(run_config(n, storage, args, Path(tmp)))
             print(json.dumps(rows[-1]), file=sys.stderr)
-    print(f"{args.optimizer}, {args.trials} trials, zoo limit {args.limit}, {os.cpu_count()} CPU cores, "
+    print(f"{args.optimizer}, {args.trials} trials, zoo limit {args.limit}, {os.cpu_count()} CPU cores "
+          f"({'split between the workers' if args.split_threads else 'all for every worker'}), "
           f"load average at the end {os.getloadavg()[0]:.1f}\n")
-    print("| workers | storage | trials/min | speed-up | wall s | trials per worker | coordination ms/trial "
-          "| coordination / scoring time | idle waiting s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| workers | storage | trials/min | speed-up | steady trials/min | wall s | trials per worker "
+          "| scoring s/trial | coordination ms/trial | coordination / scoring time | idle waiting s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     first = next((r for r in rows if r["storage"] == "postgresql" and r["workers"] == 1), rows[0])
     for r in rows:
         print(f"| {r['workers']} | {r['storage']} | {r['trials_per_min']:.1f} | "
-              f"{r['trials_per_min'] / first['trials_per_min']:.2f}x | {r['wall_s']:.0f} | "
-              f"{'/'.join(map(str, r['per_worker']))} | {r['coordination_ms_per_trial']:.0f} | "
+              f"{r['trials_per_min'] / first['trials_per_min']:.2f}x | {r['steady_trials_per_min']:.1f} | "
+              f"{r['wall_s']:.0f} | {'/'.join(map(str, r['per_worker']))} | {r['seconds_per_trial']:.2f} | "
+              f"{r['coordination_ms_per_trial']:.0f} | "
               f"{100 * r['coordination_fraction']:.1f}% | {r['waiting_s']:.1f} |")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import socket
 import threading
 import time
@@ -191,7 +192,9 @@ class Coordinated:
     def ask(self, study: optuna.Study, target: int, deadline: float | None, stop=None):
         """The next trial to score, or None: budget met, deadline passed, or ``stop()`` true while polling."""
         interval, _ = heartbeat_settings() if self.lock.shared else (None, None)
-        poll = max(0.2, min(5.0, (interval or 1) / 2))
+        # poll soon (a generation usually completes within one candidate's time), then back off: many waiting
+        # workers must not keep the lock busy for the ones that come to tell
+        poll, cap = 0.2, max(0.2, min(2.0, (interval or 1) / 2))
         while deadline is None or time.monotonic() < deadline:
             trial = None
             with self._timed(), self.lock():
@@ -214,7 +217,8 @@ class Coordinated:
             if stop is not None and stop():  # e.g. Ctrl-C while waiting for other workers
                 return None
             start = time.monotonic()
-            time.sleep(poll)
+            time.sleep(poll * random.uniform(0.8, 1.2))
+            poll = min(cap, poll * 1.5)
             self.seconds["waiting"] += time.monotonic() - start
         return None
 
