@@ -1,9 +1,10 @@
-"""Ctrl-C during a search: stop at once, but never half-way through writing the study.
+"""Ctrl-C during a search: stop soon, but never half-way through writing the study.
 
-While a candidate is merged and scored (minutes on a large model), SIGINT raises KeyboardInterrupt as usual, so
-the search stops at once; the loop records that candidate as lost and queues it again. While the loop asks for a
-candidate or records one (a few database writes, milliseconds), SIGINT is held back: the step completes and the
-loop stops before the next candidate. Either way the command exits 130 with the study complete and consistent.
+From the first candidate on, SIGINT is held back everywhere in the loop (asking, recording, telling: database
+writes) except while the backend builds and scores a candidate (minutes on a large model): there it raises
+KeyboardInterrupt at once and the loop records that candidate as lost and queues it again. Held back, it lets the
+step finish and the loop stops before the next candidate. Either way the command exits 130 with the study
+complete and consistent. Before the loop (loading models, scoring the parents) Ctrl-C acts at once, as usual.
 """
 
 from __future__ import annotations
@@ -26,6 +27,24 @@ class Interrupts:
         if not self._depth:
             raise KeyboardInterrupt
 
+    def hold(self) -> None:
+        """From now on Ctrl-C waits for the current step (until :meth:`restore`), except inside :meth:`released`."""
+        self._depth += 1
+
+    @contextmanager
+    def released(self):
+        """Pure computation (no study writes) that Ctrl-C may cut short; raises at once if one is waiting."""
+        self.check()
+        depth, self._depth = self._depth, 0
+        try:
+            yield
+        finally:
+            self._depth = depth
+
+    def around(self, backend):
+        """The backend, its weight swaps and scoring calls made under :meth:`released`."""
+        return _Released(backend, self)
+
     @contextmanager
     def deferred(self):
         """A bookkeeping step that Ctrl-C does not cut in two (the loop sees ``pending`` after it)."""
@@ -44,3 +63,20 @@ class Interrupts:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
+
+
+class _Released:
+    CALLS = ("swap", "generate", "loglikelihood", "load_state")
+
+    def __init__(self, backend, interrupts: Interrupts):
+        self._backend, self._interrupts = backend, interrupts
+
+    def __getattr__(self, name):
+        attr = getattr(self._backend, name)
+        if name not in self.CALLS:
+            return attr
+
+        def call(*args, **kwargs):
+            with self._interrupts.released():
+                return attr(*args, **kwargs)
+        return call

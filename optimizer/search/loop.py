@@ -36,6 +36,7 @@ from optimizer.merge.checkpoint import check_homologous, inspect_model, load_sta
 from optimizer.merge.engine import MergeEngine
 from optimizer.search.optimizers import FINISHED, make_optimizer, make_sampler
 from optimizer.search.faults import with_faults
+from optimizer.search.interrupts import Interrupts
 from optimizer.search.workers import (Coordinated, StudyLock, heartbeat_settings, join_study, stale_trials,
                                       worker_id)
 from optimizer.space import SearchSpace
@@ -157,8 +158,7 @@ def _mark_lost(study: optuna.Study, optimizer, trials: list, reason: str) -> Non
         study._storage.set_trial_user_attr(t._trial_id, "error", reason)
         study._storage.set_trial_user_attr(t._trial_id, "lost", True)
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-    if trials:
-        optimizer.recover(study, trials)
+    optimizer.recover(study, trials)  # even with none: CMA repairs bookkeeping a kill cut between two writes
 
 
 def _objective_values(space: SearchSpace, result: CandidateResult) -> list[float] | None:
@@ -216,9 +216,12 @@ def run_search(space: SearchSpace, run_dir: Path, storage: str | None = None, st
         raise MergeoptError(f"cannot create run folder {run_dir} ({exc.strerror}); choose another --run-dir") from None
     shared = storage is not None and not storage.startswith("sqlite")
     lock = _take_lock(run_dir, shared)
+    interrupts = Interrupts()
     try:
-        return _run(space, run_dir, storage, study_name, device, progress, shared, worker_trials, task_sets)
+        return _run(space, run_dir, storage, study_name, device, progress, shared, worker_trials, task_sets,
+                    interrupts)
     finally:
+        interrupts.restore()
         if lock is not None and lock.exists() and lock.read_text().strip() == str(os.getpid()):
             lock.unlink()
 
@@ -237,7 +240,8 @@ def _preflight(space: SearchSpace):
     return task_set, low_set
 
 
-def _run(space, run_dir, storage, study_name, device, progress, shared, worker_trials, task_sets) -> SearchResult:
+def _run(space, run_dir, storage, study_name, device, progress, shared, worker_trials, task_sets,
+         interrupts) -> SearchResult:
     from tqdm import tqdm
 
     _save_space(space, run_dir)
@@ -270,16 +274,20 @@ def _run(space, run_dir, storage, study_name, device, progress, shared, worker_t
     failures: list[str] = []
     best = _best_value(study, space)
     evaluating = 0.0
-    while finished() < target and (deadline is None or time.monotonic() < deadline):
-        trial = optimizer.ask(study, target, deadline)
+    interrupts.hold()  # Ctrl-C now stops the loop between steps; only a candidate's build and scoring is cut short
+    while finished() < target and (deadline is None or time.monotonic() < deadline) and not interrupts.pending:
+        with interrupts.deferred():  # Ctrl-C never cuts a database step in two (optimizer/search/interrupts.py)
+            trial = optimizer.ask(study, target, deadline)
         if trial is None:  # budget met (or handed out and finished by other workers), or out of time
             break
         evaluate_start = time.perf_counter()
         try:
-            values = _evaluate_trial(space, trial, engine, with_faults(backend, trial.number), task_set, low_set, study)
+            interrupts.check()
+            values = _evaluate_trial(space, trial, engine, interrupts.around(with_faults(backend, trial.number)),
+                                     task_set, low_set, study)
         except KeyboardInterrupt:
             # not the candidate's fault: recorded as lost (it does not spend the budget) and queued again
-            with lock():
+            with interrupts.deferred(), lock():
                 _mark_lost(study, optimizer, [study._storage.get_trial(trial._trial_id)], "interrupted")
             result.interrupted = True
             break
@@ -292,9 +300,10 @@ def _run(space, run_dir, storage, study_name, device, progress, shared, worker_t
         finally:
             evaluating += time.perf_counter() - evaluate_start
         reason = trial.user_attrs.get("error", "unknown") if values is None else None
-        if reason is not None:
-            trial.set_user_attr("failure_kind", _failure_kind(reason))
-        optimizer.tell(study, trial, values)
+        with interrupts.deferred():
+            if reason is not None:
+                trial.set_user_attr("failure_kind", _failure_kind(reason))
+            optimizer.tell(study, trial, values)
         result.new_trials += 1
         bar.update(1)
         if values is None:
@@ -310,6 +319,7 @@ def _run(space, run_dir, storage, study_name, device, progress, shared, worker_t
             if best is not None:
                 bar.set_postfix_str(f"best {best:.3f}")
     bar.close()
+    result.interrupted = result.interrupted or interrupts.pending
     if not result.parents and not result.interrupted:  # another worker had the claim: its scores, or (it died) ours
         result.parents = _score_parents(space, study, backend, task_set, False, lock)
     optimizer.close()

@@ -145,7 +145,9 @@ class CMAOptimizer:
 
     def _requeue_missing(self, study: optuna.Study, generation: int) -> None:
         pending = study.user_attrs.get(self.PENDING) or []
-        present = {t.user_attrs["cma_index"] for t in self._generation_trials(study, generation)}
+        # a lost copy (FAIL, "lost") whose re-queue a kill prevented does not count as present
+        present = {t.user_attrs["cma_index"] for t in self._generation_trials(study, generation)
+                   if not t.user_attrs.get("lost")}
         for index, x in enumerate(pending):
             if index not in present:
                 self._enqueue(study, generation, index, x)
@@ -163,6 +165,9 @@ class CMAOptimizer:
         es, generation = self._load(study)
         if generation < 0 or study.user_attrs.get(self.TOLD) == generation:
             return
+        if es.countiter > generation:  # told (the state says so), but the process died before cma:told was written
+            study.set_user_attr(self.TOLD, generation)
+            return
         by_index: dict[int, list[optuna.trial.FrozenTrial]] = {}
         for t in self._generation_trials(study, generation):
             by_index.setdefault(t.user_attrs["cma_index"], []).append(t)
@@ -176,7 +181,8 @@ class CMAOptimizer:
                         and math.isfinite(t.value)]
             if complete:
                 fitness.append(-complete[0].value if maximize else complete[0].value)
-            elif copies and all(t.state in FINISHED for t in copies):
+            elif (scored := [t for t in copies if not t.user_attrs.get("lost")]) and all(
+                    t.state in FINISHED for t in scored):
                 fitness.append(None)  # failed: gets the generation's worst fitness below
             else:
                 return  # still running or re-queued
@@ -191,9 +197,9 @@ class CMAOptimizer:
         """Re-queue the candidates a dead worker left unfinished, so the generation can complete."""
         for t in stale:
             if "cma_generation" in t.user_attrs:
-                study.enqueue_trial(t.params, user_attrs={k: t.user_attrs[k] for k in
-                                                          ("cma_generation", "cma_index", "cma_x")},
-                                    skip_if_exists=False)
+                # from the genotype, not t.params: a worker killed inside study.ask leaves only some params set
+                a = t.user_attrs
+                self._enqueue(study, a["cma_generation"], a["cma_index"], a["cma_x"])
         self._maybe_update(study)
 
 
