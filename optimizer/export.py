@@ -84,7 +84,7 @@ def export_run(run_dir: str | Path, storage: str | None = None, study_name: str 
                     + f",{entry.scalarized:.6g},{path.name}")
     for stale in pareto.glob("trial-*.yaml"):
         if stale.name not in keep:
-            stale.unlink()
+            stale.unlink(missing_ok=True)
     _write(pareto / "front.csv", "\n".join(rows) + "\n")
 
     best = max(trials, key=lambda t: t.user_attrs["scalarized"])

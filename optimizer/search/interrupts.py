@@ -4,7 +4,7 @@ From the first candidate on, SIGINT is held back everywhere in the loop (asking,
 writes) except while the backend builds and scores a candidate (minutes on a large model): there it raises
 KeyboardInterrupt at once and the loop records that candidate as lost and queues it again. Held back, it lets the
 step finish and the loop stops before the next candidate. Either way the command exits 130 with the study
-complete and consistent. Before the loop (loading models, scoring the parents) Ctrl-C acts at once, as usual.
+complete and consistent. SIGTERM (a scheduler's notice before it kills a job) is handled the same way. Before the loop (loading models, scoring the parents) Ctrl-C acts at once, as usual.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ class Interrupts:
         self._previous = None
         if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
             self._previous = signal.signal(signal.SIGINT, self._handler)
+            # SIGTERM (what schedulers such as SLURM send before killing a job) stops the run the same way
+            self._previous_term = signal.signal(signal.SIGTERM, self._handler)
 
     def _handler(self, signum, frame) -> None:
         self.pending = True
@@ -62,6 +64,7 @@ class Interrupts:
     def restore(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+            signal.signal(signal.SIGTERM, self._previous_term)
             self._previous = None
 
 

@@ -83,6 +83,11 @@ def open_study(space: SearchSpace, run_dir: Path, storage: str | None = None, st
         study = optuna.create_study(study_name=name, storage=rdb, directions=directions, sampler=sampler,
                                     load_if_exists=True)
         existing = len(study.get_trials(deepcopy=False))
+        if not existing and study.metric_names is None:  # optuna-dashboard labels the objectives by these
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names([o.task for o in space.objectives] if space.multi_objective
+                                       else ["scalarized"])
         worker = 0
         if lock is not None and lock.shared:  # same space for all; a number per worker, so draws differ
             worker = join_study(study, space.source)
@@ -277,7 +282,7 @@ def _run(space, run_dir, storage, study_name, device, progress, shared, worker_t
     interrupts.hold()  # Ctrl-C now stops the loop between steps; only a candidate's build and scoring is cut short
     while finished() < target and (deadline is None or time.monotonic() < deadline) and not interrupts.pending:
         with interrupts.deferred():  # Ctrl-C never cuts a database step in two (optimizer/search/interrupts.py)
-            trial = optimizer.ask(study, target, deadline)
+            trial = optimizer.ask(study, target, deadline, stop=lambda: interrupts.pending)
         if trial is None:  # budget met (or handed out and finished by other workers), or out of time
             break
         evaluate_start = time.perf_counter()
@@ -385,31 +390,6 @@ def _record(trial, space, result: CandidateResult, fidelity: str, timings: dict)
     else:
         trial.set_user_attr("scalarized", space.scalarize({n: s.value for n, s in result.scores.items()}))
     return values
-
-
-def trials_table(study: optuna.Study):
-    """All trials as a flat pandas table (one row per trial)."""
-    import pandas as pd
-
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        row = {"trial": t.number, "state": t.state.name, "fidelity": t.user_attrs.get("fidelity"),
-               "scalarized": t.user_attrs.get("scalarized"), "error": t.user_attrs.get("error")}
-        if t.values is not None:
-            for i, v in enumerate(t.values):
-                row[f"objective_{i}"] = v
-        for task, s in (t.user_attrs.get("scores") or {}).items():
-            row[f"{task}"] = s.get("value")
-            row[f"{task}_stderr"] = s.get("stderr")
-            row[f"{task}_n"] = s.get("n")
-        for name, value in t.params.items():
-            row[f"gene.{name}"] = value
-        for k, v in (t.user_attrs.get("seconds") or {}).items():
-            row[f"seconds_{k}"] = v
-        row["started"] = t.datetime_start.isoformat() if t.datetime_start else None
-        row["duration_s"] = t.duration.total_seconds() if t.duration else None
-        rows.append(row)
-    return pd.DataFrame(rows)
 
 
 def dump_json(value) -> str:
