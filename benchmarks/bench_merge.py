@@ -216,8 +216,6 @@ def make_variants(engine, model, base_dir: Path, model_dirs: list[Path]):
 
 def check_agreement(engine, model, variants, recipes) -> float:
     """Max |task_arithmetic build - numba weighted sum| over all parameters (should be float32 rounding)."""
-    import torch
-
     variants["(d) numba weighted_sum_kernel [baseline]"]()
     reference = {n: t.clone() for n, t in model.state_dict().items()}
     engine.build_into(recipes["task_arithmetic"], model)

@@ -2,8 +2,6 @@
 
 import json
 
-import pytest
-
 from optimizer.cli import main
 from optimizer.zoo import SPECIALIST_TASK
 

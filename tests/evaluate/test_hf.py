@@ -1,10 +1,8 @@
 """The transformers backend on real tiny models: log-likelihoods, generation, in-place swaps, failures."""
 
-import os
 from pathlib import Path
 
 import torch
-import transformers
 
 from optimizer.evaluate.hf import HFBackend
 from optimizer.evaluate.scoring import evaluate_candidate

@@ -68,7 +68,7 @@ def test_multiple_choice_picks_the_most_likely_choice():
                                      {"prompt": "q", "choices": ["a", "bbbb"], "answer": 0}])
     lls = [(-1.0, True), (-2.0, False), (-1.0, True), (-2.0, False)]
     assert task.finish([], lls).value == 0.5
-    norm = MultipleChoiceTask(TaskSpec(name="mc", kind="multiple_choice", metric="acc_norm"), task_items := [
+    norm = MultipleChoiceTask(TaskSpec(name="mc", kind="multiple_choice", metric="acc_norm"), [
         {"prompt": "q", "choices": ["a", "bbbb"], "answer": 1}])
     assert norm.finish([], lls[:2]).value == 1.0  # -2/4 beats -1/1
 

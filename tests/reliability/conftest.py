@@ -9,24 +9,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from helpers import tiny_family
 from reliability_helpers import variant
 
 _FIGURES: dict[str, dict[str, int]] = defaultdict(lambda: {"injected": 0, "survived": 0, "trials_lost": 0})
-
-
-@pytest.fixture(scope="session")
-def search_setup(tmp_path_factory) -> Path:
-    """The layout of tests/search's fixture (models/m0..m3, gen + mc task set), so ``write_space`` works on it."""
-    root = tmp_path_factory.mktemp("reliability")
-    tiny_family(root / "models", 3)
-    (root / "gen.jsonl").write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "target": str(2 * i)}) + "\n"
-                                            for i in range(30)))
-    (root / "mc.jsonl").write_text("".join(json.dumps({"prompt": f"{i}=", "choices": [str(i), str(i + 1), "x"],
-                                                       "answer": i % 3}) + "\n" for i in range(30)))
-    (root / "tasks.yaml").write_text("tasks:\n  - {name: gen, path: gen.jsonl, max_new_tokens: 3}\n"
-                                     "  - {name: mc, kind: multiple_choice, path: mc.jsonl}\n")
-    return root
 
 
 @pytest.fixture(scope="session")

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 from helpers import write_space
-
-_spec = importlib.util.spec_from_file_location("search_conftest", Path(__file__).parents[1] / "search" / "conftest.py")
-_search = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_search)
-search_setup = _search.search_setup  # the same session fixture (tiny char-level Llamas, tasks gen + mc)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ import os
 
 import pytest
 
-from search.conftest import search_setup  # noqa: F401  (a fixture: tiny models + a two-task task set)
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from optimizer.evaluate.tasks import load_task_set
 from optimizer.export import export_run
 from optimizer.merge.engine import MergeEngine
 from optimizer.recipe import Recipe
-from optimizer.search.loop import open_study, run_search
+from optimizer.search.loop import run_search
 from optimizer.space import load_space
 
 
