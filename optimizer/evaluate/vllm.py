@@ -67,8 +67,17 @@ class VLLMBackend:
         self.swap_dir = ram_folder("mergeopt-swap-")
 
     def close(self) -> None:
-        if self.swap_dir is not None:
+        """Stop the engine's processes now (not at interpreter exit, where vLLM's teardown threads can abort)."""
+        llm, self.llm = getattr(self, "llm", None), None
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            try:
+                core.shutdown()
+            except Exception:  # already stopped or half-built: nothing left to release
+                pass
+        if getattr(self, "swap_dir", None) is not None:
             shutil.rmtree(self.swap_dir, ignore_errors=True)
+            self.swap_dir = None
 
     def __del__(self):
         self.close()
