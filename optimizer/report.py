@@ -28,6 +28,7 @@ from optuna.trial import TrialState
 
 from optimizer.errors import MergeoptError
 from optimizer.recipe import Recipe, resolve_parameter
+from optimizer.search.optimizers import spends_budget
 from optimizer.search.pareto import hypervolume, non_dominated
 
 MIN_IMPORTANCE_TRIALS = 8  # fewer full-fidelity trials make any importance estimate noise
@@ -207,13 +208,12 @@ def best_per_task(run: Run) -> list[dict]:
 
 def budget(run: Run) -> dict:
     trials = run.records
-    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
     seconds = sum(sum((t.user_attrs.get("seconds") or {}).values()) for t in trials)
     starts = [t.datetime_start for t in trials if t.datetime_start]
     ends = [t.datetime_complete for t in trials if t.datetime_complete]
     return {
         "planned": run.space.trials,
-        "finished": sum(1 for t in finished if not t.user_attrs.get("lost")),
+        "finished": sum(1 for t in trials if spends_budget(t)),
         "complete": sum(1 for t in trials if t.state == TrialState.COMPLETE),
         "failed": sum(1 for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("lost")),
         "lost": sum(1 for t in trials if t.user_attrs.get("lost")),

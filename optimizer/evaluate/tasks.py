@@ -194,9 +194,7 @@ class LmEvalTask(PreparedTask):
             raise MergeoptError(f"lm-eval task {task_name!r} is a group of {len(tasks)} tasks; list its tasks one by one")
         self.task = tasks[0]
         docs = list(self.task.eval_docs)
-        indices = subset_indices(len(docs), spec.limit, seed, holdout)
-        if not indices:
-            raise MergeoptError(f"task {spec.name}: no held-out documents (the subset of {spec.limit} takes them all)")
+        indices = pick(spec, len(docs), seed, holdout)
         self.indices = indices
         self.task.build_all_requests(samples=indices, rank=0, world_size=1)
         self.instances = sorted(self.task.instances, key=lambda inst: (inst.doc_id, inst.idx))
@@ -304,18 +302,20 @@ def subset_indices(n: int, limit: int | None, seed: int, holdout: bool = False) 
     return sorted(order[limit:] if holdout else order[:limit])
 
 
-def subset(items: list, limit: int | None, seed: int, holdout: bool = False) -> list:
-    """The same ``limit`` items for a given seed, in file order (``holdout``: the items left out)."""
-    return [items[i] for i in subset_indices(len(items), limit, seed, holdout)]
+def pick(spec: TaskSpec, n: int, seed: int, holdout: bool) -> list[int]:
+    """The indices of a task's items a run scores; a held-out set with nothing left is one clear line."""
+    indices = subset_indices(n, spec.limit, seed, holdout)
+    if not indices:
+        raise MergeoptError(f"task {spec.name}: no held-out items (the subset of {spec.limit} takes all {n}); "
+                            "lower the limit")
+    return indices
 
 
 def prepare(spec: TaskSpec, seed: int, holdout: bool = False) -> PreparedTask:
     if spec.kind == "lm_eval":
         return LmEvalTask(spec, seed, holdout)
-    items = subset(read_jsonl(spec.path, spec.kind, spec.name), spec.limit, seed, holdout)
-    if not items:
-        raise MergeoptError(f"task {spec.name}: no held-out items (the subset of {spec.limit} takes them all); "
-                            "lower the limit")
+    items = read_jsonl(spec.path, spec.kind, spec.name)
+    items = [items[i] for i in pick(spec, len(items), seed, holdout)]
     return GenerateTask(spec, items) if spec.kind == "generate" else MultipleChoiceTask(spec, items)
 
 

@@ -3,8 +3,9 @@
 From the first candidate on, SIGINT is held back everywhere in the loop (asking, recording, telling: database
 writes) except while the backend builds and scores a candidate (minutes on a large model): there it raises
 KeyboardInterrupt at once and the loop records that candidate as lost and queues it again. Held back, it lets the
-step finish and the loop stops before the next candidate. Either way the command exits 130 with the study
-complete and consistent. SIGTERM (a scheduler's notice before it kills a job) is handled the same way. Before the loop (loading models, scoring the parents) Ctrl-C acts at once, as usual.
+step finish and the loop stops before the next candidate. Either way the command exits 130 with the study complete
+and consistent. SIGTERM (a scheduler's notice before it kills a job) is handled the same way. Before the loop
+(loading models, scoring the parents) Ctrl-C acts at once, as usual.
 """
 
 from __future__ import annotations

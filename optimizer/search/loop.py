@@ -15,7 +15,6 @@ values, recipe YAML, fidelity, timings and state. Re-running the same command co
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import re
@@ -34,7 +33,7 @@ from optimizer.evaluate.scoring import CandidateResult, evaluate_candidate, make
 from optimizer.evaluate.tasks import load_task_set
 from optimizer.merge.checkpoint import check_homologous, inspect_model, load_state_dict
 from optimizer.merge.engine import MergeEngine
-from optimizer.search.optimizers import FINISHED, make_optimizer, make_sampler
+from optimizer.search.optimizers import FINISHED, make_optimizer, make_sampler, spends_budget
 from optimizer.search.faults import with_faults
 from optimizer.search.interrupts import Interrupts
 from optimizer.search.workers import (Coordinated, StudyLock, heartbeat_settings, join_study, stale_trials,
@@ -146,14 +145,11 @@ def recover_stale(study: optuna.Study, optimizer, shared: bool) -> list:
     """Mark trials left RUNNING by a dead worker as failed; let the optimiser re-queue their candidates."""
     if shared:  # heartbeat-based, under the study lock (search/workers.py)
         stale = stale_trials(study)
-        _mark_lost(study, optimizer, stale, "worker stopped sending heartbeats while scoring this candidate")
-        return stale
+        reason = "worker stopped sending heartbeats while scoring this candidate"
     else:  # we hold the folder's lock: every RUNNING trial belongs to a dead process
         stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        _mark_lost(study, optimizer, stale, "worker died while scoring this candidate")
-        return stale
-    if stale:
-        optimizer.recover(study, stale)
+        reason = "worker died while scoring this candidate"
+    _mark_lost(study, optimizer, stale, reason)
     return stale
 
 
@@ -268,8 +264,7 @@ def _run(space, run_dir, storage, study_name, device, progress, shared, worker_t
     result.parents = _score_parents(space, study, backend, task_set, progress, lock)
 
     def finished() -> int:
-        # candidates lost with a dead worker are scored again, so they do not spend the budget
-        return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED) if not t.user_attrs.get("lost"))
+        return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED) if spends_budget(t))
 
     start = time.monotonic()
     deadline = start + space.minutes * 60 if space.minutes else None
@@ -305,14 +300,15 @@ def _run(space, run_dir, storage, study_name, device, progress, shared, worker_t
         finally:
             evaluating += time.perf_counter() - evaluate_start
         reason = trial.user_attrs.get("error", "unknown") if values is None else None
+        kind = _failure_kind(reason) if reason is not None else None
         with interrupts.deferred():
-            if reason is not None:
-                trial.set_user_attr("failure_kind", _failure_kind(reason))
+            if kind is not None:
+                trial.set_user_attr("failure_kind", kind)
             optimizer.tell(study, trial, values)
         result.new_trials += 1
         bar.update(1)
         if values is None:
-            failures.append(_failure_kind(reason))
+            failures.append(kind)
             if len(failures) >= MAX_SAME_FAILURES and len(set(failures[-MAX_SAME_FAILURES:])) == 1:
                 result.stopped_reason = (f"{MAX_SAME_FAILURES} candidates in a row failed with the same fault "
                                          f"({failures[-1]}): {reason}")
@@ -390,7 +386,3 @@ def _record(trial, space, result: CandidateResult, fidelity: str, timings: dict)
     else:
         trial.set_user_attr("scalarized", space.scalarize({n: s.value for n, s in result.scores.items()}))
     return values
-
-
-def dump_json(value) -> str:
-    return json.dumps(value, sort_keys=True)

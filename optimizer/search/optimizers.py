@@ -26,6 +26,11 @@ from optuna.trial import TrialState
 FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
 
 
+def spends_budget(trial: optuna.trial.FrozenTrial) -> bool:
+    """Finished and not lost: a candidate lost with a dead or interrupted worker is scored again, for free."""
+    return trial.state in FINISHED and not trial.user_attrs.get("lost")
+
+
 def distributions(gene_names: list[str]) -> dict[str, FloatDistribution]:
     return {name: FloatDistribution(0.0, 1.0) for name in gene_names}
 

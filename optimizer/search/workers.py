@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import TrialState
 
-from optimizer.search.optimizers import FINISHED
+from optimizer.search.optimizers import FINISHED, spends_budget
 
 HEARTBEAT_ENV = "MERGEOPT_HEARTBEAT"  # "INTERVAL[,GRACE]" in whole seconds; default 20,60
 
@@ -200,8 +200,8 @@ class Coordinated:
             with self._timed(), self.lock():
                 if self.lock.shared:
                     self.recover_stale(study)
-                states = [t for t in study.get_trials(deepcopy=False, states=FINISHED + (TrialState.RUNNING,))]
-                done = sum(1 for t in states if t.state != TrialState.RUNNING and not t.user_attrs.get("lost"))
+                states = study.get_trials(deepcopy=False, states=FINISHED + (TrialState.RUNNING,))
+                done = sum(1 for t in states if spends_budget(t))
                 in_flight = sum(1 for t in states if t.state == TrialState.RUNNING)
                 if done >= target:
                     return None

@@ -151,17 +151,38 @@ def save_model(model: LlamaForCausalLM, folder: Path) -> None:
     save_tokenizer(folder)
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One training stream of a rebuild: what it draws from, its seed, how many optimiser steps."""
+
+    name: str
+    mixture: dict[tuple[str, str], float]
+    seed: int
+    steps: int
+
+
+def training_stages(seed: int, settings: TrainSettings, scale: float) -> list[Stage]:
+    """The base's pretraining, then each specialist's fine-tuning, in the order a rebuild trains them.
+
+    The one definition both :func:`rebuild` (training) and :func:`trained_prompts` (its replay) read, so the replay
+    cannot drift from what was trained.
+    """
+    def steps(count: int) -> int:
+        return max(1, round(count * scale))
+
+    return [Stage("base", PRETRAIN_MIXTURE, seed * 1000, steps(settings.pretrain_steps))] + [
+        Stage(name, specialist_mixture(skill, settings.finetune_replay), seed * 1000 + index,
+              steps(settings.finetune_steps))
+        for index, (name, skill) in enumerate(SPECIALIST_TASK.items(), start=1)]
+
+
 def trained_prompts(seed: int = 0, settings: TrainSettings = TrainSettings(), scale: float = 1.0) -> frozenset[str]:
     """Every prompt the training of a rebuild with ``seed`` draws (a replay of its streams, no training)."""
     excluded = heldout_prompts()
-    streams = [(PRETRAIN_MIXTURE, seed * 1000, settings.pretrain_steps)] + [
-        (specialist_mixture(skill, settings.finetune_replay), seed * 1000 + index, settings.finetune_steps)
-        for index, skill in enumerate(SPECIALIST_TASK.values(), start=1)]
     prompts: set[str] = set()
-    for mixture, stream_seed, steps in streams:
-        count = max(1, round(steps * scale)) * settings.batch_size
-        stream = training_stream(mixture, seed=stream_seed, exclude=excluded)
-        prompts.update(prompt for prompt, _ in itertools.islice(stream, count))
+    for stage in training_stages(seed, settings, scale):
+        stream = training_stream(stage.mixture, seed=stage.seed, exclude=excluded)
+        prompts.update(prompt for prompt, _ in itertools.islice(stream, stage.steps * settings.batch_size))
     return frozenset(prompts)
 
 
@@ -213,42 +234,40 @@ def rebuild(
     started = time.perf_counter()
     write_tasks(out_dir / "tasks", train_seed=seed, settings=settings, scale=scale)
     excluded = heldout_prompts()
-
-    def steps(count: int) -> int:
-        return max(1, round(count * scale))
+    pretrain, *finetunes = training_stages(seed, settings, scale)
 
     torch.manual_seed(seed)
     base = LlamaForCausalLM(model_config())
     _log(progress, f"base: {sum(p.numel() for p in base.parameters()):,} parameters")
     train_steps(
         base,
-        training_stream(PRETRAIN_MIXTURE, seed=seed * 1000, exclude=excluded),
-        steps(settings.pretrain_steps),
+        training_stream(pretrain.mixture, seed=pretrain.seed, exclude=excluded),
+        pretrain.steps,
         settings.pretrain_lr,
         settings.batch_size,
         weight_decay=settings.pretrain_weight_decay,
         warmup_fraction=settings.warmup_fraction,
-        label="base",
+        label=pretrain.name,
         progress=progress,
     )
     folders = {"base": out_dir / "models" / "base"}
     save_model(base, folders["base"])
 
-    for index, (name, skill) in enumerate(SPECIALIST_TASK.items(), start=1):
-        torch.manual_seed(seed * 1000 + index)
+    for stage in finetunes:
+        torch.manual_seed(stage.seed)
         specialist = copy.deepcopy(base)
         train_steps(
             specialist,
-            training_stream(specialist_mixture(skill, settings.finetune_replay), seed=seed * 1000 + index, exclude=excluded),
-            steps(settings.finetune_steps),
+            training_stream(stage.mixture, seed=stage.seed, exclude=excluded),
+            stage.steps,
             settings.finetune_lr,
             settings.batch_size,
             warmup_fraction=settings.warmup_fraction,
-            label=name,
+            label=stage.name,
             progress=progress,
         )
-        folders[name] = out_dir / "models" / name
-        save_model(specialist, folders[name])
+        folders[stage.name] = out_dir / "models" / stage.name
+        save_model(specialist, folders[stage.name])
 
     assert list(folders) == list(MODEL_NAMES)
     _log(progress, f"zoo rebuilt in {time.perf_counter() - started:.0f}s -> {out_dir}")

@@ -6,7 +6,7 @@ import pytest
 
 from optimizer.errors import MergeoptError
 from optimizer.evaluate.tasks import (GenerateTask, MultipleChoiceTask, TaskSpec, load_task_set, mean_and_stderr,
-                                      subset, task_specs)
+                                      subset_indices, task_specs)
 
 
 def write_jsonl(path, items):
@@ -41,17 +41,18 @@ def test_task_set_yaml_builds_fixed_subsets_once(task_dir):
 
 def test_subset_is_deterministic_and_in_file_order():
     items = list(range(100))
-    a = subset(items, 10, seed=1)
-    assert a == subset(items, 10, seed=1) == sorted(a)
-    assert subset(items, 200, seed=1) == items
+    a = subset_indices(len(items), 10, seed=1)
+    assert a == subset_indices(len(items), 10, seed=1) == sorted(a)
+    assert subset_indices(len(items), 200, seed=1) == items
 
 
 def test_subsets_are_nested_and_the_holdout_is_their_complement():
     items = list(range(100))
-    small, full, held = subset(items, 10, seed=3), subset(items, 40, seed=3), subset(items, 40, seed=3, holdout=True)
+    small, full = subset_indices(len(items), 10, seed=3), subset_indices(len(items), 40, seed=3)
+    held = subset_indices(len(items), 40, seed=3, holdout=True)
     assert set(small) < set(full)  # the low-fidelity subset lies inside the full one
     assert sorted(full + held) == items and not set(full) & set(held)
-    assert subset(items, 200, seed=3, holdout=True) == []
+    assert subset_indices(len(items), 200, seed=3, holdout=True) == []
 
 
 def test_generate_metric_normalises_and_cuts_at_stop(task_dir):
