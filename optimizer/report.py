@@ -94,6 +94,8 @@ def trials_table(study, space=None, trials=None):
     """
     import pandas as pd
 
+    from optimizer.space import recipe_value
+
     trials = study.get_trials(deepcopy=False) if trials is None else trials
     genes = {g.name: g for g in space.genes()} if space is not None else {}
     front = {t.number for t in front_trials(trials, space)} if space is not None else set()
@@ -112,8 +114,8 @@ def trials_table(study, space=None, trials=None):
             row[f"objective_{i}"] = v
         for name, unit in t.params.items():
             if name in genes:
-                # rounded as the recipe rounds them (6 significant digits): the value that was built and scored
-                row[_param_name(name, genes[name].param)] = float(f"{genes[name].value(unit):.6g}")
+                # rounded as the recipe rounds them: the value that was built and scored
+                row[_param_name(name, genes[name].param)] = recipe_value(genes[name].value(unit))
         for name, unit in t.params.items():
             row[f"gene.{name}"] = unit
         row["low_scalarized"] = attrs.get("low_value")

@@ -172,7 +172,7 @@ class SearchSpace:
                       dtype=self.dtype, seed=self.seed if seed is None else seed)
 
     def _depth_setting(self, series: list[float]):
-        series = [_clean(v) for v in series]
+        series = [recipe_value(v) for v in series]
         if len(series) == 1:
             return series[0]
         if self.interpolate:
@@ -206,7 +206,7 @@ def _short(path: str) -> str:
     return Path(path).name or path
 
 
-def _clean(v: float) -> float:
+def recipe_value(v: float) -> float:
     """Round to 6 significant digits: readable YAML, and the recipe stays exactly what was scored."""
     return float(f"{v:.6g}")
 
