@@ -5,12 +5,14 @@ fails, without mocking the loop, the study or the optimiser::
 
     MERGEOPT_FAULT=oom@trial:3                 # trial 3 runs out of memory while its weights are built
     MERGEOPT_FAULT=error@trial:2-4,kill@trial:7
+    MERGEOPT_FAULT=slow=1.5@trial:0-99         # every candidate 1.5 s slower (the multi-worker tests use it)
 
 Kinds (all raised inside the backend's weight swap, where the real faults happen):
   ``oom``        torch.OutOfMemoryError, as a GPU allocation failure raises it
   ``error``      RuntimeError (a bug or a driver error in the candidate's build)
   ``interrupt``  KeyboardInterrupt, as Ctrl-C delivers it mid-candidate
   ``kill``       SIGKILL of the whole process mid-candidate (as ``kill -9`` or the OOM killer)
+  ``slow=S``     a straggler: the candidate takes S seconds longer (a busy GPU, a slow disk), then builds as usual
 Trial numbers are the study's trial numbers; ``N-M`` is a closed range. Unset (the default), nothing changes.
 The variable is read in one place only: :func:`with_faults`, called by the search loop for every candidate.
 """
@@ -19,13 +21,14 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import torch
 
 from optimizer.errors import MergeoptError
 
 ENV = "MERGEOPT_FAULT"
-KINDS = ("oom", "error", "interrupt", "kill")
+KINDS = ("oom", "error", "interrupt", "kill", "slow=S")
 
 
 def parse(spec: str) -> dict[int, str]:
@@ -34,12 +37,22 @@ def parse(spec: str) -> dict[int, str]:
     for item in filter(None, (part.strip() for part in spec.split(","))):
         kind, _, where = item.partition("@trial:")
         first, _, last = where.partition("-")
-        if kind not in KINDS or not first.isdigit() or (last and not last.isdigit()):
+        if (kind not in KINDS[:-1] and _seconds(kind) is None) or not first.isdigit() or (last and not last.isdigit()):
             raise MergeoptError(f"{ENV}={spec!r}: {item!r} is not KIND@trial:N or KIND@trial:N-M "
                                 f"(KIND one of {', '.join(KINDS)})")
         for number in range(int(first), int(last or first) + 1):
             faults[number] = kind
     return faults
+
+
+def _seconds(kind: str) -> float | None:
+    """The S of ``slow=S`` (a finite number of seconds, 0 or more); None for anything else."""
+    name, _, value = kind.partition("=")
+    try:
+        seconds = float(value) if name == "slow" else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and 0 <= seconds < float("inf") else None
 
 
 def with_faults(backend, trial_number: int):
@@ -57,6 +70,9 @@ class _FaultyBackend:
 
     def swap(self, engine, recipe) -> None:
         note = f"(injected by {ENV} at trial {self._number})"
+        if self._kind.startswith("slow"):
+            time.sleep(_seconds(self._kind))
+            return self._backend.swap(engine, recipe)
         if self._kind == "oom":
             raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB {note}")
         if self._kind == "error":

@@ -104,3 +104,17 @@ def test_a_bad_fault_spec_is_one_clear_line(monkeypatch):
     with pytest.raises(MergeoptError, match="MERGEOPT_FAULT='oom@3'"):
         faults.parse("oom@3")
     assert faults.parse("oom@trial:2-3, kill@trial:9") == {2: "oom", 3: "oom", 9: "kill"}
+    assert faults.parse("slow=1.5@trial:4") == {4: "slow=1.5"}
+    for bad in ("slow@trial:1", "slow=-1@trial:1", "slow=inf@trial:1", "slow=x@trial:1"):
+        with pytest.raises(MergeoptError, match="slow=S"):
+            faults.parse(bad)
+
+
+def test_a_slow_candidate_is_only_slower(search_setup, tmp_path, monkeypatch):
+    """``slow=S`` delays the candidate and nothing else: it completes, scored like its neighbours."""
+    monkeypatch.setenv(faults.ENV, "slow=1.2@trial:1")
+    result = search(space(search_setup, "slow", budget={"trials": 3}), tmp_path / "run")
+    trials = result.study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    seconds = [(t.datetime_complete - t.datetime_start).total_seconds() for t in trials]
+    assert seconds[1] >= 1.2 and seconds[1] > seconds[2] + 1.0, seconds
