@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from optimizer.errors import MergeoptError
+from optimizer.files import write_atomic
 from optimizer.recipe import Recipe
 
 
@@ -41,12 +42,9 @@ class ExportResult:
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_atomic(path, text)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise MergeoptError(f"cannot write {path} ({exc.strerror}); free space or make the run folder writable — "
                             "the study is untouched, rerun 'mergeopt export' after") from None
 

@@ -27,6 +27,7 @@ import yaml
 from optuna.trial import TrialState
 
 from optimizer.errors import MergeoptError
+from optimizer.files import write_atomic
 from optimizer.recipe import Recipe, resolve_parameter
 from optimizer.search.optimizers import spends_budget
 from optimizer.search.pareto import hypervolume, non_dominated
@@ -705,12 +706,9 @@ def write_html(run: Run, path: str | Path | None = None) -> Path:
     """Write the self-contained report (default: ``<run>/report.html``) and return its path."""
     path = Path(path) if path is not None else run.path / "report.html"
     text = render_html(run, path)
-    tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, text)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise MergeoptError(f"cannot write {path} ({exc.strerror}); choose another --html file") from None
     return path

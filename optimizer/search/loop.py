@@ -29,6 +29,7 @@ import yaml
 from optuna.trial import TrialState
 
 from optimizer.errors import MergeoptError
+from optimizer.files import write_atomic
 from optimizer.evaluate.scoring import CandidateResult, evaluate_candidate, make_backend
 from optimizer.evaluate.tasks import load_task_set
 from optimizer.merge.checkpoint import check_homologous, inspect_model, load_state_dict
@@ -109,9 +110,7 @@ def _save_space(space: SearchSpace, run_dir: Path) -> None:
             raise MergeoptError(f"{run_dir} holds a run of a different search space (key {changed[0]!r} differs); "
                                 "use another --run-dir or restore the original space file")
         return
-    tmp = path.with_name(f".space.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)
 
 
 def _take_lock(run_dir: Path, shared: bool) -> Path | None:

@@ -3,7 +3,9 @@ and the same export succeeds once the fault is gone."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import shutil
 import subprocess
@@ -13,6 +15,8 @@ import pytest
 from helpers import write_space
 from reliability_helpers import completed, load, mergeopt_cli
 
+from optimizer import cli
+from optimizer.files import temporary_path
 from optimizer.search.loop import run_search
 from optimizer.space import load_space
 
@@ -33,10 +37,18 @@ def _mount(*args) -> bool:
     return subprocess.run(["mount", *map(str, args)], capture_output=True).returncode == 0
 
 
-def _check_fault_then_recovery(run_dir: Path, expected: str, repair) -> None:
+def _in_process(*args) -> subprocess.CompletedProcess:
+    """``mergeopt ARGS`` in this process (so its temporary files carry this process's id), output captured."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main([str(a) for a in args])
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def _check_fault_then_recovery(run_dir: Path, expected: str, repair, run=mergeopt_cli) -> None:
     db = run_dir / "study.db"
     before_db, before = _digest(db), completed(load(db, "export"))
-    proc = mergeopt_cli("export", run_dir)
+    proc = run("export", run_dir)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.startswith("mergeopt export: error: ") and expected in proc.stderr, proc.stderr
@@ -83,8 +95,8 @@ def test_disk_full_during_export(finished_run, tmp_path, figures):
         run_dir = tmp_path / victim
         shutil.copytree(finished_run, run_dir)
         (run_dir / "best.yaml").unlink(missing_ok=True)
-        (run_dir / f"{victim}.tmp").symlink_to("/dev/full")
-        _check_fault_then_recovery(run_dir, "No space left on device", lambda: None)
+        temporary_path(run_dir / victim).symlink_to("/dev/full")  # where this process writes it first
+        _check_fault_then_recovery(run_dir, "No space left on device", lambda: None, run=_in_process)
         figures("export: disk full")
 
 
