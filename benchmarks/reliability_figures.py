@@ -3,7 +3,7 @@
     python benchmarks/reliability_figures.py            # a markdown table for benchmarks/RESULTS.md
 
 Every fault is real where it can be: kill -9 and SIGINT of `mergeopt search` processes at random moments (fixed
-seed), NaN from a model whose delta holds inf, ENOSPC from a full tmpfs and from /dev/full, a read-only bind mount;
+seed), NaN logits from a model whose weights are 1e38, ENOSPC from a full tmpfs and from /dev/full, a read-only bind mount;
 out-of-memory and exceptions come from the MERGEOPT_FAULT testing hook (optimizer/search/faults.py). "Trials lost"
 counts trials that were COMPLETE before a fault and were not COMPLETE with the same values after it.
 """

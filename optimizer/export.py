@@ -14,7 +14,6 @@ export (and the study, which is only read) intact.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -57,7 +57,7 @@ class MergeEngine:
         self.slots = [TensorSlot(name, self._depth(name)) for name in self.names]
 
         self.base: dict[str, torch.Tensor] = {
-            name: t.reshape(-1).contiguous()
+            name: _finite(t, name, base).reshape(-1).contiguous()
             for name, t in checkpoint.load_state_dict(base, allow_pickle, self.device, torch.float32).items()
         }
         self.deltas: dict[str, torch.Tensor] = {
@@ -68,7 +68,8 @@ class MergeEngine:
         for row, folder in enumerate(models):
             state = checkpoint.load_state_dict(folder, allow_pickle, self.device, torch.float32)
             for name in self.names:
-                torch.sub(state.pop(name).reshape(-1), self.base[name], out=self.deltas[name][row])
+                torch.sub(_finite(state.pop(name), name, folder).reshape(-1), self.base[name],
+                          out=self.deltas[name][row])
             del state
             bar.update()
         bar.close()
@@ -180,6 +181,15 @@ class MergeEngine:
         tokenizer = recipe.tokenizer_source or self.base_path
         return checkpoint.write_model_folder(out_dir, self.tensors(recipe, progress=progress), self.base_path, dtype,
                                              max_shard_bytes=max_shard_bytes, tokenizer_folder=tokenizer)
+
+
+def _finite(tensor: torch.Tensor, name: str, folder) -> torch.Tensor:
+    """The tensor itself; a NaN or inf in a checkpoint is damage no merge can use, refused before any search."""
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise MergeoptError(f"tensor {name} of {folder} holds {bad} NaN or infinite value{'s' * (bad > 1)}; the "
+                            "checkpoint is damaged: re-export or re-download that model")
+    return tensor
 
 
 def _scatter(values, rows: list[int], n: int, fill):

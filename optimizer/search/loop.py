@@ -32,7 +32,7 @@ from optimizer.errors import MergeoptError
 from optimizer.files import write_atomic
 from optimizer.evaluate.scoring import CandidateResult, evaluate_candidate, make_backend
 from optimizer.evaluate.tasks import load_task_set
-from optimizer.merge.checkpoint import check_homologous, inspect_model, load_state_dict
+from optimizer.merge.checkpoint import load_state_dict
 from optimizer.merge.engine import MergeEngine
 from optimizer.search.optimizers import FINISHED, make_optimizer, make_sampler, spends_budget
 from optimizer.search.faults import with_faults
@@ -118,16 +118,21 @@ def _take_lock(run_dir: Path, shared: bool) -> Path | None:
     lock = run_dir / ".lock"
     if shared:
         return None
-    if lock.exists():
-        try:
-            pid = int(lock.read_text().strip() or 0)
-        except ValueError:
-            pid = 0
-        if pid and pid != os.getpid() and _alive(pid):
-            raise MergeoptError(f"{run_dir} is in use by process {pid}; wait for it, or use --storage with a database "
-                                "server to run several workers on one study")
+    _check_lock(run_dir)
     lock.write_text(str(os.getpid()))
     return lock
+
+
+def _check_lock(run_dir: Path) -> None:
+    """Refuse a run folder that another living local search holds."""
+    lock = run_dir / ".lock"
+    try:
+        pid = int(lock.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return
+    if pid and pid != os.getpid() and _alive(pid):
+        raise MergeoptError(f"{run_dir} is in use by process {pid}; wait for it, or use --storage with a database "
+                            "server to run several workers on one study")
 
 
 def _alive(pid: int) -> bool:
@@ -210,15 +215,19 @@ def run_search(space: SearchSpace, run_dir: Path, storage: str | None = None, st
                device: str | None = None, progress: bool = True, worker_trials: int | None = None) -> SearchResult:
     run_dir = Path(run_dir)
     task_sets = _preflight(space)  # bad input is refused before the run folder or the study is touched
+    shared = storage is not None and not storage.startswith("sqlite")
+    if not shared:
+        _check_lock(run_dir)  # before the (long) model loading: a folder in use is said at once
+    # the weights themselves (NaN or inf in a checkpoint) are checked as they load, still before the run folder
+    engine = MergeEngine(space.base_model, space.models, device=device, progress=progress)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MergeoptError(f"cannot create run folder {run_dir} ({exc.strerror}); choose another --run-dir") from None
-    shared = storage is not None and not storage.startswith("sqlite")
     lock = _take_lock(run_dir, shared)
     interrupts = Interrupts()
     try:
-        return _run(space, run_dir, storage, study_name, device, progress, shared, worker_trials, task_sets,
+        return _run(space, run_dir, storage, study_name, device, progress, shared, worker_trials, task_sets, engine,
                     interrupts)
     finally:
         interrupts.restore()
@@ -227,7 +236,7 @@ def run_search(space: SearchSpace, run_dir: Path, storage: str | None = None, st
 
 
 def _preflight(space: SearchSpace):
-    """Everything that can be checked without spending a trial: tasks, objectives, homology of the models."""
+    """What can be checked before any weight is read: tasks and objectives (the engine checks the models next)."""
     task_set = load_task_set(space.tasks, limit=space.limit, seed=space.seed)
     missing = [o.task for o in space.objectives if o.task not in task_set.names]
     if missing:
@@ -235,12 +244,10 @@ def _preflight(space: SearchSpace):
                             f"(it has {', '.join(task_set.names)})")
     low_set = (load_task_set(space.tasks, limit=space.fidelity_low, seed=space.seed)
                if space.fidelity_low else None)
-    # headers only (no weights read): names the first tensor that differs
-    check_homologous(inspect_model(space.base_model), [inspect_model(m) for m in space.models])
     return task_set, low_set
 
 
-def _run(space, run_dir, storage, study_name, device, progress, shared, worker_trials, task_sets,
+def _run(space, run_dir, storage, study_name, device, progress, shared, worker_trials, task_sets, engine,
          interrupts) -> SearchResult:
     from tqdm import tqdm
 
@@ -257,7 +264,6 @@ def _run(space, run_dir, storage, study_name, device, progress, shared, worker_t
     if stale and progress:
         print(f"resuming: {len(stale)} unfinished trial(s) of a stopped run marked failed", file=sys.stderr)
 
-    engine = MergeEngine(space.base_model, space.models, device=device, progress=progress)
     backend = make_backend(space.backend, space.base_model, device=device, dtype=space.dtype)
     result = SearchResult(run_dir=run_dir, study=study)
     result.parents = _score_parents(space, study, backend, task_set, progress, lock)

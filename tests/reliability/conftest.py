@@ -15,8 +15,17 @@ _FIGURES: dict[str, dict[str, int]] = defaultdict(lambda: {"injected": 0, "survi
 
 
 @pytest.fixture(scope="session")
+def huge_model(search_setup) -> Path:
+    """Homologous to the others and finite, but one weight is 1e38: every merge that gives it weight overflows to
+    inf inside the forward pass and has NaN logits (a checkpoint cannot be refused for a large finite value)."""
+    def poison(state):
+        state["model.layers.0.mlp.down_proj.weight"][:, :] = 1e38
+    return variant(search_setup, "m_huge", poison)
+
+
+@pytest.fixture(scope="session")
 def inf_model(search_setup) -> Path:
-    """Homologous to the others, but one delta holds inf: every merge that gives it weight has NaN logits."""
+    """Homologous to the others, but one tensor holds inf: damaged, refused before the search starts."""
     def poison(state):
         state["model.layers.0.mlp.down_proj.weight"][0, 0] = float("inf")
     return variant(search_setup, "m_inf", poison)

@@ -180,3 +180,22 @@ def test_a_bad_space_through_the_real_command(search_setup, tmp_path):
     assert proc.returncode == 1 and proc.stdout == "", proc.stdout
     assert proc.stderr == f"mergeopt search: error: {path}: bounds.weight: low 1.0 is above high 0.2 " \
                           "(expected {weight: [lo, hi], drop_rate: [lo, hi]})\n"
+
+
+def test_a_model_with_nan_or_inf_weights_is_refused_before_the_search(search_setup, inf_model, tmp_path, figures):
+    def nan(state):
+        state["model.layers.1.self_attn.q_proj.weight"][3, :5] = float("nan")
+
+    cases = {"m_inf": (inf_model, r"tensor model\.layers\.0\.mlp\.down_proj\.weight of .*m_inf holds 1 NaN or "
+                                  r"infinite value; the checkpoint is damaged"),
+             "m_nan": (variant(search_setup, "m_nan", nan), r"model\.layers\.1\.self_attn\.q_proj\.weight of .*m_nan "
+                                                            r"holds 5 NaN or infinite values")}
+    for name, (folder, match) in cases.items():
+        space = write_space(search_setup, f"nonfinite-{name}", models=[str(search_setup / "models" / "m1"),
+                                                                        str(folder)])
+        refused(space, tmp_path / name, match)
+        figures("bad input refused before any trial")
+    # scoring the damaged model on its own is not refused (no merge reads it), but it fails with the reason
+    proc = mergeopt_cli("eval", inf_model, "--tasks", search_setup / "tasks.yaml", "--limit", "2")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "NaN or infinite logits" in proc.stderr.splitlines()[-1]

@@ -54,9 +54,9 @@ def test_three_ooms_in_a_row_stop_the_run_with_the_reason(search_setup, tmp_path
     figures("three same faults in a row stop the run", injected=3, survived=3)
 
 
-def test_nan_weights_fail_the_candidate_and_three_nans_stop_the_run(search_setup, inf_model, tmp_path, figures):
-    """A real NaN: one model's delta holds inf, so every candidate that gives it weight has NaN logits."""
-    models = [str(search_setup / "models" / "m1"), str(inf_model)]
+def test_nan_logits_fail_the_candidate_and_three_nans_stop_the_run(search_setup, huge_model, tmp_path, figures):
+    """A real NaN: one model's weights are 1e38, so every candidate that gives it weight overflows in the forward."""
+    models = [str(search_setup / "models" / "m1"), str(huge_model)]
     path = space(search_setup, "nan", models=models, bounds={"weight": [0.5, 1.0]}, objectives=["mc"],
                        budget={"trials": 10})
     result = search(path, tmp_path / "run")
@@ -65,20 +65,20 @@ def test_nan_weights_fail_the_candidate_and_three_nans_stop_the_run(search_setup
     assert all(t.user_attrs["failure_kind"] == "nan" for t in trials)
     assert "NaN or infinite logits" in trials[0].user_attrs["error"]
     assert result.stopped_reason.startswith("3 candidates in a row failed with the same fault (nan)")
-    figures("NaN weights (inf in a delta)", injected=3, survived=3)
+    figures("NaN logits (1e38 weights in a model)", injected=3, survived=3)
 
 
-def test_different_faults_in_a_row_do_not_stop_the_run(search_setup, inf_model, tmp_path, monkeypatch, figures):
+def test_different_faults_in_a_row_do_not_stop_the_run(search_setup, huge_model, tmp_path, monkeypatch, figures):
     # NaN from the weights for every candidate, but an oom and an exception in between: never 3 of one kind
     monkeypatch.setenv(faults.ENV, "oom@trial:1,error@trial:3,oom@trial:5")
-    models = [str(search_setup / "models" / "m1"), str(inf_model)]
+    models = [str(search_setup / "models" / "m1"), str(huge_model)]
     path = space(search_setup, "alternating", models=models, bounds={"weight": [0.5, 1.0]},
                        objectives=["mc"], budget={"trials": 7})
     result = search(path, tmp_path / "run")
     kinds = [t.user_attrs["failure_kind"] for t in result.study.get_trials()]
     assert kinds == ["nan", "oom", "nan", "RuntimeError", "nan", "oom", "nan"] and result.stopped_reason is None
     figures("candidate fault (oom, exception)", injected=3, survived=3)
-    figures("NaN weights (inf in a delta)", injected=4, survived=4)
+    figures("NaN logits (1e38 weights in a model)", injected=4, survived=4)
 
 
 def test_interrupt_mid_candidate_loses_nothing_and_spends_no_budget(search_setup, tmp_path, monkeypatch, figures):
