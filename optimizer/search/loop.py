@@ -29,7 +29,7 @@ import yaml
 from optuna.trial import TrialState
 
 from optimizer.errors import MergeoptError
-from optimizer.files import write_atomic
+from optimizer.files import temporary_path, write_atomic
 from optimizer.evaluate.scoring import CandidateResult, evaluate_candidate, make_backend
 from optimizer.evaluate.tasks import load_task_set
 from optimizer.merge.checkpoint import load_state_dict
@@ -74,6 +74,8 @@ def open_study(space: SearchSpace, run_dir: Path, storage: str | None = None, st
     name = study_name or space.name
     # workers starting together must not race creating the tables and the study (lock: see search/workers.py)
     with lock() if lock is not None else contextlib.nullcontext():
+        if local and create:
+            _create_sqlite_whole(url)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             rdb = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if local else {},
@@ -97,6 +99,31 @@ def open_study(space: SearchSpace, run_dir: Path, storage: str | None = None, st
         study.sampler = make_sampler(space.optimizer, space.seed + 7919 * existing + 104729 * worker,
                                      space.optimizer_settings, space.multi_objective)
     return study
+
+
+def _create_sqlite_whole(url: str) -> None:
+    """A new SQLite study database appears with its tables already made.
+
+    Optuna creates the tables of a new database one statement at a time; a reader opening the file meanwhile
+    (`mergeopt report`, optuna-dashboard, a script polling the run) makes the missing tables itself, and the two
+    creators then collide ("table ... already exists"). So the tables are made in a private file that is linked into
+    place only if no database is there yet; a reader finds no file or a whole schema.
+    """
+    path = Path(url.removeprefix("sqlite:///"))
+    if not url.startswith("sqlite:///") or path.name in ("", ":memory:") or path.exists():
+        return
+    tmp = temporary_path(path)
+    try:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{tmp}")
+        storage.engine.dispose()
+        os.link(tmp, path)  # never replaces a database another process made first
+    except FileExistsError:
+        pass
+    except OSError:  # a file system without hard links: a rename, unless a database appeared meanwhile
+        if not path.exists():
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _save_space(space: SearchSpace, run_dir: Path) -> None:

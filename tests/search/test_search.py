@@ -1,9 +1,12 @@
 """The search loop on tiny real models: trials in the study, export, bit-exact re-merge, resume."""
 
+import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import optuna
@@ -161,3 +164,39 @@ def test_kill_minus_9_loses_at_most_the_candidate_in_flight(search_setup, tmp_pa
     assert len(trials) - len(complete) <= 1  # at most the candidate in flight failed
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     assert study.user_attrs["cma:told"] >= 1
+
+
+def test_a_new_study_database_appears_with_all_its_tables(search_setup, tmp_path):
+    """A reader polling the run (report, dashboard, a script) must never find a half-made database: if it did, its
+    own Optuna would create the missing tables and the search's table creation would collide with it (seen in CI:
+    1 start in 30 failed with a reader polling). A read-only observer watches the file while the study is made."""
+    from optimizer.search.loop import open_study
+
+    space = load_space(write_space(search_setup, "schema"))
+    runs, seen = [tmp_path / f"run{i}" for i in range(5)], []
+    for run in runs:
+        run.mkdir()
+    done = threading.Event()
+
+    def observe():
+        while not done.is_set():
+            for run in runs:
+                db = run / "study.db"
+                if db.exists():
+                    try:
+                        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+                            seen.append(frozenset(r[0] for r in con.execute("SELECT name FROM sqlite_master "
+                                                                            "WHERE type = 'table'")))
+                    except sqlite3.OperationalError:  # locked while the study row is written: look again
+                        pass
+
+    watcher = threading.Thread(target=observe)
+    watcher.start()
+    try:
+        for run in runs:
+            open_study(space, run)
+    finally:
+        done.set()
+        watcher.join()
+    full = {"studies", "trials", "trial_values", "trial_params", "alembic_version"}
+    assert seen and all(full <= tables for tables in seen), sorted(map(sorted, {s for s in seen if not full <= s}))
