@@ -28,7 +28,7 @@ import torch
 from optimizer.errors import MergeoptError
 
 ENV = "MERGEOPT_FAULT"
-KINDS = ("oom", "error", "interrupt", "kill", "slow=S")
+KINDS = ("oom", "error", "interrupt", "kill")  # and slow=S
 
 
 def parse(spec: str) -> dict[int, str]:
@@ -37,9 +37,9 @@ def parse(spec: str) -> dict[int, str]:
     for item in filter(None, (part.strip() for part in spec.split(","))):
         kind, _, where = item.partition("@trial:")
         first, _, last = where.partition("-")
-        if (kind not in KINDS[:-1] and _seconds(kind) is None) or not first.isdigit() or (last and not last.isdigit()):
+        if (kind not in KINDS and _seconds(kind) is None) or not first.isdigit() or (last and not last.isdigit()):
             raise MergeoptError(f"{ENV}={spec!r}: {item!r} is not KIND@trial:N or KIND@trial:N-M "
-                                f"(KIND one of {', '.join(KINDS)})")
+                                f"(KIND one of {', '.join(KINDS)}, slow=S)")
         for number in range(int(first), int(last or first) + 1):
             faults[number] = kind
     return faults
@@ -48,15 +48,17 @@ def parse(spec: str) -> dict[int, str]:
 def _seconds(kind: str) -> float | None:
     """The S of ``slow=S`` (a finite number of seconds, 0 or more); None for anything else."""
     name, _, value = kind.partition("=")
+    if name != "slow":
+        return None
     try:
-        seconds = float(value) if name == "slow" else None
+        seconds = float(value)
     except ValueError:
         return None
-    return seconds if seconds is not None and 0 <= seconds < float("inf") else None
+    return seconds if 0 <= seconds < float("inf") else None
 
 
 def with_faults(backend, trial_number: int):
-    """The backend itself, or (when ``MERGEOPT_FAULT`` names this trial) a wrapper whose swap fails."""
+    """The backend itself, or (when ``MERGEOPT_FAULT`` names this trial) a wrapper whose swap fails or straggles."""
     kind = parse(os.environ.get(ENV, "")).get(trial_number)
     return backend if kind is None else _FaultyBackend(backend, kind, trial_number)
 

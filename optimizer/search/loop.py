@@ -109,8 +109,10 @@ def _create_sqlite_whole(url: str) -> None:
     creators then collide ("table ... already exists"). So the tables are made in a private file that is linked into
     place only if no database is there yet; a reader finds no file or a whole schema.
     """
+    if not url.startswith("sqlite:///"):
+        return
     path = Path(url.removeprefix("sqlite:///"))
-    if not url.startswith("sqlite:///") or path.name in ("", ":memory:") or path.exists():
+    if path.name in ("", ":memory:") or path.exists():
         return
     tmp = temporary_path(path)
     try:
@@ -130,7 +132,7 @@ def _save_space(space: SearchSpace, run_dir: Path) -> None:
     """Keep the space next to its study; refuse to continue a run with a different space."""
     path = run_dir / "space.yaml"
     text = yaml.safe_dump(space.source, sort_keys=False)
-    if path.exists():  # written whole (os.replace below), so a worker starting beside another reads all or nothing
+    if path.exists():  # written whole (write_atomic below), so a worker starting beside another reads all or nothing
         old = yaml.safe_load(path.read_text())
         if old != space.source:
             changed = sorted(k for k in set(old) | set(space.source) if old.get(k) != space.source.get(k))
