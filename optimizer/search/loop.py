@@ -29,14 +29,14 @@ import yaml
 from optuna.trial import TrialState
 
 from optimizer.errors import MergeoptError
-from optimizer.files import temporary_path, write_atomic
 from optimizer.evaluate.scoring import CandidateResult, evaluate_candidate, make_backend
 from optimizer.evaluate.tasks import load_task_set
+from optimizer.files import temporary_path, write_atomic
 from optimizer.merge.checkpoint import load_state_dict
 from optimizer.merge.engine import MergeEngine
-from optimizer.search.optimizers import FINISHED, make_optimizer, make_sampler, spends_budget
-from optimizer.search.faults import with_faults
+from optimizer.search import faults
 from optimizer.search.interrupts import Interrupts
+from optimizer.search.optimizers import FINISHED, make_optimizer, make_sampler, spends_budget
 from optimizer.search.workers import (Coordinated, StudyLock, heartbeat_settings, join_study, stale_trials,
                                       worker_id)
 from optimizer.space import SearchSpace
@@ -265,7 +265,9 @@ def run_search(space: SearchSpace, run_dir: Path, storage: str | None = None, st
 
 
 def _preflight(space: SearchSpace):
-    """What can be checked before any weight is read: tasks and objectives (the engine checks the models next)."""
+    """What can be checked before any weight is read: the testing hook, tasks and objectives (the engine checks the
+    models next)."""
+    faults.configured()  # a mistyped MERGEOPT_FAULT is refused now, not at its first candidate
     task_set = load_task_set(space.tasks, limit=space.limit, seed=space.seed)
     missing = [o.task for o in space.objectives if o.task not in task_set.names]
     if missing:
@@ -317,7 +319,7 @@ def _run(space, run_dir, storage, study_name, device, progress, shared, worker_t
         evaluate_start = time.perf_counter()
         try:
             interrupts.check()
-            values = _evaluate_trial(space, trial, engine, interrupts.around(with_faults(backend, trial.number)),
+            values = _evaluate_trial(space, trial, engine, interrupts.around(faults.with_faults(backend, trial.number)),
                                      task_set, low_set, study)
         except KeyboardInterrupt:
             # not the candidate's fault: recorded as lost (it does not spend the budget) and queued again

@@ -118,3 +118,11 @@ def test_a_slow_candidate_is_only_slower(search_setup, tmp_path, monkeypatch):
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
     seconds = [(t.datetime_complete - t.datetime_start).total_seconds() for t in trials]
     assert seconds[1] >= 1.2 and seconds[1] > seconds[2] + 1.0, seconds
+
+
+def test_a_bad_fault_spec_is_refused_before_the_run_folder(search_setup, tmp_path):
+    path = space(search_setup, "badfault", budget={"trials": 2})
+    proc = mergeopt_cli("search", path, "--run-dir", tmp_path / "run", "--quiet", env={faults.ENV: "slow=x@trial:1"})
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "MERGEOPT_FAULT='slow=x@trial:1'" in proc.stderr and "slow=S" in proc.stderr
+    assert not (tmp_path / "run").exists()
