@@ -63,7 +63,7 @@ def test_8b_template_fits_an_h200_beside_vllm_and_is_refused_on_80gb(template_8b
     # the way out it names works: models mapped on the host, only vLLM's share on the card
     hosted = plan_memory(base, models, engine_device="cpu", scoring_device="cuda:0", backend="vllm",
                          live_dtype="bfloat16", device_memory=80 * GiB)
-    assert hosted.fits and hosted.host_needed >= 4 * 15 * GiB
+    assert hosted.fits and hosted.host_needed >= 4 * 14.9 * GiB
 
 
 def run_cli(*args, cwd=None):
