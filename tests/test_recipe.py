@@ -71,7 +71,8 @@ def test_filters_pick_the_first_match_and_scopes_fall_back():
 
 
 @pytest.mark.parametrize("data,message", [
-    ({"merge_method": "slerp", "base_model": "b", "models": ["a"]}, "merge_method 'slerp' is not supported"),
+    ({"merge_method": "slerp", "base_model": "b", "models": ["a"]}, "merge_method slerp runs through mergekit"),
+    ({"merge_method": "sleep", "base_model": "b", "models": ["a"]}, "not a merge method; did you mean slerp"),
     ({"merge_method": "ties", "models": ["a"]}, "needs a base_model"),
     ({"merge_method": "ties", "base_model": "b", "models": []}, "lists no models"),
     ({"merge_method": "ties", "base_model": "b", "models": ["a"], "wieght": 1}, "unknown key 'wieght'"),

@@ -177,10 +177,14 @@ class MergeEngine:
     def save(self, recipe: Recipe, out_dir: str | Path, max_shard_bytes: int = 5 * 1024**3,
              progress: bool = False) -> Path:
         """Merge into a (sharded) safetensors folder with config and tokenizer that transformers loads."""
-        dtype = DTYPES[recipe.dtype]
-        tokenizer = recipe.tokenizer_source or self.base_path
-        return checkpoint.write_model_folder(out_dir, self.tensors(recipe, progress=progress), self.base_path, dtype,
-                                             max_shard_bytes=max_shard_bytes, tokenizer_folder=tokenizer)
+        from optimizer.merge import side_files  # recipe's written dtype, tokenizer and chat template (issue 14)
+
+        dtype = DTYPES[side_files.written_dtype(recipe, self.base_path)]
+        tokenizer = recipe.tokenizer_folder() or self.base_path
+        out = checkpoint.write_model_folder(out_dir, self.tensors(recipe, progress=progress), self.base_path, dtype,
+                                            max_shard_bytes=max_shard_bytes, tokenizer_folder=tokenizer)
+        side_files.write_chat_template(recipe, out)
+        return out
 
 
 def _finite(tensor: torch.Tensor, name: str, folder) -> torch.Tensor:
