@@ -54,7 +54,10 @@ class MergeEngine:
         self.names = list(base_info.shapes)
         self.shapes = dict(base_info.shapes)
         self.num_layers = checkpoint.num_layers(self.config, self.names)
-        self.slots = [TensorSlot(name, self._depth(name)) for name in self.names]
+        from optimizer.merge.side_files import checkpoint_dtype  # the arithmetic dtype when a recipe has none
+
+        stored = checkpoint_dtype(base)
+        self.slots = [TensorSlot(name, self._depth(name), stored) for name in self.names]
 
         self.base: dict[str, torch.Tensor] = {
             name: _finite(t, name, base).reshape(-1).contiguous()

@@ -285,6 +285,7 @@ class TensorSlot:
 
     name: str
     t: float  # relative depth in [0, 1]; 0 outside the layer stack (mergekit's convention)
+    dtype: str | None = None  # the checkpoint's dtype of this tensor, when the engine knows it
 
 
 def tensor_plan(recipe: Recipe, slot: TensorSlot, model_positions: list[int], delta_rows=None,
@@ -310,6 +311,10 @@ def tensor_plan(recipe: Recipe, slot: TensorSlot, model_positions: list[int], de
     magnitudes = np.zeros(n, dtype=np.float32)
     keys = np.zeros(n, dtype=np.uint64)
     glob = recipe.parameters
+    # mergekit's task-arithmetic family multiplies by weights held in the arithmetic dtype (dtype, else the
+    # checkpoint's): a bf16 merge uses bf16-rounded weights (0.3 -> 0.30078125). The kernel does the same rounding
+    # so low-precision recipes agree with mergekit to the last bit of the arithmetic, not 0.3% apart.
+    arithmetic = recipe.dtype or slot.dtype
     rescale_l1 = spec.sparsification == "magnitude" and bool(
         resolve_parameter("rescale", [glob], slot.name, slot.t, default=False))
     for row, pos in enumerate(model_positions):
@@ -318,7 +323,7 @@ def tensor_plan(recipe: Recipe, slot: TensorSlot, model_positions: list[int], de
         if weight is None:
             raise MergeoptError(f"model {recipe.models[pos].model} has no 'weight' for tensor {slot.name}; "
                                 "give it a weight in its parameters or in the recipe's parameters")
-        weights[row] = float(weight)
+        weights[row] = _as_arithmetic_dtype(float(weight), arithmetic) if not spec.whole_weights else float(weight)
         if spec.sparsification is None:
             continue
         density = float(resolve_parameter("density", scopes, slot.name, slot.t, default=1.0))
@@ -371,6 +376,14 @@ def tensor_plan(recipe: Recipe, slot: TensorSlot, model_positions: list[int], de
     return sparsify.TensorPlan(weights=weights, scales=scales, keep_mode=modes, thresholds=thresholds,
                                magnitudes=magnitudes, keys=keys, consensus=spec.consensus, normalize=normalize,
                                lam=lam, base_coef=base_coef)
+
+
+def _as_arithmetic_dtype(value: float, dtype: str | None) -> float:
+    if dtype not in ("bfloat16", "float16"):
+        return value
+    import torch
+
+    return float(torch.tensor(value, dtype=getattr(torch, dtype)))
 
 
 def _trimmed_l1_scale(delta, density: float) -> float:
