@@ -14,7 +14,6 @@ both tools.
 from __future__ import annotations
 
 import difflib
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -72,8 +71,6 @@ class Parameter:
             if float(value) != int(value):
                 raise MergeoptError(f"{where}: {value!r} is not a whole number")
             value = int(value)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise MergeoptError(f"{where}: {value!r} is not a finite number")
         if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
             raise MergeoptError(f"{where}: {value} is outside [{_fmt(self.low)}, {_fmt(self.high)}]")
         return value
@@ -395,3 +392,24 @@ def _trimmed_l1_scale(delta, density: float) -> float:
     before = float(flat.sum())
     after = float(torch.topk(flat, k, sorted=False).values.sum())
     return before / after if before >= 1e-7 and after >= 1e-7 else 1.0
+
+
+def methods_markdown() -> str:
+    """The README's method table, generated from the registry (a test keeps the README equal to it)."""
+    rows = ["| method | runs | parameters (default; `*` per model) | what it does |", "| --- | --- | --- | --- |"]
+    for spec in METHODS.values():
+        runner = "fused, searchable" if spec.name in SEARCHABLE_METHODS else "fused" if spec.fused else "mergekit"
+        params = ", ".join(f"`{p.name}`{'*' if p.scope != SHARED else ''}{_markdown_default(p)}"
+                           for p in spec.parameters) or "none"
+        rows.append(f"| `{spec.name}` | {runner} | {params} | {spec.summary} |")
+    return "\n".join(rows)
+
+
+def _markdown_default(p: Parameter) -> str:
+    if p.required:
+        return " (required)"
+    if p.default is None:
+        return ""
+    default = str(p.default).lower() if isinstance(p.default, bool) else f"{p.default:g}"
+    bounds = f", in [{_fmt(p.low)}, {_fmt(p.high)}]" if p.low is not None and p.high is not None else ""
+    return f" ({default}{bounds})"
