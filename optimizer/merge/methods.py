@@ -282,16 +282,15 @@ class TensorSlot:
 
     name: str
     t: float  # relative depth in [0, 1]; 0 outside the layer stack (mergekit's convention)
-    dtype: str | None = None  # the checkpoint's dtype of this tensor, when the engine knows it
 
 
 def tensor_plan(recipe: Recipe, slot: TensorSlot, model_positions: list[int], delta_rows=None,
-                dense_l1=None) -> sparsify.TensorPlan:
+                l1_norms=None) -> sparsify.TensorPlan:
     """Resolve a recipe into the kernel's per-model arrays for one tensor.
 
-    ``model_positions`` are the recipe positions of the models whose deltas the engine holds, in the engine's row
-    order; ``delta_rows(m)`` returns the delta of row ``m`` (needed for TIES thresholds and L1 rescale) and
-    ``dense_l1(m)`` its L1 norm (recipe-independent, so the engine caches it).
+    ``model_positions`` are the recipe positions of the models the engine holds, in the engine's row order;
+    ``delta_rows(m)`` returns the float32 delta of row ``m`` (made on demand: TIES magnitude cuts) and
+    ``l1_norms(m, threshold, key)`` the (dense, kept) L1 norms of that delta under a DARE mask (L1 rescale).
     """
     from optimizer.merge import sparsify
     from optimizer.recipe import resolve_parameter
@@ -307,11 +306,8 @@ def tensor_plan(recipe: Recipe, slot: TensorSlot, model_positions: list[int], de
     thresholds = np.zeros(n, dtype=np.int64)
     magnitudes = np.zeros(n, dtype=np.float32)
     keys = np.zeros(n, dtype=np.uint64)
+    tie_limits = np.zeros(n, dtype=np.int64)
     glob = recipe.parameters
-    # mergekit's task-arithmetic family multiplies by weights held in the arithmetic dtype (dtype, else the
-    # checkpoint's): a bf16 merge uses bf16-rounded weights (0.3 -> 0.30078125). The kernel does the same rounding
-    # so low-precision recipes agree with mergekit to the last bit of the arithmetic, not 0.3% apart.
-    arithmetic = recipe.dtype or slot.dtype
     rescale_l1 = spec.sparsification == "magnitude" and bool(
         resolve_parameter("rescale", [glob], slot.name, slot.t, default=False))
     for row, pos in enumerate(model_positions):
@@ -320,17 +316,16 @@ def tensor_plan(recipe: Recipe, slot: TensorSlot, model_positions: list[int], de
         if weight is None:
             raise MergeoptError(f"model {recipe.models[pos].model} has no 'weight' for tensor {slot.name}; "
                                 "give it a weight in its parameters or in the recipe's parameters")
-        weights[row] = _as_arithmetic_dtype(float(weight), arithmetic) if not spec.whole_weights else float(weight)
+        weights[row] = float(weight)
         if spec.sparsification is None:
             continue
         density = float(resolve_parameter("density", scopes, slot.name, slot.t, default=1.0))
         if not 0.0 <= density <= 1.0:
             raise MergeoptError(f"density of {recipe.models[pos].model} for {slot.name} is {density}; it must be within [0, 1]")
         if spec.sparsification == "magnitude":
-            cut = sparsify.magnitude_threshold(delta_rows(row), density)
-            if cut >= 0:
+            if density < 1.0:
                 modes[row] = sparsify.KEEP_MAGNITUDE
-                magnitudes[row] = cut
+                magnitudes[row], tie_limits[row] = sparsify.magnitude_cut(delta_rows(row).abs(), density)
                 if rescale_l1:  # mergekit's rescale: the trimmed delta keeps the dense delta's L1 norm
                     scales[row] = _trimmed_l1_scale(delta_rows(row), density)
             continue
@@ -345,10 +340,7 @@ def tensor_plan(recipe: Recipe, slot: TensorSlot, model_positions: list[int], de
         if recipe.rescale == "dare":
             scales[row] = sparsify.dare_scale(threshold)
         elif recipe.rescale == "l1" and threshold < sparsify.RANK_LEVELS:
-            delta = delta_rows(row)
-            before = dense_l1(row) if dense_l1 is not None else float(delta.abs().sum())
-            after = (sparsify.kept_l1_cpu(delta, threshold, key) if delta.device.type == "cpu"
-                     else sparsify.kept_l1_torch(delta, threshold, key))
+            before, after = l1_norms(row, threshold, key)
             if before >= 1e-7 and after >= 1e-7:
                 scales[row] = before / after
     normalize = bool(resolve_parameter("normalize", [glob], slot.name, slot.t, default=spec.default_normalize))
@@ -371,16 +363,8 @@ def tensor_plan(recipe: Recipe, slot: TensorSlot, model_positions: list[int], de
         else:
             base_coef = total
     return sparsify.TensorPlan(weights=weights, scales=scales, keep_mode=modes, thresholds=thresholds,
-                               magnitudes=magnitudes, keys=keys, consensus=spec.consensus, normalize=normalize,
+                               magnitudes=magnitudes, keys=keys, tie_limits=tie_limits, consensus=spec.consensus, normalize=normalize,
                                lam=lam, base_coef=base_coef)
-
-
-def _as_arithmetic_dtype(value: float, dtype: str | None) -> float:
-    if dtype not in ("bfloat16", "float16"):
-        return value
-    import torch
-
-    return float(torch.tensor(value, dtype=getattr(torch, dtype)))
 
 
 def _trimmed_l1_scale(delta, density: float) -> float:

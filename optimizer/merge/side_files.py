@@ -1,8 +1,7 @@
-"""What a recipe says about the written folder besides the weights: its dtype, tokenizer and chat template.
+"""What a recipe says about the written folder besides the weights and their dtype: its chat template.
 
-mergekit's meanings: ``out_dtype`` (else ``dtype``, else the checkpoint's own dtype) is the written dtype;
-``tokenizer_source`` picks the tokenizer copied next to the weights (see :meth:`Recipe.tokenizer_folder`);
-``chat_template`` (a Jinja template, the name of a template mergekit ships, or ``auto``: the template most input
+mergekit's meanings: ``tokenizer_source`` picks the tokenizer copied next to the weights (see
+:meth:`Recipe.tokenizer_folder`); ``chat_template`` (a Jinja template, the name of a template mergekit ships, or ``auto``: the template most input
 models share) is stored in the written tokenizer.
 """
 
@@ -12,29 +11,6 @@ from collections import Counter
 from pathlib import Path
 
 from optimizer.errors import MergeoptError
-
-DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float32"}
-
-
-def checkpoint_dtype(folder: str | Path) -> str:
-    """The floating dtype a model folder stores its weights in (read from the first safetensors header)."""
-    from safetensors import safe_open
-
-    files = sorted(Path(folder).glob("*.safetensors"))
-    if not files:
-        return "float32"
-    with safe_open(str(files[0]), framework="pt") as handle:
-        for name in handle.keys():
-            dtype = handle.get_slice(name).get_dtype()
-            if dtype in DTYPE_NAMES:
-                return DTYPE_NAMES[dtype]
-    return "float32"
-
-
-def written_dtype(recipe, base_folder: str | Path) -> str:
-    """out_dtype, else dtype, else the base checkpoint's dtype (mergekit keeps a bf16 checkpoint bf16)."""
-    return recipe.written_dtype or checkpoint_dtype(base_folder)
-
 
 def named_chat_template(name: str) -> str:
     """The text of a chat template mergekit ships by name (chatml, llama3, ...); one line when there is none."""

@@ -241,14 +241,16 @@ def _promote(study: optuna.Study, space: SearchSpace, low_value: float) -> bool:
 
 
 def run_search(space: SearchSpace, run_dir: Path, storage: str | None = None, study_name: str | None = None,
-               device: str | None = None, progress: bool = True, worker_trials: int | None = None) -> SearchResult:
+               device: str | None = None, progress: bool = True, worker_trials: int | None = None,
+               engine_device: str | None = None) -> SearchResult:
     run_dir = Path(run_dir)
     task_sets = _preflight(space)  # bad input is refused before the run folder or the study is touched
     shared = storage is not None and not storage.startswith("sqlite")
     if not shared:
         _check_lock(run_dir)  # before the (long) model loading: a folder in use is said at once
     # the weights themselves (NaN or inf in a checkpoint) are checked as they load, still before the run folder
-    engine = MergeEngine(space.base_model, space.models, device=device, progress=progress)
+    # the models stay memory-mapped on the host with engine_device="cpu" while a GPU scores
+    engine = MergeEngine(space.base_model, space.models, device=engine_device or device, progress=progress)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -7,11 +7,14 @@ The cases follow the ideas of mergekit's own basic-merge tests (methods x parame
 tied embeddings, Mistral, Qwen2, GPT-2, a bf16 checkpoint and a sharded one).
 
 Tolerances (documented in the README): float32 arithmetic agrees to float32 rounding (the fused kernel sums
-``base + w * delta`` in another order than mergekit, so a few ulps: max |diff| <= 4e-7 * max|x|). With bf16 or
-fp16 arithmetic (``dtype: bfloat16``, or no dtype on a bf16 checkpoint) mergekit rounds every intermediate to
-bf16 while the fused kernel computes in float32 and rounds once, so the written values differ by at most one
-unit in the last place on some elements (at most 2 ulps here, see ``ULPS``). DARE masks are random in both
-tools: those forms are compared statistically in test_mergekit.py.
+``base + w * delta`` in another order than mergekit: max |diff| <= 4e-7 * max|x|; most tensors are bit-identical).
+With bf16 or fp16 arithmetic (``dtype: bfloat16``, or no dtype on a bf16 checkpoint) mergekit rounds the inputs and
+every intermediate to that dtype while the fused kernel computes in float32 and rounds once: written values differ
+by at most ``ULPS`` units in the last place of the largest input or output at that element. TIES keeps exactly k
+elements in both tools, but which elements tied at the cut-off survive is unspecified in mergekit (torch's unstable
+argsort): those elements are exempt; with bf16 arithmetic mergekit also trims and elects signs on rounded deltas,
+so up to ``TIES_BF16_OUTLIERS`` of the elements may go either way. DARE masks are random in both tools: those forms
+are compared statistically in test_mergekit.py.
 """
 
 from __future__ import annotations
@@ -37,15 +40,25 @@ from mergekit.options import MergeOptions  # noqa: E402
 
 FLOAT32_REL = 4e-7  # max |ours - mergekit| / max |mergekit| for float32 arithmetic
 ULPS = 3  # bf16/fp16 arithmetic: at most this many units in the last place apart (of the largest input)
-# The TIES trim keeps every element tied at the magnitude cut-off while mergekit keeps exactly k; ties are common in
-# bf16 checkpoints (and happen in float32). The exact-k trim lands with the engine rewrite (lead, issue 11).
+# TIES trim: both tools keep exactly k = int(density * n) elements of each delta, but when elements tie in magnitude
+# at the cut-off, which of them survive is unspecified in mergekit (torch's unstable argsort; the order of equal
+# keys changes with the tensor size and threads) while mergeopt keeps the lowest-index ones. Ties are common in
+# bf16 checkpoints and happen in float32; on these forms elements tied at a cut-off may differ, the rest may not.
+TIES_BF16_OUTLIERS = 0.005
 TIES_TIED_AT_CUTOFF = {"ties-int8-mask", "bf16-checkpoint-dtype-float32", "bf16-checkpoint-ties"}
 
 
-def forms(table: dict) -> list:
-    """The table's form names as test parameters; the TIES forms above expected to fail until exact k lands."""
-    mark = pytest.mark.xfail(strict=True, reason="TIES trim keeps elements tied at the cut-off (exact k: issue 11)")
-    return [pytest.param(name, marks=mark) if name in TIES_TIED_AT_CUTOFF else name for name in sorted(table)]
+def tied_at_cutoff(inputs: list[dict], name: str, densities=(0.5, 0.3, 0.9)) -> torch.Tensor:
+    """Elements tied in magnitude at some model's TIES cut-off: whether they survive the trim is unspecified."""
+    base, models = inputs[0], inputs[1:]
+    tied = torch.zeros(base[name].shape, dtype=torch.bool)
+    for model, density in zip(models, densities):
+        magnitude = (model[name].float() - base[name].float()).abs()
+        k = max(1, int(density * magnitude.numel()))
+        cut = magnitude.flatten().kthvalue(magnitude.numel() - k + 1).values
+        if int((magnitude == cut).sum()) > 1:
+            tied |= magnitude == cut
+    return tied
 
 
 # ---- families ----------------------------------------------------------------------------------------------------
@@ -114,7 +127,8 @@ def run_mergeopt(config: dict, tmp_path: Path, capsys) -> tuple[int, dict[str, t
     return code, (read_folder(out) if code == 0 else {}), err
 
 
-def assert_same(ours: dict, theirs: dict, form: str, ulps: int = 0, inputs: list[dict] | None = None) -> None:
+def assert_same(ours: dict, theirs: dict, form: str, ulps: int = 0, inputs: list[dict] | None = None,
+                exempt=None, outliers: float = 0.0) -> None:
     """Every tensor mergekit writes, in the same dtype; float32 to rounding; bf16/fp16 within ``ulps`` units in the
     last place of the largest magnitude among the inputs and the output at that element."""
     assert theirs and set(theirs) <= set(ours), f"{form}: tensors differ: {sorted(set(theirs) ^ set(ours))[:3]}"
@@ -123,12 +137,14 @@ def assert_same(ours: dict, theirs: dict, form: str, ulps: int = 0, inputs: list
         got = ours[name]
         assert got.dtype == expected.dtype, f"{form}: {name} written as {got.dtype}, mergekit wrote {expected.dtype}"
         diff = (got.float() - expected.float()).abs()
+        if exempt is not None:  # elements tied at a TIES cut-off (see TIES_TIED_AT_CUTOFF)
+            diff = torch.where(exempt(name), torch.zeros_like(diff), diff)
         if ulps:
             scale = torch.stack([expected.float().abs()] + [x[name].float().abs() for x in inputs]).max(0).values
             exponent = torch.frexp(scale.clamp_min(torch.finfo(expected.dtype).tiny))[1]
             ulp = torch.ldexp(torch.ones_like(scale), exponent - 1) * torch.finfo(expected.dtype).eps
-            worst = float((diff / ulp).max())
-            assert worst <= ulps, f"{form}: {name} differs by {worst:.1f} ulps"
+            beyond = float(((diff / ulp) > ulps).float().mean())
+            assert beyond <= outliers, f"{form}: {name}: {beyond:.2%} of elements beyond {ulps} ulps"
         else:
             worst = float(diff.max()) / (float(expected.abs().max()) or 1.0)
             assert worst <= FLOAT32_REL, f"{form}: {name} differs by {worst:.2e} relative"
@@ -261,7 +277,7 @@ REFUSED = {
 }
 
 
-@pytest.mark.parametrize("form", forms(AGREE))
+@pytest.mark.parametrize("form", sorted(AGREE))
 def test_agree_with_mergekit(form, families, tmp_path, capsys):
     family, build = AGREE[form]
     config = build(*families[family])
@@ -269,10 +285,10 @@ def test_agree_with_mergekit(form, families, tmp_path, capsys):
     code, ours, err = run_mergeopt(config, tmp_path, capsys)
     assert code == 0, err
     assert "through mergekit" not in err  # the fused engine ran it
-    assert_same(ours, theirs, form)
+    assert_same(ours, theirs, form, **tie_exemption(form, families[family]))
 
 
-@pytest.mark.parametrize("form", forms(AGREE_ULPS))
+@pytest.mark.parametrize("form", sorted(AGREE_ULPS))
 def test_agree_with_mergekit_within_ulps_in_low_precision(form, families, tmp_path, capsys):
     family, build = AGREE_ULPS[form]
     config = build(*families[family])
@@ -280,10 +296,21 @@ def test_agree_with_mergekit_within_ulps_in_low_precision(form, families, tmp_pa
     code, ours, err = run_mergeopt(config, tmp_path, capsys)
     assert code == 0, err
     base, models = families[family]
-    assert_same(ours, theirs, form, ulps=ULPS, inputs=[read_folder(Path(f)) for f in [base, *models]])
+    assert_same(ours, theirs, form, ulps=ULPS, inputs=[read_folder(Path(f)) for f in [base, *models]],
+                **tie_exemption(form, families[family]))
 
 
-@pytest.mark.parametrize("form", forms(THROUGH_MERGEKIT))
+def tie_exemption(form: str, family) -> dict:
+    if form not in TIES_TIED_AT_CUTOFF:
+        return {}
+    inputs = [read_folder(Path(f)) for f in [family[0], *family[1]]]
+    # bf16 TIES: mergekit trims and elects signs on bf16-rounded deltas, the fused kernel on exact ones, so elements
+    # near a cut-off or with a near-zero sign sum may go either way: at most TIES_BF16_OUTLIERS of them.
+    outliers = TIES_BF16_OUTLIERS if form in AGREE_ULPS else 0.0
+    return {"exempt": lambda name: tied_at_cutoff(inputs, name), "outliers": outliers}
+
+
+@pytest.mark.parametrize("form", sorted(THROUGH_MERGEKIT))
 def test_other_forms_go_through_mergekit(form, families, tmp_path, capsys):
     family, build = THROUGH_MERGEKIT[form]
     config = build(*families[family])
@@ -297,7 +324,7 @@ def test_other_forms_go_through_mergekit(form, families, tmp_path, capsys):
         assert torch.equal(ours[name], theirs[name]), f"{form}: {name}"
 
 
-@pytest.mark.parametrize("form", forms(REFUSED))
+@pytest.mark.parametrize("form", sorted(REFUSED))
 def test_refused_in_one_line_before_anything_is_written(form, families, tmp_path, capsys):
     family, build, message = REFUSED[form]
     config = build(*families[family])
