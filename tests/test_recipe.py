@@ -122,7 +122,7 @@ def test_delta_models_skip_the_base_except_for_linear():
 # ---- parse-time checks, mergekit's dtype / tokenizer / template keys --------------------------------------------
 def test_every_value_is_checked_when_the_recipe_is_read():
     base = {"merge_method": "ties", "base_model": "b"}
-    with pytest.raises(MergeoptError, match=r"models\[0\]\.parameters\.densty: unknown parameter; did you mean density"):
+    with pytest.raises(MergeoptError, match=r"models\[0\]\.parameters\.densty: unknown parameter; did you mean dens"):
         Recipe.from_dict({**base, "models": [{"model": "a", "parameters": {"weight": 1, "densty": 0.5}}]})
     with pytest.raises(MergeoptError, match=r"density: 1.5 is outside \[0, 1\]"):
         Recipe.from_dict({**base, "models": [{"model": "a", "parameters": {"weight": 1, "density": 1.5}}]})
@@ -153,7 +153,9 @@ def test_values_are_coerced_and_kept_in_the_round_trip(tmp_path):
 
 
 def test_dtype_none_means_the_checkpoints_and_dtype_alone_is_written():
-    make = lambda **kw: Recipe("task_arithmetic", [ModelSpec("/m/a", {"weight": 1})], base_model="/m/b", **kw)
+    def make(**kw):
+        return Recipe("task_arithmetic", [ModelSpec("/m/a", {"weight": 1})], base_model="/m/b", **kw)
+
     assert make().written_dtype is None
     assert make(dtype="bfloat16").written_dtype == "bfloat16"
     assert make(dtype="float32", out_dtype="float16").written_dtype == "float16"

@@ -14,7 +14,8 @@ from pathlib import Path
 from optimizer.errors import MergeoptError
 
 # org/name, optionally @revision (a branch, tag or commit); the hub's own character set.
-_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<revision>[A-Za-z0-9._/-]+))?$")
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)"
+                     r"(?:@(?P<revision>[A-Za-z0-9._/-]+))?$")
 
 
 def looks_like_hub_id(reference: str) -> bool:

@@ -21,8 +21,13 @@ from typing import Any
 
 from optimizer.errors import MergeoptError
 from optimizer.merge.methods import METHODS, check_parameters, method_spec
-from optimizer.recipe import (TOKENIZER_WORDS, first_differing_tokenizer, fold_full_range_slices,
-                              mergekit_only_reason, resolve_reference)
+from optimizer.recipe import (
+    TOKENIZER_WORDS,
+    first_differing_tokenizer,
+    fold_full_range_slices,
+    mergekit_only_reason,
+    resolve_reference,
+)
 
 INSTALL_HINT = "pip install mergekit (or pip install 'mergeopt[mergekit]')"
 

@@ -1,8 +1,8 @@
 """What a recipe says about the written folder besides the weights and their dtype: its chat template.
 
-mergekit's meanings: ``tokenizer_source`` picks the tokenizer copied next to the weights (see
-:meth:`Recipe.tokenizer_folder`); ``chat_template`` (a Jinja template, the name of a template mergekit ships, or ``auto``: the template most input
-models share) is stored in the written tokenizer.
+mergekit's meaning: ``chat_template`` (a Jinja template, the name of a template mergekit ships, or ``auto``: the
+template most input models share) is stored in the written tokenizer. (``tokenizer_source`` picks the tokenizer
+copied next to the weights: :meth:`Recipe.tokenizer_folder`.)
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from optimizer.errors import MergeoptError
+
 
 def named_chat_template(name: str) -> str:
     """The text of a chat template mergekit ships by name (chatml, llama3, ...); one line when there is none."""
@@ -46,7 +47,8 @@ def chat_template_text(recipe) -> str | None:
     if template is None:
         return None
     if template == "auto":
-        return _plurality_template(([recipe.base_model] if recipe.base_model else []) + [m.model for m in recipe.models])
+        folders = ([recipe.base_model] if recipe.base_model else []) + [m.model for m in recipe.models]
+        return _plurality_template(folders)
     if "{" in template:
         return template
     return named_chat_template(template)

@@ -52,7 +52,7 @@ def tied_at_cutoff(inputs: list[dict], name: str, densities=(0.5, 0.3, 0.9)) -> 
     """Elements tied in magnitude at some model's TIES cut-off: whether they survive the trim is unspecified."""
     base, models = inputs[0], inputs[1:]
     tied = torch.zeros(base[name].shape, dtype=torch.bool)
-    for model, density in zip(models, densities):
+    for model, density in zip(models, densities, strict=False):
         magnitude = (model[name].float() - base[name].float()).abs()
         k = max(1, int(density * magnitude.numel()))
         cut = magnitude.flatten().kthvalue(magnitude.numel() - k + 1).values
@@ -159,7 +159,8 @@ def models_form(base, models, method, per_model, glob=None, with_base=True, n=3,
     config = {"merge_method": method}
     if with_base:
         config["base_model"] = base
-    config["models"] = [{"model": m, **({"parameters": p} if p else {})} for m, p in zip(models[:n], per_model)]
+    config["models"] = [{"model": m, **({"parameters": p} if p else {})}
+                        for m, p in zip(models[:n], per_model, strict=False)]
     if glob:
         config["parameters"] = glob
     config.update(top)
@@ -209,7 +210,7 @@ AGREE = {
     "full-range-slices": ("llama", lambda b, m: {
         "merge_method": "ties", "base_model": b, "parameters": {"normalize": True},
         "slices": [{"sources": [{"model": x, "layer_range": [0, 3], "parameters": p}
-                                for x, p in zip([b, *m], [{}, *TIES3])]}]}),
+                                for x, p in zip([b, *m], [{}, *TIES3], strict=True)]}]}),
     "sharded-checkpoint": ("sharded", lambda b, m: models_form(b, m, "ties", TIES3)),
     "gpt2-ties": ("gpt2", lambda b, m: models_form(b, m, "ties", TIES3)),
     "dtype-float32-out-bfloat16": ("llama", lambda b, m: models_form(b, m, "task_arithmetic", W3, dtype="float32",

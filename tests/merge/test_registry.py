@@ -6,8 +6,15 @@ import pytest
 
 from optimizer.cli import build_parser
 from optimizer.errors import MergeoptError
-from optimizer.merge.methods import (FUSED_METHODS, METHODS, SEARCHABLE_METHODS, check_parameters, method_spec,
-                                     methods_help, methods_markdown)
+from optimizer.merge.methods import (
+    FUSED_METHODS,
+    METHODS,
+    SEARCHABLE_METHODS,
+    check_parameters,
+    method_spec,
+    methods_help,
+    methods_markdown,
+)
 
 mergekit_registry = pytest.importorskip("mergekit.merge_methods.registry")
 
