@@ -87,7 +87,7 @@ class Recipe:
 
     def __post_init__(self) -> None:
         spec = method_spec(self.merge_method)
-        if not spec.fused:
+        if not spec.in_engine:
             raise MergeoptError(f"merge_method {self.merge_method} runs through mergekit, not the fused engine; "
                                 "'mergeopt merge' does that (pip install mergekit)")
         if self.rescale not in RESCALE_RULES:
@@ -111,6 +111,12 @@ class Recipe:
                     and "weight" not in self.parameters:
                 raise MergeoptError(f"models[{i}] ({m.model}) has no weight; give it parameters.weight "
                                     "or set a global parameters.weight")
+        others = len(self.delta_models())
+        if others < spec.min_models or (spec.max_models is not None and others > spec.max_models):
+            want = (f"exactly {spec.min_models}" if spec.min_models == spec.max_models
+                    else f"at least {spec.min_models}" if spec.max_models is None else f"at most {spec.max_models}")
+            raise MergeoptError(f"merge_method {self.merge_method} takes {want} model{'s' * (want[-1] != '1')} "
+                                f"besides the base, got {others}")
         if self.linear_base_is_input and "weight" not in self.parameters:
             raise MergeoptError(f"linear: base_model {self.base_model} is not under models, so it is averaged in "
                                 "(as mergekit does) and needs a weight: set parameters.weight, list it under "
@@ -124,13 +130,14 @@ class Recipe:
     # ---- which models carry a delta -------------------------------------------------------------
     @property
     def uses_base(self) -> bool:
-        """Task-arithmetic methods merge deltas against the base; linear merges whole weights."""
-        return not METHODS[self.merge_method].whole_weights
+        """Task-arithmetic methods merge deltas against the base; linear merges whole weights (and nuslerp does
+        without a base_model)."""
+        return not METHODS[self.merge_method].whole_weights and self.base_model is not None
 
     @property
     def linear_base_is_input(self) -> bool:
         """linear with a base_model not under ``models``: mergekit adds the base as one more averaged input."""
-        return (not self.uses_base and self.base_model is not None
+        return (METHODS[self.merge_method].whole_weights and self.base_model is not None
                 and not any(_same_path(m.model, self.base_model) for m in self.models))
 
     def delta_models(self) -> list[tuple[int, ModelSpec]]:
@@ -310,7 +317,7 @@ def resolve_reference(reference: str | None, root: Path | None = None) -> str | 
 def mergekit_only_reason(data: dict) -> str | None:
     """Why a mergekit configuration needs mergekit itself (None: the fused engine runs it)."""
     method = data.get("merge_method")
-    if method in METHODS and not METHODS[method].fused:
+    if method in METHODS and not METHODS[method].in_engine:
         return f"merge_method {method}"
     for key in MERGEKIT_ONLY_KEYS:
         if data.get(key) is not None:

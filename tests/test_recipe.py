@@ -75,7 +75,9 @@ def test_filters_pick_the_first_match_and_scopes_fall_back():
 
 
 @pytest.mark.parametrize("data,message", [
-    ({"merge_method": "slerp", "base_model": "b", "models": ["a"]}, "merge_method slerp runs through mergekit"),
+    ({"merge_method": "karcher", "base_model": "b", "models": ["a"]}, "merge_method karcher runs through mergekit"),
+    ({"merge_method": "slerp", "base_model": "b", "models": ["a", "c"], "parameters": {"t": 0.5}},
+     "slerp takes exactly 1 model besides the base, got 2"),
     ({"merge_method": "sleep", "base_model": "b", "models": ["a"]}, "not a merge method; did you mean slerp"),
     ({"merge_method": "ties", "models": ["a"]}, "needs a base_model"),
     ({"merge_method": "ties", "base_model": "b", "models": []}, "lists no models"),

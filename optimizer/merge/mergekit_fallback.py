@@ -1,9 +1,9 @@
 """Recipes the fused engine does not run, merged through mergekit's own Python API.
 
-`mergeopt merge` accepts every configuration `mergekit-yaml` accepts: what the fused engine does (the methods
-marked ``fused`` in :data:`optimizer.merge.methods.METHODS`, ``models:`` or one full-range slice per model, a
-tokenizer identical across the models) it merges itself; anything else (slerp, model_stock, della, passthrough,
-partial ``slices:``, ``modules:``, a ``tokenizer:`` block, a union of different tokenizers...) goes to
+`mergeopt merge` accepts every configuration `mergekit-yaml` accepts: what its own engine does (the methods
+marked ``fused`` or ``torch`` in :data:`optimizer.merge.methods.METHODS`, ``models:`` or one full-range slice per
+model, a tokenizer identical across the models) it merges itself; anything else (karcher, multislerp, sce,
+passthrough, partial ``slices:``, ``modules:``, a ``tokenizer:`` block, a union of different tokenizers...) goes to
 ``mergekit.merge.run_merge`` here, with one line saying so. mergekit is an optional extra
 (``pip install 'mergeopt[mergekit]'``); without it such a recipe is refused in one line.
 
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from optimizer.errors import MergeoptError
-from optimizer.merge.methods import METHODS, check_parameters, method_spec
+from optimizer.merge.methods import check_parameters, method_spec
 from optimizer.recipe import (
     TOKENIZER_WORDS,
     first_differing_tokenizer,
@@ -177,13 +177,15 @@ def _check_input_count(spec, config: dict) -> None:
     entries = config.get("models")
     if entries is None:
         return
-    names = {e["model"] for e in entries}
-    if spec.base != "ignored" and config.get("base_model"):
-        names.add(config["base_model"])
+    names = {e["model"] for e in entries} | ({config["base_model"]} if config.get("base_model") else set())
+    if spec.base != "ignored":  # counted besides the base, as mergekit's contracts do
+        names.discard(config.get("base_model"))
     if len(names) < spec.min_models or (spec.max_models is not None and len(names) > spec.max_models):
         want = (f"exactly {spec.min_models}" if spec.min_models == spec.max_models
                 else f"at least {spec.min_models}" if spec.max_models is None else f"at most {spec.max_models}")
-        raise MergeoptError(f"merge_method {spec.name} takes {want} models (the base included), got {len(names)}")
+        besides = " besides the base" if spec.base != "ignored" else ""
+        raise MergeoptError(f"merge_method {spec.name} takes {want} model{'s' * (want[-1] != '1')}{besides}, "
+                            f"got {len(names)}")
     if spec.base == "required" and not config.get("base_model"):
         raise MergeoptError(f"merge_method {spec.name} needs a base_model")
 
@@ -218,8 +220,3 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
-def describe() -> str:
-    """The registry's split, for `mergeopt merge --help`."""
-    fused = ", ".join(n for n, s in METHODS.items() if s.fused)
-    other = ", ".join(n for n, s in METHODS.items() if not s.fused)
-    return f"fused engine: {fused}; through mergekit: {other}"

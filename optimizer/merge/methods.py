@@ -95,8 +95,9 @@ class MethodSpec:
     name: str
     parameters: tuple[Parameter, ...]
     base: str  # "required" | "optional" | "ignored": does the method read base_model
-    engine: str  # "fused": mergeopt's kernels (searchable); "mergekit": handed to mergekit's Python API
-    min_models: int = 1  # inputs counted as mergekit does (the base included when the method reads it)
+    engine: str  # "fused": mergeopt's numba/torch kernels (searchable); "torch": mergeopt's engine through
+    # optimizer/merge/torch_methods.py (one torch function per tensor); "mergekit": handed to mergekit's Python API
+    min_models: int = 1  # models besides the base (every input when the method ignores the base), as mergekit counts
     max_models: int | None = None
     sparsification: str | None = None  # fused only: None | "random" (DARE) | "magnitude" (TIES trim)
     consensus: bool = False  # fused only: TIES sign election
@@ -119,6 +120,11 @@ class MethodSpec:
     @property
     def fused(self) -> bool:
         return self.engine == "fused"
+
+    @property
+    def in_engine(self) -> bool:
+        """mergeopt's engine builds it (fused kernel or torch path): in memory, into a live model, no mergekit."""
+        return self.engine in ("fused", "torch")
 
 
 def _task_arithmetic_family(extra: tuple[Parameter, ...] = (), normalize: bool = False,
@@ -151,32 +157,34 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in (
                summary="random drop (DARE) of each delta, weighted sum"),
     MethodSpec("dare_ties", _task_arithmetic_family(rescale=True), "required", "fused", sparsification="random",
                consensus=True, summary="random drop (DARE), sign election"),
-    # through mergekit
-    MethodSpec("breadcrumbs", _task_arithmetic_family((_GAMMA,)), "required", "mergekit",
+    # mergeopt's engine, torch path (optimizer/merge/torch_methods.py)
+    MethodSpec("breadcrumbs", _task_arithmetic_family((_GAMMA,)), "required", "torch",
                summary="drops the smallest and the largest-magnitude elements of each delta"),
-    MethodSpec("breadcrumbs_ties", _task_arithmetic_family((_GAMMA,)), "required", "mergekit",
+    MethodSpec("breadcrumbs_ties", _task_arithmetic_family((_GAMMA,)), "required", "torch",
                summary="breadcrumbs with sign election"),
-    MethodSpec("della", _task_arithmetic_family((_EPSILON,), normalize=True, rescale=True), "required", "mergekit",
+    MethodSpec("della", _task_arithmetic_family((_EPSILON,), normalize=True, rescale=True), "required", "torch",
                summary="magnitude-ranked random drop (DELLA), sign election"),
-    MethodSpec("della_linear", _task_arithmetic_family((_EPSILON,), rescale=True), "required", "mergekit",
+    MethodSpec("della_linear", _task_arithmetic_family((_EPSILON,), rescale=True), "required", "torch",
                summary="magnitude-ranked random drop (DELLA), weighted sum"),
-    MethodSpec("slerp", (_T,), "required", "mergekit", min_models=2, max_models=2,
+    MethodSpec("slerp", (_T,), "required", "torch", min_models=1, max_models=1,
                summary="spherical interpolation between the base and one model"),
     MethodSpec("nuslerp", (Parameter("weight", float, PER_MODEL),
                            Parameter("nuslerp_row_wise", bool, SHARED, False),
-                           Parameter("nuslerp_flatten", bool, SHARED, True)), "optional", "mergekit",
+                           Parameter("nuslerp_flatten", bool, SHARED, True)), "optional", "torch",
+               min_models=2, max_models=2,
                summary="spherical interpolation of two models (or two deltas against a base)"),
+    # through mergekit
     MethodSpec("multislerp", (Parameter("weight", float, PER_MODEL),
                               Parameter("normalize_weights", bool, SHARED, True),
                               Parameter("eps", float, SHARED, 1e-8, 0.0)), "optional", "mergekit",
                summary="spherical barycentre of several models"),
     MethodSpec("karcher", (Parameter("max_iter", int, SHARED, 10, 1), Parameter("tol", float, SHARED, 1e-5, 0.0)),
                "ignored", "mergekit", summary="Riemannian (Karcher) mean"),
-    MethodSpec("model_stock", (Parameter("filter_wise", bool, SHARED, False),), "required", "mergekit",
-               min_models=3, summary="interpolation towards the base by the angle between deltas"),
-    MethodSpec("nearswap", (Parameter("t", float, SHARED, low=0.0),), "required", "mergekit", min_models=2,
-               max_models=2, summary="takes the other model's elements where they are near the base's"),
-    MethodSpec("arcee_fusion", (), "required", "mergekit", min_models=2, max_models=2,
+    MethodSpec("model_stock", (Parameter("filter_wise", bool, SHARED, False),), "required", "torch",
+               min_models=2, summary="interpolation towards the base by the angle between deltas"),
+    MethodSpec("nearswap", (Parameter("t", float, SHARED, low=0.0),), "required", "mergekit", min_models=1,
+               max_models=1, summary="takes the other model's elements where they are near the base's"),
+    MethodSpec("arcee_fusion", (), "required", "mergekit", min_models=1, max_models=1,
                summary="dynamic thresholded fusion of two models"),
     MethodSpec("sce", (Parameter("select_topk", float, SHARED, 1.0, 0.0, 1.0),
                        Parameter("int8_mask", bool, SHARED, False)), "required", "mergekit",
@@ -270,7 +278,7 @@ def methods_help() -> str:
     lines = []
     for spec in METHODS.values():
         runner = ("fused, searchable" if spec.name in SEARCHABLE_METHODS else "fused" if spec.fused
-                  else "through mergekit")
+                  else "torch path" if spec.in_engine else "through mergekit")
         params = ", ".join(p.name for p in spec.parameters) or "no parameters"
         lines.append(f"  {spec.name:<17} {runner:<18} {params}")
     return "\n".join(lines)
@@ -382,7 +390,8 @@ def methods_markdown() -> str:
     """The README's method table, generated from the registry (a test keeps the README equal to it)."""
     rows = ["| method | runs | parameters (default; `*` per model) | what it does |", "| --- | --- | --- | --- |"]
     for spec in METHODS.values():
-        runner = "fused, searchable" if spec.name in SEARCHABLE_METHODS else "fused" if spec.fused else "mergekit"
+        runner = ("fused, searchable" if spec.name in SEARCHABLE_METHODS else "fused" if spec.fused
+                  else "torch path" if spec.in_engine else "mergekit")
         params = ", ".join(f"`{p.name}`{'*' if p.scope != SHARED else ''}{_markdown_default(p)}"
                            for p in spec.parameters) or "none"
         rows.append(f"| `{spec.name}` | {runner} | {params} | {spec.summary} |")
