@@ -26,7 +26,7 @@ from typing import Any
 
 
 from optimizer.errors import MergeoptError
-from optimizer.merge.methods import METHODS, SEARCHABLE_METHODS
+from optimizer.merge.methods import METHODS, SEARCHABLE_METHODS, check_parameters
 from optimizer.recipe import ModelSpec, Recipe, read_yaml_file, zoo_path
 
 OPTIMIZERS = ("cma", "tpe", "nsga2", "random")
@@ -298,8 +298,10 @@ def parse_space(data: Any, source: str = "space", root: Path = Path("."), defaul
     drop_bounds = _bounds(bounds, "drop_rate", (0.0, 0.9), 0.0, 0.99, source)
 
     fixed = data.get("fixed") or {}
-    if not isinstance(fixed, dict) or set(fixed) - {"normalize", "lambda", "int8_mask"}:
-        raise _fail(source, "fixed", "allowed entries: normalize, lambda, int8_mask")
+    settable = [p.name for p in METHODS[method].parameters if p.name not in ("weight", "density")]  # the registry's
+    if not isinstance(fixed, dict) or set(fixed) - set(settable):
+        raise _fail(source, "fixed", f"allowed entries for {method}: {', '.join(settable)}")
+    fixed = check_parameters(METHODS[method], fixed, f"{source}: fixed", per_model=False)  # types and ranges now
 
     objectives = []
     if not isinstance(data["objectives"], list) or not data["objectives"]:

@@ -99,7 +99,9 @@ class MethodSpec:
     # optimizer/merge/torch_methods.py (one torch function per tensor); "mergekit": handed to mergekit's Python API
     min_models: int = 1  # models besides the base (every input when the method ignores the base), as mergekit counts
     max_models: int | None = None
-    sparsification: str | None = None  # fused only: None | "random" (DARE) | "magnitude" (TIES trim)
+    # None | "random" (DARE) | "magnitude" (TIES trim) | "outliers" (breadcrumbs) | "della": a search space gives the
+    # sparsifying methods a drop-rate gene; the fused kernel runs "random" and "magnitude"
+    sparsification: str | None = None
     consensus: bool = False  # fused only: TIES sign election
     whole_weights: bool = False  # linear: merges full weights, not deltas against a base
     summary: str = ""
@@ -158,13 +160,15 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in (
     MethodSpec("dare_ties", _task_arithmetic_family(rescale=True), "required", "fused", sparsification="random",
                consensus=True, summary="random drop (DARE), sign election"),
     # mergeopt's engine, torch path (optimizer/merge/torch_methods.py)
-    MethodSpec("breadcrumbs", _task_arithmetic_family((_GAMMA,)), "required", "torch",
+    MethodSpec("breadcrumbs", _task_arithmetic_family((_GAMMA,)), "required", "torch", sparsification="outliers",
                summary="drops the smallest and the largest-magnitude elements of each delta"),
-    MethodSpec("breadcrumbs_ties", _task_arithmetic_family((_GAMMA,)), "required", "torch",
+    MethodSpec("breadcrumbs_ties", _task_arithmetic_family((_GAMMA,)), "required", "torch", sparsification="outliers",
                summary="breadcrumbs with sign election"),
     MethodSpec("della", _task_arithmetic_family((_EPSILON,), normalize=True, rescale=True), "required", "torch",
+               sparsification="della",
                summary="magnitude-ranked random drop (DELLA), sign election"),
     MethodSpec("della_linear", _task_arithmetic_family((_EPSILON,), rescale=True), "required", "torch",
+               sparsification="della",
                summary="magnitude-ranked random drop (DELLA), weighted sum"),
     MethodSpec("slerp", (_T,), "required", "torch", min_models=1, max_models=1,
                summary="spherical interpolation between the base and one model"),
@@ -199,8 +203,9 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in (
 )}
 
 FUSED_METHODS = tuple(name for name, spec in METHODS.items() if spec.fused)
-# Methods a search space may vary: fused, and merging deltas against a base.
-SEARCHABLE_METHODS = tuple(name for name in FUSED_METHODS if not METHODS[name].whole_weights)
+# Methods a search space may vary: built by mergeopt's engine (in memory), with per-model weight and density genes.
+SEARCHABLE_METHODS = tuple(name for name, spec in METHODS.items()
+                           if spec.in_engine and spec.has("weight") and spec.has("density"))
 # Every parameter name some method reads: mergekit ignores a known name the chosen method does not read (lambda on
 # linear), so such a name is kept and ignored here too; a name no method knows is a typo and refused.
 KNOWN_PARAMETERS = frozenset(p.name for spec in METHODS.values() for p in spec.parameters)
@@ -277,10 +282,9 @@ def methods_help() -> str:
     """One line per method for the CLI help and the docs, read from the registry."""
     lines = []
     for spec in METHODS.values():
-        runner = ("fused, searchable" if spec.name in SEARCHABLE_METHODS else "fused" if spec.fused
-                  else "torch path" if spec.in_engine else "through mergekit")
+        runner = _runner(spec, "through mergekit")
         params = ", ".join(p.name for p in spec.parameters) or "no parameters"
-        lines.append(f"  {spec.name:<17} {runner:<18} {params}")
+        lines.append(f"  {spec.name:<17} {runner:<23} {params}")
     return "\n".join(lines)
 
 
@@ -390,12 +394,16 @@ def methods_markdown() -> str:
     """The README's method table, generated from the registry (a test keeps the README equal to it)."""
     rows = ["| method | runs | parameters (default; `*` per model) | what it does |", "| --- | --- | --- | --- |"]
     for spec in METHODS.values():
-        runner = ("fused, searchable" if spec.name in SEARCHABLE_METHODS else "fused" if spec.fused
-                  else "torch path" if spec.in_engine else "mergekit")
+        runner = _runner(spec, "mergekit")
         params = ", ".join(f"`{p.name}`{'*' if p.scope != SHARED else ''}{_markdown_default(p)}"
                            for p in spec.parameters) or "none"
         rows.append(f"| `{spec.name}` | {runner} | {params} | {spec.summary} |")
     return "\n".join(rows)
+
+
+def _runner(spec: MethodSpec, mergekit_word: str) -> str:
+    word = {"fused": "fused", "torch": "torch path"}.get(spec.engine, mergekit_word)
+    return f"{word}, searchable" if spec.name in SEARCHABLE_METHODS else word
 
 
 def _markdown_default(p: Parameter) -> str:

@@ -157,3 +157,29 @@ def test_della_recipe_re_merges_to_the_same_bits(llama_family, tmp_path, capsys)
         outs.append(load_file(tmp_path / f"out{run}" / "model.safetensors"))
     assert "through mergekit" not in capsys.readouterr().err
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs_ties", "della"])
+def test_a_search_space_builds_torch_path_candidates_into_a_live_model(method, llama_family):
+    """The sparsifying torch-path methods are searchable: genes map to weights and densities, and the engine
+    writes each candidate straight into a live model's parameters (no file), as for the fused methods."""
+    import transformers
+
+    from optimizer.merge.engine import MergeEngine
+    from optimizer.space import parse_space
+
+    base, models = llama_family
+    fixed = {"gamma": 0.05} if method.startswith("breadcrumbs") else {"epsilon": 0.1}
+    space = parse_space({"name": "t", "base_model": str(base), "models": [str(m) for m in models],
+                         "merge_method": method, "objectives": ["a"], "fixed": fixed})
+    assert space.uses_drop_rate and space.dimension == 2 * len(models)
+    recipe = space.recipe([0.5] * space.dimension, seed=1)
+    engine = MergeEngine.for_recipe(recipe, device="cpu")
+    live = transformers.AutoModelForCausalLM.from_pretrained(base)
+    engine.build_into(recipe, live)
+    built = {k: v.detach().clone() for k, v in live.state_dict().items()}
+    expected = engine.state_dict(recipe)
+    for name, tensor in expected.items():
+        assert torch.equal(built[name], tensor), name
+    stored = load_file(base / "model.safetensors")
+    assert any(not torch.equal(expected[n], stored[n]) for n in stored)
