@@ -32,7 +32,6 @@ from optimizer.errors import MergeoptError
 from optimizer.evaluate.scoring import CandidateResult, evaluate_candidate, make_backend
 from optimizer.evaluate.tasks import load_task_set
 from optimizer.files import temporary_path, write_atomic
-from optimizer.merge.checkpoint import load_state_dict
 from optimizer.merge.engine import MergeEngine
 from optimizer.search import faults
 from optimizer.search.interrupts import Interrupts
@@ -206,7 +205,7 @@ def _objective_values(space: SearchSpace, result: CandidateResult) -> list[float
     return [space.scalarize(values)]
 
 
-def _score_parents(space, study, backend, task_set, progress: bool, lock: StudyLock) -> dict:
+def _score_parents(space, study, backend, task_set, progress: bool, lock: StudyLock, engine: MergeEngine) -> dict:
     if "parents" in study.user_attrs:
         return study.user_attrs["parents"]
     with lock.claim("parents") as mine:  # one of several workers starting together scores them
@@ -214,13 +213,14 @@ def _score_parents(space, study, backend, task_set, progress: bool, lock: StudyL
             return {}
         if "parents" in study.user_attrs:
             return study.user_attrs["parents"]
-        return _score_parents_now(space, study, backend, task_set, progress)
+        return _score_parents_now(space, study, backend, task_set, progress, engine)
 
 
-def _score_parents_now(space, study, backend, task_set, progress: bool) -> dict:
+def _score_parents_now(space, study, backend, task_set, progress: bool, engine: MergeEngine) -> dict:
     parents = {}
-    for label, folder in [("base", space.base_model)] + [(Path(m).name, m) for m in space.models]:
-        backend.load_state(load_state_dict(folder).items())
+    for index, (label, folder) in enumerate([("base", space.base_model)] + [(Path(m).name, m) for m in space.models]):
+        stored = engine.stored_weights(index)  # the engine's own mapped weights: no second copy of the model
+        backend.load_state((name, stored[name].view(engine.shapes[name])) for name in engine.names)
         result = evaluate_candidate(backend, task_set)
         parents[label] = {"path": folder, "scores": result.to_dict()}
         if progress:
@@ -299,7 +299,7 @@ def _run(space, run_dir, storage, study_name, device, progress, shared, worker_t
 
     backend = make_backend(space.backend, space.base_model, device=device, dtype=space.dtype)
     result = SearchResult(run_dir=run_dir, study=study)
-    result.parents = _score_parents(space, study, backend, task_set, progress, lock)
+    result.parents = _score_parents(space, study, backend, task_set, progress, lock, engine)
 
     def finished() -> int:
         return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED) if spends_budget(t))
@@ -360,7 +360,7 @@ def _run(space, run_dir, storage, study_name, device, progress, shared, worker_t
     bar.close()
     result.interrupted = result.interrupted or interrupts.pending
     if not result.parents and not result.interrupted:  # another worker had the claim: its scores, or (it died) ours
-        result.parents = _score_parents(space, study, backend, task_set, False, lock)
+        result.parents = _score_parents(space, study, backend, task_set, False, lock, engine)
     optimizer.close()
     result.seconds = {"evaluating": evaluating, **optimizer.seconds}
     return result
