@@ -89,11 +89,11 @@ def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch
     lower index (mergekit's order among ties is unspecified)."""
     n = delta.numel()
     if density >= 1:
-        return torch.ones(n, dtype=torch.bool)
+        return torch.ones(n, dtype=torch.bool, device=delta.device)
     keep = int(density * n)
     bottom = max(0, n - keep - int(gamma * n))
     order = torch.sort(delta.abs(), stable=True).indices
-    mask = torch.zeros(n, dtype=torch.bool)
+    mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
     mask[order[bottom:bottom + keep]] = True
     return mask
 
@@ -103,9 +103,9 @@ def della_mask(delta: torch.Tensor, shape: tuple[int, ...], density: float, epsi
     """DELLA's MagPrune: within each row, element of magnitude rank r (0 = smallest) is kept with probability
     ``density - epsilon + 2 * epsilon * r / (row length - 1)``; ``uniforms`` are the element's draws in [0, 1)."""
     if density >= 1:
-        return torch.ones(delta.numel(), dtype=torch.bool)
+        return torch.ones(delta.numel(), dtype=torch.bool, device=delta.device)
     if density <= 0:
-        return torch.zeros(delta.numel(), dtype=torch.bool)
+        return torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device)
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise MergeoptError(f"della: density {density:g} +/- epsilon {epsilon:g} must stay within (0, 1); "
                             "lower epsilon")
@@ -126,8 +126,8 @@ def l1_rescaled(delta: torch.Tensor, mask: torch.Tensor, eps: float = 1e-7) -> t
 def task_arithmetic(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], consensus: bool,
                     normalize: bool, lam: float) -> torch.Tensor:
     """base + lam * mix of weighted (already sparsified) deltas; TIES sign election when ``consensus``."""
-    stacked = torch.stack(deltas) * torch.tensor(weights, dtype=torch.float32).unsqueeze(1)
-    w = torch.tensor(weights, dtype=torch.float32).unsqueeze(1)
+    w = torch.tensor(weights, dtype=torch.float32, device=base.device).unsqueeze(1)
+    stacked = torch.stack(deltas) * w
     if consensus:
         elected = torch.where(stacked.sum(dim=0) >= 0, 1.0, -1.0)
         agree = torch.sign(stacked) == elected
@@ -137,17 +137,18 @@ def task_arithmetic(base: torch.Tensor, deltas: list[torch.Tensor], weights: lis
     else:
         mix = stacked.sum(dim=0)
         total = float(w.sum())
-        divisor = torch.tensor(total if abs(total) >= 1e-8 else 1.0)
+        divisor = total if abs(total) >= 1e-8 else 1.0
     if normalize:
         mix = mix / divisor
     return base + lam * mix
 
 
-def uniforms(n: int, seed: int, position: int, name: str) -> torch.Tensor:
-    """Per-element draws in [0, 1) from the DARE counter hash: a function of (seed, model position, tensor) only."""
+def uniforms(n: int, seed: int, position: int, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Per-element draws in [0, 1) from the DARE counter hash: a function of (seed, model position, tensor) only,
+    the same on every device."""
     from optimizer.merge import sparsify
 
-    ranks = sparsify.dare_ranks(n, sparsify.mask_key(seed, position, f"della\0{name}"))
+    ranks = sparsify.dare_ranks(n, sparsify.mask_key(seed, position, f"della\0{name}"), device)
     return (ranks.float() + 0.5) / sparsify.RANK_LEVELS
 
 
@@ -210,7 +211,7 @@ class TorchPlan:
                 mask = breadcrumbs_mask(delta, density, own("gamma", pos))
             else:
                 mask = della_mask(delta, self.shape, density, own("epsilon", pos),
-                                  uniforms(delta.numel(), recipe.seed, pos, self.name))
+                                  uniforms(delta.numel(), recipe.seed, pos, self.name, delta.device))
             deltas.append(l1_rescaled(delta, mask) if rescale else delta * mask)
             weights.append(own("weight", pos))
         if not deltas:
