@@ -286,18 +286,17 @@ class Recipe:
     def resolve_paths(self, root: Path) -> None:
         """Resolve ``zoo:NAME`` and hub ids (``org/name[@revision]``, from the local Hugging Face cache), and
         relative paths against the recipe's folder when they exist there."""
-        self.base_model = resolve_reference(self.base_model, root)
-        if self.tokenizer_source not in TOKENIZER_WORDS:
+        if self.base_model is not None:
+            self.base_model = resolve_reference(self.base_model, root)
+        if self.tokenizer_source is not None and self.tokenizer_source not in TOKENIZER_WORDS:
             self.tokenizer_source = resolve_reference(self.tokenizer_source, root)
         for m in self.models:
-            m.model = resolve_reference(m.model, root)  # type: ignore[assignment]
+            m.model = resolve_reference(m.model, root)
 
 
-def resolve_reference(reference: str | None, root: Path | None = None) -> str | None:
+def resolve_reference(reference: str, root: Path | None = None) -> str:
     """A model reference as a local folder: ``zoo:NAME``; a path (relative: the recipe's folder first, then the
     current one); or a Hugging Face id ``org/name[@revision]`` found in the local cache."""
-    if reference is None:
-        return None
     if reference.startswith("zoo:"):
         return zoo_path(reference)
     path = Path(reference).expanduser()
@@ -399,7 +398,7 @@ def _refuse_zero_weight_sums(recipe: Recipe) -> None:
     for s in settings + [recipe.parameters.get("normalize")]:
         for cond in (s if isinstance(s, list) and s and isinstance(s[0], dict) else [{"value": s}]):
             if cond.get("filter"):
-                probes_name.add(cond["filter"])
+                probes_name.add(str(cond["filter"]))
             value = cond["value"]
             if isinstance(value, list) and len(value) > 1:
                 probes_t.update(i / (len(value) - 1) for i in range(len(value)))

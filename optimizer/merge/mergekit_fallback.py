@@ -63,7 +63,7 @@ def route(data: Any, root: Path) -> tuple[dict, str | None]:
 def _tokenizer_reason(data: dict, root: Path) -> str | None:
     source = str(data["tokenizer_source"])
     refs = [resolve_reference(str(m["model"] if isinstance(m, dict) else m), root) for m in data.get("models") or []]
-    base = resolve_reference(data.get("base_model"), root) if data.get("base_model") else None
+    base = resolve_reference(str(data["base_model"]), root) if data.get("base_model") else None
     folders = ([base] if base else []) + refs
     if not folders:
         return None

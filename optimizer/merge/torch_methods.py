@@ -132,14 +132,14 @@ def task_arithmetic(base: torch.Tensor, deltas: list[torch.Tensor], weights: lis
         elected = torch.where(stacked.sum(dim=0) >= 0, 1.0, -1.0)
         agree = torch.sign(stacked) == elected
         mix = (stacked * agree).sum(dim=0)
-        divisor = (w * agree).sum(dim=0)
-        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        agreeing = (w * agree).sum(dim=0)
+        if normalize:
+            mix = mix / torch.where(agreeing == 0, torch.ones_like(agreeing), agreeing)
     else:
         mix = stacked.sum(dim=0)
         total = float(w.sum())
-        divisor = total if abs(total) >= 1e-8 else 1.0
-    if normalize:
-        mix = mix / divisor
+        if normalize:
+            mix = mix / (total if abs(total) >= 1e-8 else 1.0)
     return base + lam * mix
 
 
