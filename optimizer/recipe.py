@@ -123,6 +123,8 @@ class Recipe:
                                 "models, or drop base_model")
         if spec.whole_weights:
             _refuse_zero_weight_sums(self)
+        if spec.sparsification == "della":
+            _refuse_della_bounds(self, spec)
         from optimizer.merge.side_files import check_chat_template
 
         check_chat_template(self.chat_template)
@@ -384,6 +386,18 @@ def first_differing_tokenizer(reference: str, others: list[str]) -> str | None:
         if files(other) != ref:
             return other
     return None
+
+
+def _refuse_della_bounds(recipe: Recipe, spec) -> None:
+    """DELLA keeps elements with probabilities density +/- epsilon, which must stay within (0, 1) (mergekit stops
+    mid-merge otherwise); checked now for numbers (gradients and filters are checked per tensor as they merge)."""
+    for i, m in recipe.delta_models():
+        density = m.parameters.get("density", recipe.parameters.get("density", 1.0))
+        epsilon = m.parameters.get("epsilon", recipe.parameters.get("epsilon", spec.parameter("epsilon").default))
+        if _is_number(density) and _is_number(epsilon) and 0 < density < 1 \
+                and (density + epsilon >= 1 or density - epsilon <= 0):
+            raise MergeoptError(f"models[{i}]: density {density:g} +/- epsilon {epsilon:g} must stay within (0, 1) "
+                                f"for {recipe.merge_method}; lower epsilon")
 
 
 def _refuse_zero_weight_sums(recipe: Recipe) -> None:

@@ -334,6 +334,9 @@ REFUSED = {
     "basic-della-invalid-epsilon": ("llama", lambda b, m: models_form(
         b, m, "della", BASIC, {"density": 0.66, "epsilon": 1.35, "lambda": 0.5}, n=2),
         r"epsilon: 1.35 is outside \[0, 1\]"),
+    "della-epsilon-past-density": ("llama", lambda b, m: models_form(
+        b, m, "della", [{"weight": 0.5, "density": 0.9, "epsilon": 0.15}], n=1),
+        r"density 0.9 \+/- epsilon 0.15 must stay within \(0, 1\)"),
     "hub-id-not-cached": ("llama", lambda b, m: {"merge_method": "task_arithmetic", "base_model": b,
                                                  "models": [{"model": "no-such-org/no-such-model@v1",
                                                              "parameters": {"weight": 1}}]},
