@@ -103,9 +103,9 @@ class Recipe:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise MergeoptError(f"mergeopt.seed must be an integer, got {self.seed!r}")
         # Every value checked now, before any model is read: unknown names, types, ranges, missing weights.
-        self.parameters = check_parameters(spec, self.parameters, "parameters", per_model=False)
+        self.parameters = check_parameters(spec, self.parameters, "parameters")
         for i, m in enumerate(self.models):
-            m.parameters = check_parameters(spec, m.parameters, f"models[{i}].parameters", per_model=True)
+            m.parameters = check_parameters(spec, m.parameters, f"models[{i}].parameters")
         for i, m in self.delta_models():
             if "weight" in {p.name for p in spec.parameters} and "weight" not in m.parameters \
                     and "weight" not in self.parameters:
@@ -249,8 +249,7 @@ class Recipe:
         spec = method_spec(method)
         if spec.sparsification == "random":
             # DARE: mergekit's `rescale` switch becomes the mergeopt rule (its L1 rule for a plain mergekit file).
-            mergekit_rescale = check_parameters(spec, {"rescale": params.pop("rescale", True)}, "parameters",
-                                                per_model=False)["rescale"]
+            mergekit_rescale = check_parameters(spec, {"rescale": params.pop("rescale", True)}, "parameters")["rescale"]
             rescale = block.get("rescale", "l1" if mergekit_rescale else "none")
         else:
             rescale = block.get("rescale", "dare")

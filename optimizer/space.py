@@ -301,7 +301,7 @@ def parse_space(data: Any, source: str = "space", root: Path = Path("."), defaul
     settable = [p.name for p in METHODS[method].parameters if p.name not in ("weight", "density")]  # the registry's
     if not isinstance(fixed, dict) or set(fixed) - set(settable):
         raise _fail(source, "fixed", f"allowed entries for {method}: {', '.join(settable)}")
-    fixed = check_parameters(METHODS[method], fixed, f"{source}: fixed", per_model=False)  # types and ranges now
+    fixed = check_parameters(METHODS[method], fixed, f"{source}: fixed")  # types and ranges now
 
     objectives = []
     if not isinstance(data["objectives"], list) or not data["objectives"]:

@@ -102,10 +102,10 @@ def prepare(data: dict, root: Path, allow_pickle: bool = False) -> dict:
         folders.append(folder)
         return folder
 
-    def params(block: Any, where: str, per_model: bool) -> Any:
+    def params(block: Any, where: str) -> Any:
         if block is None:
             return None
-        return check_parameters(spec, block, where, per_model=per_model)
+        return check_parameters(spec, block, where)
 
     def models(entries: Any, where: str) -> list:
         if not isinstance(entries, list) or not entries:
@@ -117,7 +117,7 @@ def prepare(data: dict, root: Path, allow_pickle: bool = False) -> dict:
                 raise MergeoptError(f"{where}[{i}] needs a 'model' key")
             entry["model"] = local(entry["model"], f"{where}[{i}].model")
             if entry.get("parameters") is not None:
-                entry["parameters"] = params(entry["parameters"], f"{where}[{i}].parameters", True)
+                entry["parameters"] = params(entry["parameters"], f"{where}[{i}].parameters")
             out.append(entry)
         return out
 
@@ -133,14 +133,14 @@ def prepare(data: dict, root: Path, allow_pickle: bool = False) -> dict:
             if out_slice.get("base_model") is not None:
                 out_slice["base_model"] = local(out_slice["base_model"], f"{where}[{i}].base_model")
             if out_slice.get("parameters") is not None:
-                out_slice["parameters"] = params(out_slice["parameters"], f"{where}[{i}].parameters", False)
+                out_slice["parameters"] = params(out_slice["parameters"], f"{where}[{i}].parameters")
             out.append(out_slice)
         return out
 
     if config.get("base_model") is not None:
         config["base_model"] = local(config["base_model"], "base_model")
     if config.get("parameters") is not None:
-        config["parameters"] = params(config["parameters"], "parameters", False)
+        config["parameters"] = params(config["parameters"], "parameters")
     if config.get("models") is not None:
         config["models"] = models(config["models"], "models")
     if config.get("slices") is not None:
@@ -155,7 +155,7 @@ def prepare(data: dict, root: Path, allow_pickle: bool = False) -> dict:
             if module.get("slices") is not None:
                 module["slices"] = slices(module["slices"], f"modules.{name}.slices")
             if module.get("parameters") is not None:
-                module["parameters"] = params(module["parameters"], f"modules.{name}.parameters", False)
+                module["parameters"] = params(module["parameters"], f"modules.{name}.parameters")
             config["modules"][name] = module
     source = config.get("tokenizer_source")
     if source is not None and source not in TOKENIZER_WORDS:

@@ -224,7 +224,7 @@ def _refuse_name(what: str, name: str, known, verb: str):
     raise MergeoptError(f"{what} {verb}; {hint}")
 
 
-def check_parameters(spec: MethodSpec, params: dict[str, Any], where: str, per_model: bool) -> dict[str, Any]:
+def check_parameters(spec: MethodSpec, params: dict[str, Any], where: str) -> dict[str, Any]:
     """Parameters with every scalar coerced to its declared type and range-checked, at parse time.
 
     A name no method knows is refused with the nearest known name (``densty``: did you mean density?); a name

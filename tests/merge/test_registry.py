@@ -62,24 +62,24 @@ def test_fused_and_searchable_methods():
 ])
 def test_bad_parameters_are_one_line_naming_the_key(params, message):
     with pytest.raises(MergeoptError, match=message):
-        check_parameters(METHODS["ties"], params, "models[0].parameters", per_model=True)
+        check_parameters(METHODS["ties"], params, "models[0].parameters")
 
 
 def test_values_are_coerced_to_the_declared_type():
     out = check_parameters(METHODS["ties"], {"weight": "0.5", "density": ["1e-1", 1], "normalize": "false",
                                              "int8_mask": 1, "lambda": {"filter": "mlp", "value": "2"}},
-                           "parameters", per_model=False)
+                           "parameters")
     assert out == {"weight": 0.5, "density": [0.1, 1], "normalize": False, "int8_mask": True,
                    "lambda": {"filter": "mlp", "value": 2.0}}
     with pytest.raises(MergeoptError, match="normalize: 'maybe' is not true or false"):
-        check_parameters(METHODS["ties"], {"normalize": "maybe"}, "parameters", per_model=False)
+        check_parameters(METHODS["ties"], {"normalize": "maybe"}, "parameters")
     with pytest.raises(MergeoptError, match="max_iter: 2.5 is not a whole number"):
-        check_parameters(METHODS["karcher"], {"max_iter": 2.5}, "parameters", per_model=False)
+        check_parameters(METHODS["karcher"], {"max_iter": 2.5}, "parameters")
 
 
 def test_a_parameter_another_method_reads_is_ignored_as_mergekit_does():
     """lambda means nothing to linear; mergekit ignores it there, so it is kept (round trip) and ignored."""
-    assert check_parameters(METHODS["linear"], {"lambda": 0.5}, "parameters", per_model=False) == {"lambda": 0.5}
+    assert check_parameters(METHODS["linear"], {"lambda": 0.5}, "parameters") == {"lambda": 0.5}
 
 
 def test_unknown_method_names_the_nearest():
