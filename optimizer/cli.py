@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--seed", type=int, default=0, help="training seed for --rebuild (default 0)")
 
     merge = command("merge", "Merge the models of a recipe YAML into a safetensors model folder.")
+    from optimizer.merge.methods import methods_help
+
+    merge.description = (f"{merge.description}\n\nAny mergekit configuration: forms the fused engine does not run go "
+                         f"through mergekit (pip install mergekit).\nmerge methods and their parameters:\n"
+                         f"{methods_help()}")
     merge.add_argument("recipe", type=Path, help="recipe YAML (mergekit format, optional mergeopt: block)")
     merge.add_argument("--out", type=Path, required=True, help="output model folder")
     merge.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
@@ -307,12 +312,31 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from optimizer.merge.engine import MergeEngine
-    from optimizer.recipe import Recipe
+    from optimizer.merge import mergekit_fallback
+    from optimizer.recipe import Recipe, read_yaml_file
 
+    root = args.recipe.parent
+    data, reason = mergekit_fallback.route(read_yaml_file(args.recipe, "recipe file"), root)
+    start = time.perf_counter()
+    if reason is not None:  # a form only mergekit runs: checked here, then merged by mergekit itself
+        if not mergekit_fallback.available():
+            raise MergeoptError(f"{args.recipe}: {reason} needs mergekit, which is not installed: "
+                                f"{mergekit_fallback.INSTALL_HINT}")
+        config = mergekit_fallback.prepare(data, root, allow_pickle=args.allow_pickle)
+        print(f"mergeopt merge: {reason} is not in the fused engine; merging through mergekit", file=sys.stderr)
+        if args.plan:
+            return 0
+        seed = (data.get("mergeopt") or {}).get("seed", 0)
+        out = mergekit_fallback.merge(config, args.out, seed=seed, device=args.device, shard_size=args.shard_size)
+        print(f"merged with mergekit ({data['merge_method']}) into {out.resolve()} "
+              f"({time.perf_counter() - start:.1f}s)", file=sys.stderr)
+        print(out.resolve())
+        return 0
+    from optimizer.merge.engine import MergeEngine
     from optimizer.merge.memory import plan_memory
 
-    recipe = Recipe.load(args.recipe)
+    recipe = Recipe.from_dict(data, source=str(args.recipe))
+    recipe.resolve_paths(root)
     base = recipe.base_model or recipe.models[0].model
     device = args.device or ("cuda" if _cuda() else "cpu")
     plan = plan_memory(base, [m.model for _, m in recipe.delta_models()], engine_device=device, backend=None,

@@ -26,7 +26,7 @@ from typing import Any
 
 
 from optimizer.errors import MergeoptError
-from optimizer.merge.methods import METHODS
+from optimizer.merge.methods import METHODS, SEARCHABLE_METHODS, check_parameters
 from optimizer.recipe import ModelSpec, Recipe, read_yaml_file, zoo_path
 
 OPTIMIZERS = ("cma", "tpe", "nsga2", "random")
@@ -35,7 +35,7 @@ _KEYS = {
     "name": "a name for the run (default: the file's stem)",
     "base_model": "the base model folder or zoo:NAME",
     "models": "the fine-tuned models (folders or zoo:NAME)",
-    "merge_method": "|".join(METHODS),
+    "merge_method": "|".join(SEARCHABLE_METHODS),
     "granularity": "global | per_model | per_layer | {layer_groups: K} | {gradient: K}",
     "modules": "a list of tensor-name substrings that get their own values, e.g. [self_attn, mlp]",
     "bounds": "{weight: [lo, hi], drop_rate: [lo, hi]}",
@@ -268,9 +268,9 @@ def parse_space(data: Any, source: str = "space", root: Path = Path("."), defaul
     models = [model_ref(m, f"models[{i}]") for i, m in enumerate(data["models"])]
 
     method = data.get("merge_method", "dare_ties")
-    if method not in METHODS or METHODS[method].whole_weights:
+    if method not in SEARCHABLE_METHODS:
         raise _fail(source, "merge_method", f"{method!r} cannot be searched; use one of "
-                    f"{', '.join(m for m in METHODS if not METHODS[m].whole_weights)}")
+                    f"{', '.join(SEARCHABLE_METHODS)}")
 
     granularity, groups, interpolate = "per_model", 1, False
     g = data.get("granularity", "per_model")
@@ -298,8 +298,10 @@ def parse_space(data: Any, source: str = "space", root: Path = Path("."), defaul
     drop_bounds = _bounds(bounds, "drop_rate", (0.0, 0.9), 0.0, 0.99, source)
 
     fixed = data.get("fixed") or {}
-    if not isinstance(fixed, dict) or set(fixed) - {"normalize", "lambda", "int8_mask"}:
-        raise _fail(source, "fixed", "allowed entries: normalize, lambda, int8_mask")
+    settable = [p.name for p in METHODS[method].parameters if p.name not in ("weight", "density")]  # the registry's
+    if not isinstance(fixed, dict) or set(fixed) - set(settable):
+        raise _fail(source, "fixed", f"allowed entries for {method}: {', '.join(settable)}")
+    fixed = check_parameters(METHODS[method], fixed, f"{source}: fixed")  # types and ranges now
 
     objectives = []
     if not isinstance(data["objectives"], list) or not data["objectives"]:
