@@ -162,10 +162,7 @@ class TensorEntry:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return _numel(self.shape)
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
