@@ -171,7 +171,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def _search_report(run_dir: Path, storage: str | None, study: str | None) -> None:
     """The HTML report at the end of a search; a report that cannot be drawn never fails the search."""
-    from optimizer.report import load_run, write_html
+    from optimizer.report import write_html
+    from optimizer.run import load_run
 
     try:
         path = write_html(load_run(run_dir, storage=storage, study_name=study))
@@ -193,7 +194,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from optimizer.export import export_run
-    from optimizer.report import load_run, summarize, write_html
+    from optimizer.report import summarize, write_html
+    from optimizer.run import load_run
 
     # export first, so the report's links (pareto/*.yaml) and trials.csv match the study as it is now
     export_run(args.run, storage=args.storage, study_name=args.study)
@@ -278,6 +280,22 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def configure_output(args: argparse.Namespace) -> None:
+    """The process-wide settings a command line owns (library modules set none): log format and levels."""
+    import logging
+    import warnings
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("mergeopt")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if args.debug else logging.INFO)
+    logger.propagate = False
+    logging.getLogger("optuna").setLevel(logging.WARNING)  # Optuna's per-trial INFO lines would drown the progress
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    warnings.filterwarnings("ignore", message="Could not import matplotlib.pyplot")
+
+
 COMMANDS = {"zoo": cmd_zoo, "merge": cmd_merge, "eval": cmd_eval, "search": cmd_search, "export": cmd_export,
             "report": cmd_report}
 
@@ -288,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    configure_output(args)
     try:
         return COMMANDS[args.command](args)
     except MergeoptError as exc:
@@ -303,6 +322,13 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except Exception as exc:  # the last resort: a bug or an unforeseen failure is still one line without --debug
+        if args.debug:
+            raise
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"mergeopt {args.command}: error: {type(exc).__name__}: {text} (unexpected; rerun with --debug for "
+              "the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

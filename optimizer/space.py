@@ -26,23 +26,22 @@ from typing import Any
 
 
 from optimizer.errors import MergeoptError
-from optimizer.merge.methods import METHODS
 from optimizer.recipe import ModelSpec, Recipe, read_yaml_file, zoo_path
+from optimizer.search.optimizers import OPTIMIZERS
 
-OPTIMIZERS = ("cma", "tpe", "nsga2", "random")
 DIRECTIONS = ("maximize", "minimize")
 _KEYS = {
     "name": "a name for the run (default: the file's stem)",
     "base_model": "the base model folder or zoo:NAME",
     "models": "the fine-tuned models (folders or zoo:NAME)",
-    "merge_method": "|".join(METHODS),
+    "merge_method": "dare_ties | dare_linear | ties | task_arithmetic",
     "granularity": "global | per_model | per_layer | {layer_groups: K} | {gradient: K}",
     "modules": "a list of tensor-name substrings that get their own values, e.g. [self_attn, mlp]",
     "bounds": "{weight: [lo, hi], drop_rate: [lo, hi]}",
     "fixed": "recipe parameters held constant, e.g. {normalize: false, lambda: 1.0}",
     "objectives": "a list of {task, metric, direction}",
     "scalarization": "task weights for single-objective optimisers, e.g. {add: 1, sort: 2}",
-    "optimizer": "{name: cma|tpe|nsga2|random, ...settings}",
+    "optimizer": "{name: " + "|".join(OPTIMIZERS) + ", ...settings}",
     "budget": "{trials: N, minutes: M}",
     "seed": "an integer: sampler seed and DARE mask seed",
     "tasks": "the task set: zoo, a task-set YAML or lm-eval task names",
@@ -50,9 +49,9 @@ _KEYS = {
     "fidelity": "{low: N, promote: F}: score every candidate on N items first, promote the top F to the full subset",
     "backend": "hf | vllm",
     "dtype": "float32 | bfloat16 | float16",
+    "resolved": "written by mergeopt search into a run's space.yaml (what the space resolved to); ignored on input",
 }
-_OPTIMIZER_SETTINGS = {"cma": {"popsize", "sigma0"}, "tpe": {"n_startup_trials"}, "nsga2": {"population_size"},
-                       "random": set()}
+BUDGET_KEYS = ("budget",)  # the only part of a run's configuration that a resume may change (it may grow a run)
 
 
 @dataclass(frozen=True)
@@ -108,12 +107,47 @@ class SearchSpace:
     backend: str = "hf"
     dtype: str = "float32"
     num_layers: int = 1
-    source: dict[str, Any] = field(default_factory=dict)
+    uses_drop_rate: bool = True  # the method sparsifies at random (DARE): drop rates are genes
+    source: dict[str, Any] = field(default_factory=dict)  # the YAML as written (before CLI overrides)
+
+    # ---- the run's record -------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """The effective configuration: the YAML with the CLI overrides applied, in canonical form.
+
+        It parses back into the same space (``parse_space``), so a run folder's ``space.yaml`` re-runs as it is.
+        """
+        granularity: Any = self.granularity
+        if self.granularity == "per_layer":
+            granularity = "per_layer"
+        elif self.granularity in ("layer_groups", "gradient"):
+            granularity = {self.granularity: self.groups}
+        config: dict[str, Any] = {
+            "name": self.name, "base_model": self.base_model, "models": list(self.models),
+            "merge_method": self.merge_method, "granularity": granularity, "modules": list(self.modules),
+            "bounds": {"weight": list(self.weight_bounds), "drop_rate": list(self.drop_bounds)},
+            "fixed": copy.deepcopy(self.fixed),
+            "objectives": [{"task": o.task, "direction": o.direction, **({"metric": o.metric} if o.metric else {})}
+                           for o in self.objectives],
+            "scalarization": dict(self.scalarization),
+            "optimizer": {"name": self.optimizer, **self.optimizer_settings},
+            "budget": {"trials": self.trials, **({"minutes": self.minutes} if self.minutes else {})},
+            "seed": self.seed, "tasks": self.tasks, "limit": self.limit,
+            "backend": self.backend, "dtype": self.dtype,
+        }
+        if self.fidelity_low is not None:
+            config["fidelity"] = {"low": self.fidelity_low, "promote": self.fidelity_promote}
+        return config
+
+    def facts(self) -> dict[str, Any]:
+        """What the configuration resolved to on disk: needed to read the run back without its model folders."""
+        return {"num_layers": self.num_layers, "uses_drop_rate": self.uses_drop_rate,
+                "model_labels": model_labels(self.models), "genes": [g.name for g in self.genes()]}
+
+    def identity(self) -> dict[str, Any]:
+        """What a resume must not change: the configuration but its budget."""
+        return {k: v for k, v in self.config().items() if k not in BUDGET_KEYS}
 
     # ---- genome -----------------------------------------------------------------------------------
-    @property
-    def uses_drop_rate(self) -> bool:
-        return METHODS[self.merge_method].sparsification is not None
 
     def genes(self) -> list[Gene]:
         params = [("weight", self.weight_bounds)]
@@ -121,12 +155,13 @@ class SearchSpace:
             params.append(("drop_rate", self.drop_bounds))
         model_ids = [-1] if self.granularity == "global" else list(range(len(self.models)))
         module_ids = list(range(len(self.modules))) or [-1]
+        labels = model_labels(self.models)
         genes = []
         for param, (low, high) in params:
             for m in model_ids:
                 for mod in module_ids:
                     for g in range(self.groups):
-                        label = "all" if m < 0 else _short(self.models[m])
+                        label = "all" if m < 0 else labels[m]
                         parts = [param[0], label] + ([self.modules[mod]] if mod >= 0 else []) + (
                             [f"g{g}"] if self.groups > 1 else [])
                         genes.append(Gene(".".join(parts), param, m, mod, g, low, high))
@@ -189,7 +224,7 @@ class SearchSpace:
     # ---- objectives ---------------------------------------------------------------------------------
     @property
     def multi_objective(self) -> bool:
-        return len(self.objectives) > 1 and self.optimizer in ("nsga2", "tpe", "random")
+        return len(self.objectives) > 1 and OPTIMIZERS[self.optimizer].multi_objective
 
     def scalarize(self, values: dict[str, float]) -> float:
         """Weighted mean of the objectives (signs turned so that larger is better)."""
@@ -202,8 +237,26 @@ class SearchSpace:
         return total / weight_sum
 
 
-def _short(path: str) -> str:
-    return Path(path).name or path
+def model_labels(paths: list[str]) -> list[str]:
+    """Short unique names of models: the folder's name, or as many trailing path parts as tell them apart.
+
+    ``.../math/checkpoint-1000`` and ``.../code/checkpoint-1000`` become ``math/checkpoint-1000`` and
+    ``code/checkpoint-1000`` (genes named after them must never be shared by two models).
+    """
+    parts = [[p for p in Path(path).parts if p not in ("/", "")] or [path] for path in paths]
+    labels = []
+    for i, own in enumerate(parts):
+        label = own[-1]  # also for a folder listed twice (no suffix tells the copies apart)
+        for k in range(1, len(own) + 1):
+            suffix = "/".join(own[-k:])
+            if all("/".join(other[-k:]) != suffix for j, other in enumerate(parts) if j != i):
+                label = suffix
+                break
+        labels.append(label)
+    if len(set(labels)) < len(labels):  # the same folder listed twice: number the copies
+        labels = [f"{label}#{labels[:i].count(label)}" if labels.count(label) > 1 else label
+                  for i, label in enumerate(labels)]
+    return labels
 
 
 def recipe_value(v: float) -> float:
@@ -237,12 +290,18 @@ def load_space(path: str | Path, overrides: dict[str, Any] | None = None, resolv
 
 
 def parse_space(data: Any, source: str = "space", root: Path = Path("."), default_name: str = "search",
-                overrides: dict[str, Any] | None = None, resolve_models: bool = True) -> SearchSpace:
+                overrides: dict[str, Any] | None = None, resolve_models: bool = True,
+                facts: dict[str, Any] | None = None) -> SearchSpace:
+    """A validated SearchSpace. ``facts`` (a run's record, :meth:`SearchSpace.facts`) replace every look at the
+    disk: the models are neither resolved nor opened (reading a run needs no model folder, and no torch)."""
+    if facts is not None:
+        resolve_models = False
     if not isinstance(data, dict):
         raise MergeoptError(f"{source}: a search space is a mapping of keys: {', '.join(_KEYS)}")
     unknown = sorted(set(data) - set(_KEYS))
     if unknown:
         raise MergeoptError(f"{source}: unknown key {unknown[0]!r}; allowed keys: {', '.join(_KEYS)}")
+    data = {k: v for k, v in data.items() if k != "resolved"}
     raw = copy.deepcopy(data)
 
     def model_ref(value: Any, key: str) -> str:
@@ -268,9 +327,15 @@ def parse_space(data: Any, source: str = "space", root: Path = Path("."), defaul
     models = [model_ref(m, f"models[{i}]") for i, m in enumerate(data["models"])]
 
     method = data.get("merge_method", "dare_ties")
-    if method not in METHODS or METHODS[method].whole_weights:
-        raise _fail(source, "merge_method", f"{method!r} cannot be searched; use one of "
-                    f"{', '.join(m for m in METHODS if not METHODS[m].whole_weights)}")
+    if facts is None:
+        from optimizer.merge.methods import METHODS  # torch: not needed to read a recorded run
+
+        if method not in METHODS or METHODS[method].whole_weights:
+            raise _fail(source, "merge_method", f"{method!r} cannot be searched; use one of "
+                        f"{', '.join(m for m in METHODS if not METHODS[m].whole_weights)}")
+        uses_drop_rate = METHODS[method].sparsification == "random"
+    else:
+        uses_drop_rate = bool(facts["uses_drop_rate"])
 
     granularity, groups, interpolate = "per_model", 1, False
     g = data.get("granularity", "per_model")
@@ -330,10 +395,11 @@ def parse_space(data: Any, source: str = "space", root: Path = Path("."), defaul
         raise _fail(source, "optimizer.name", f"{(opt or {}).get('name') if isinstance(opt, dict) else opt!r} is "
                     f"not one of {', '.join(OPTIMIZERS)}")
     settings = {k: v for k, v in opt.items() if k != "name"}
-    bad = sorted(set(settings) - _OPTIMIZER_SETTINGS[opt["name"]])
+    allowed = OPTIMIZERS[opt["name"]].settings
+    bad = sorted(set(settings) - set(allowed))
     if bad:
         raise _fail(source, f"optimizer.{bad[0]}", f"is not a setting of {opt['name']}; allowed: "
-                    f"{', '.join(sorted(_OPTIMIZER_SETTINGS[opt['name']])) or 'none'}")
+                    f"{', '.join(sorted(allowed)) or 'none'}")
 
     budget = data.get("budget") or {"trials": 50}
     if not isinstance(budget, dict) or set(budget) - {"trials", "minutes"} or not budget:
@@ -378,7 +444,8 @@ def parse_space(data: Any, source: str = "space", root: Path = Path("."), defaul
         weight_bounds=weight_bounds, drop_bounds=drop_bounds, fixed=dict(fixed), objectives=objectives,
         scalarization={k: float(v) for k, v in scalarization.items()}, optimizer=opt["name"],
         optimizer_settings=settings, trials=trials, minutes=minutes, seed=seed, tasks=str(tasks), limit=limit,
-        fidelity_low=low, fidelity_promote=float(promote), backend=backend, dtype=dtype, source=raw)
+        fidelity_low=low, fidelity_promote=float(promote), backend=backend, dtype=dtype,
+        uses_drop_rate=uses_drop_rate, source=raw)
     for key, value in (overrides or {}).items():
         if value is None:
             continue
@@ -388,7 +455,9 @@ def parse_space(data: Any, source: str = "space", root: Path = Path("."), defaul
             if value != space.optimizer:
                 space.optimizer_settings = {}
         setattr(space, key, value)
-    if resolve_models:
+    if facts is not None:
+        space.num_layers = int(facts["num_layers"])
+    elif resolve_models:
         from optimizer.merge.checkpoint import num_layers, read_config
 
         space.num_layers = num_layers(read_config(base))

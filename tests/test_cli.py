@@ -1,19 +1,16 @@
 """The `mergeopt` command line, run as a user runs it (a subprocess)."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 import transformers
+from helpers import run_cli
 
 from optimizer.merge.engine import MergeEngine
 from optimizer.recipe import ModelSpec, Recipe
 
 
 def mergeopt(*args, check=False):
-    proc = subprocess.run([sys.executable, "-m", "optimizer.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+    proc = run_cli(*args)
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc

@@ -31,19 +31,18 @@ from optuna.trial import TrialState
 from optimizer.errors import MergeoptError
 from optimizer.evaluate.scoring import CandidateResult, evaluate_candidate, make_backend
 from optimizer.evaluate.tasks import load_task_set
-from optimizer.files import temporary_path, write_atomic
+from optimizer.files import write_atomic
 from optimizer.merge.checkpoint import load_state_dict
 from optimizer.merge.engine import MergeEngine
-from optimizer.search import faults
+from optimizer.run import RECORD_ATTR, SPACE_FILE, check_same_run, read_record, record_of, record_text
+from optimizer.search import faults, study_store
 from optimizer.search.interrupts import Interrupts
 from optimizer.search.optimizers import FINISHED, make_optimizer, make_sampler, spends_budget
+from optimizer.search.study_store import storage_url
 from optimizer.search.workers import (Coordinated, StudyLock, heartbeat_settings, join_study, stale_trials,
                                       worker_id)
-from optimizer.space import SearchSpace
+from optimizer.space import SearchSpace, model_labels
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-warnings.filterwarnings("ignore", message="Could not import matplotlib.pyplot")
 MAX_SAME_FAILURES = 3
 
 
@@ -58,32 +57,26 @@ class SearchResult:
     seconds: dict = field(default_factory=dict)  # this worker's time: evaluating, coordination (lock), waiting
 
 
-def storage_url(run_dir: Path, storage: str | None) -> str:
-    return storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
-
-
 def open_study(space: SearchSpace, run_dir: Path, storage: str | None = None, study_name: str | None = None,
-               create: bool = True, lock: StudyLock | None = None) -> optuna.Study:
+               lock: StudyLock | None = None) -> optuna.Study:
+    """The run's study, created when new; its record checked (a resume may only grow the budget) and updated."""
     url = storage_url(run_dir, storage)
     local = url.startswith("sqlite")
     # Shared databases get heartbeats so trials of a dead worker are detected; a local run folder uses its lock.
-    interval, grace = heartbeat_settings() if not local else (None, None)
-    heartbeat = {} if local else {"heartbeat_interval": interval, "grace_period": grace}
     directions = ([o.direction for o in space.objectives] if space.multi_objective else ["maximize"])
-    sampler = make_sampler(space.optimizer, space.seed, space.optimizer_settings, space.multi_objective)
+    sampler = make_sampler(space.optimizer, space.seed, space.optimizer_settings)
     name = study_name or space.name
     # workers starting together must not race creating the tables and the study (lock: see search/workers.py)
     with lock() if lock is not None else contextlib.nullcontext():
-        if local and create:
-            _create_sqlite_whole(url)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            rdb = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if local else {},
-                                             **heartbeat)
-        if not create:
-            return optuna.load_study(study_name=name, storage=rdb, sampler=sampler)
+        if local:
+            study_store.create_sqlite_whole(url)
+        rdb = study_store.open_storage(url, None if local else heartbeat_settings())
         study = optuna.create_study(study_name=name, storage=rdb, directions=directions, sampler=sampler,
                                     load_if_exists=True)
+        recorded = study.user_attrs.get(RECORD_ATTR)
+        if recorded is not None:
+            check_same_run(recorded["config"], space, f"study {name!r}")
+        study.set_user_attr(RECORD_ATTR, record_of(space))  # the budget as this command sets it
         existing = len(study.get_trials(deepcopy=False))
         if not existing and study.metric_names is None:  # optuna-dashboard labels the objectives by these
             with warnings.catch_warnings():
@@ -92,54 +85,35 @@ def open_study(space: SearchSpace, run_dir: Path, storage: str | None = None, st
                                        else ["scalarized"])
         worker = 0
         if lock is not None and lock.shared:  # same space for all; a number per worker, so draws differ
-            worker = join_study(study, space.source)
+            worker = join_study(study, space.identity())
     if existing or worker:
         # A resumed run (or another worker) must not replay the random draws of the first one: the sampler's
         # seed moves on with the study, deterministically.
         study.sampler = make_sampler(space.optimizer, space.seed + 7919 * existing + 104729 * worker,
-                                     space.optimizer_settings, space.multi_objective)
+                                     space.optimizer_settings)
     return study
 
 
-def _create_sqlite_whole(url: str) -> None:
-    """A new SQLite study database appears with its tables already made.
-
-    Optuna creates the tables of a new database one statement at a time; a reader opening the file meanwhile
-    (`mergeopt report`, optuna-dashboard, a script polling the run) makes the missing tables itself, and the two
-    creators then collide ("table ... already exists"). So the tables are made in a private file that is linked into
-    place only if no database is there yet; a reader finds no file or a whole schema.
-    """
-    if not url.startswith("sqlite:///"):
+def check_resume(space: SearchSpace, run_dir: Path) -> None:
+    """Before anything is loaded: a run folder holding another run (not just a bigger budget) is refused."""
+    path = run_dir / SPACE_FILE
+    if not path.is_file():
         return
-    path = Path(url.removeprefix("sqlite:///"))
-    if path.name in ("", ":memory:") or path.exists():
+    record = read_record(run_dir)
+    if record is not None:
+        check_same_run(record["config"], space, str(run_dir))
         return
-    tmp = temporary_path(path)
-    try:
-        storage = optuna.storages.RDBStorage(f"sqlite:///{tmp}")
-        storage.engine.dispose()
-        os.link(tmp, path)  # never replaces a database another process made first
-    except FileExistsError:
-        pass
-    except OSError:  # a file system without hard links: a rename, unless a database appeared meanwhile
-        if not path.exists():
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    old = yaml.safe_load(path.read_text()) or {}  # a run recorded before records: its YAML as written
+    new = space.source
+    changed = sorted(k for k in set(old) | set(new) if k != "budget" and old.get(k) != new.get(k))
+    if changed:
+        raise MergeoptError(f"{run_dir} holds a run of a different search space (key {changed[0]!r} differs); "
+                            "use another --run-dir or restore the original space file")
 
 
-def _save_space(space: SearchSpace, run_dir: Path) -> None:
-    """Keep the space next to its study; refuse to continue a run with a different space."""
-    path = run_dir / "space.yaml"
-    text = yaml.safe_dump(space.source, sort_keys=False)
-    if path.exists():  # written whole (write_atomic below), so a worker starting beside another reads all or nothing
-        old = yaml.safe_load(path.read_text())
-        if old != space.source:
-            changed = sorted(k for k in set(old) | set(space.source) if old.get(k) != space.source.get(k))
-            raise MergeoptError(f"{run_dir} holds a run of a different search space (key {changed[0]!r} differs); "
-                                "use another --run-dir or restore the original space file")
-        return
-    write_atomic(path, text)
+def _save_record(space: SearchSpace, run_dir: Path) -> None:
+    """The run's record next to its study (written whole: a worker starting beside another reads all or nothing)."""
+    write_atomic(run_dir / SPACE_FILE, record_text(space))
 
 
 def _take_lock(run_dir: Path, shared: bool) -> Path | None:
@@ -188,10 +162,7 @@ def recover_stale(study: optuna.Study, optimizer, shared: bool) -> list:
 
 def _mark_lost(study: optuna.Study, optimizer, trials: list, reason: str) -> None:
     """Candidates that were never scored to the end: FAIL with ``lost`` (no budget spent), then re-queued."""
-    for t in trials:
-        study._storage.set_trial_user_attr(t._trial_id, "error", reason)
-        study._storage.set_trial_user_attr(t._trial_id, "lost", True)
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    study_store.fail_as_lost(study, trials, reason)
     optimizer.recover(study, trials)  # even with none: CMA repairs bookkeeping a kill cut between two writes
 
 
@@ -219,7 +190,7 @@ def _score_parents(space, study, backend, task_set, progress: bool, lock: StudyL
 
 def _score_parents_now(space, study, backend, task_set, progress: bool) -> dict:
     parents = {}
-    for label, folder in [("base", space.base_model)] + [(Path(m).name, m) for m in space.models]:
+    for label, folder in [("base", space.base_model)] + list(zip(model_labels(space.models), space.models)):
         backend.load_state(load_state_dict(folder).items())
         result = evaluate_candidate(backend, task_set)
         parents[label] = {"path": folder, "scores": result.to_dict()}
@@ -245,8 +216,9 @@ def run_search(space: SearchSpace, run_dir: Path, storage: str | None = None, st
     run_dir = Path(run_dir)
     task_sets = _preflight(space)  # bad input is refused before the run folder or the study is touched
     shared = storage is not None and not storage.startswith("sqlite")
+    check_resume(space, run_dir)  # before the (long) model loading: another run in this folder is said at once
     if not shared:
-        _check_lock(run_dir)  # before the (long) model loading: a folder in use is said at once
+        _check_lock(run_dir)
     # the weights themselves (NaN or inf in a checkpoint) are checked as they load, still before the run folder
     engine = MergeEngine(space.base_model, space.models, device=device, progress=progress)
     try:
@@ -282,7 +254,7 @@ def _run(space, run_dir, storage, study_name, device, progress, shared, worker_t
          interrupts) -> SearchResult:
     from tqdm import tqdm
 
-    _save_space(space, run_dir)
+    _save_record(space, run_dir)
     task_set, low_set = task_sets
     lock = StudyLock(storage_url(run_dir, storage), study_name or space.name)
     study = open_study(space, run_dir, storage, study_name, lock=lock)
@@ -324,7 +296,7 @@ def _run(space, run_dir, storage, study_name, device, progress, shared, worker_t
         except KeyboardInterrupt:
             # not the candidate's fault: recorded as lost (it does not spend the budget) and queued again
             with interrupts.deferred(), lock():
-                _mark_lost(study, optimizer, [study._storage.get_trial(trial._trial_id)], "interrupted")
+                _mark_lost(study, optimizer, [study_store.frozen(study, trial)], "interrupted")
             result.interrupted = True
             break
         except optuna.exceptions.UpdateFinishedTrialError:
