@@ -27,6 +27,7 @@ from typing import Any
 
 from optimizer.errors import MergeoptError
 from optimizer.recipe import ModelSpec, Recipe, read_yaml_file, zoo_path
+from optimizer.evaluate.scoring import BACKENDS
 from optimizer.search.optimizers import OPTIMIZERS
 
 DIRECTIONS = ("maximize", "minimize")
@@ -432,8 +433,8 @@ def parse_space(data: Any, source: str = "space", root: Path = Path("."), defaul
         candidate = root / tasks
         tasks = str(candidate.resolve()) if candidate.exists() else tasks
     backend = data.get("backend", "hf")
-    if backend not in ("hf", "vllm"):
-        raise _fail(source, "backend", f"{backend!r} is not hf or vllm")
+    if backend not in BACKENDS:
+        raise _fail(source, "backend", f"{backend!r} is not {' or '.join(BACKENDS)}")
     dtype = data.get("dtype", "float32")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise _fail(source, "dtype", f"{dtype!r} is not float32, bfloat16 or float16")

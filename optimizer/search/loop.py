@@ -15,9 +15,9 @@ values, recipe YAML, fidelity, timings and state. Re-running the same command co
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
-import re
 import sys
 import time
 import warnings
@@ -28,7 +28,7 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from optimizer.errors import MergeoptError
+from optimizer.errors import MergeoptError, NonFiniteOutput
 from optimizer.evaluate.scoring import CandidateResult, evaluate_candidate, make_backend
 from optimizer.evaluate.tasks import load_task_set
 from optimizer.files import write_atomic
@@ -44,6 +44,7 @@ from optimizer.search.workers import (Coordinated, StudyLock, heartbeat_settings
 from optimizer.space import SearchSpace, model_labels
 
 MAX_SAME_FAILURES = 3
+log = logging.getLogger("mergeopt")
 
 
 @dataclass
@@ -196,7 +197,7 @@ def _score_parents_now(space, study, backend, task_set, progress: bool) -> dict:
         parents[label] = {"path": folder, "scores": result.to_dict()}
         if progress:
             shown = ", ".join(f"{t} {s.value:.3f}" for t, s in result.scores.items() if s.value is not None)
-            print(f"  parent {label:<12} {shown}", file=sys.stderr)
+            log.info("  parent %-12s %s", label, shown)
     study.set_user_attr("parents", parents)
     return parents
 
@@ -228,12 +229,31 @@ def run_search(space: SearchSpace, run_dir: Path, storage: str | None = None, st
     lock = _take_lock(run_dir, shared)
     interrupts = Interrupts()
     try:
-        return _run(space, run_dir, storage, study_name, device, progress, shared, worker_trials, task_sets, engine,
-                    interrupts)
+        with _worker_prefix(worker_id(device) if shared else None):
+            return _run(space, run_dir, storage, study_name, device, progress, shared, worker_trials, task_sets,
+                        engine, interrupts)
     finally:
         interrupts.restore()
         if lock is not None and lock.exists() and lock.read_text().strip() == str(os.getpid()):
             lock.unlink()
+
+
+@contextlib.contextmanager
+def _worker_prefix(worker: str | None):
+    """With several workers on one study, each of this worker's log lines starts with its id."""
+    if worker is None:
+        yield
+        return
+
+    def prefix(record: logging.LogRecord) -> bool:
+        record.msg = f"[{worker}] {record.msg}"
+        return True
+
+    log.addFilter(prefix)
+    try:
+        yield
+    finally:
+        log.removeFilter(prefix)
 
 
 def _preflight(space: SearchSpace):
@@ -265,9 +285,19 @@ def _run(space, run_dir, storage, study_name, device, progress, shared, worker_t
     # ask/tell under the study lock, a heartbeat while scoring, stale trials of dead workers failed and re-queued
     optimizer = Coordinated(inner, lock, lambda s: recover_stale(s, inner, shared), worker_id(device))
     if stale and progress:
-        print(f"resuming: {len(stale)} unfinished trial(s) of a stopped run marked failed", file=sys.stderr)
+        log.info("resuming: %d unfinished trial(s) of a stopped run marked failed", len(stale))
 
-    backend = make_backend(space.backend, space.base_model, device=device, dtype=space.dtype)
+    # closed however the search ends, so an inference engine (vLLM's worker processes) is always shut down
+    with contextlib.closing(make_backend(space.backend, space.base_model, device=device, dtype=space.dtype)) as backend:
+        return _search(space, run_dir, study, optimizer, lock, backend, engine, task_set, low_set, progress,
+                       worker_trials, interrupts)
+
+
+def _search(space, run_dir, study, optimizer, lock, backend, engine, task_set, low_set, progress, worker_trials,
+            interrupts) -> SearchResult:
+    """The loop itself: ask a candidate, build and score it, tell its values; until the budget or time is spent."""
+    from tqdm import tqdm
+
     result = SearchResult(run_dir=run_dir, study=study)
     result.parents = _score_parents(space, study, backend, task_set, progress, lock)
 
@@ -303,15 +333,13 @@ def _run(space, run_dir, storage, study_name, device, progress, shared, worker_t
             # another worker took this trial for dead (no heartbeat for the grace period) and queued it again
             optimizer.tell(study, trial, None)  # a no-op tell (skip_if_finished) that stops its heartbeat
             if progress:
-                print(f"trial {trial.number} was failed as stale by another worker; moving on", file=sys.stderr)
+                log.info("trial %d was failed as stale by another worker; moving on", trial.number)
             continue
         finally:
             evaluating += time.perf_counter() - evaluate_start
         reason = trial.user_attrs.get("error", "unknown") if values is None else None
-        kind = _failure_kind(reason) if reason is not None else None
+        kind = trial.user_attrs.get("failure_kind", "unknown") if values is None else None
         with interrupts.deferred():
-            if kind is not None:
-                trial.set_user_attr("failure_kind", kind)
             optimizer.tell(study, trial, values)
         result.new_trials += 1
         bar.update(1)
@@ -334,19 +362,6 @@ def _run(space, run_dir, storage, study_name, device, progress, shared, worker_t
     optimizer.close()
     result.seconds = {"evaluating": evaluating, **optimizer.seconds}
     return result
-
-
-def _failure_kind(reason: str) -> str:
-    """What went wrong, whichever task it surfaced in: "oom", "nan", or the exception's type."""
-    lowered = reason.lower()
-    if "out of memory" in lowered or "outofmemory" in lowered:
-        return "oom"
-    if re.search(r"\bnan\b|finite", lowered):
-        return "nan"
-    for part in re.split(r"[;:]\s*", reason):  # "task: Type: message at file:line; task: ..."
-        if re.fullmatch(r"[A-Za-z_][\w.]*(Error|Exception|Failure)", part.strip()):
-            return part.strip()
-    return reason.split(";")[0].split(" at ")[0].strip()
 
 
 def _best_value(study: optuna.Study, space: SearchSpace) -> float | None:
@@ -391,6 +406,7 @@ def _record(trial, space, result: CandidateResult, fidelity: str, timings: dict)
     values = _objective_values(space, result)
     if values is None:
         trial.set_user_attr("error", result.error or "an objective has no finite score")
+        trial.set_user_attr("failure_kind", result.kind or NonFiniteOutput.kind)
     else:
         trial.set_user_attr("scalarized", space.scalarize({n: s.value for n, s in result.scores.items()}))
     return values
