@@ -18,12 +18,9 @@ import io
 import math
 import os
 import warnings
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
-import yaml
 from optuna.trial import TrialState
 
 from optimizer.errors import MergeoptError
@@ -51,7 +48,7 @@ def best_per_task(run: Run) -> list[dict]:
         parents = [(label, ((info.get("scores") or {}).get(o.task) or {}).get("value"))
                    for label, info in run.parents.items()]
         parents = [(label, v) for label, v in parents if v is not None]
-        parent = pick(parents, key=lambda p: p[1], default=(None, None))
+        parent = pick(parents, key=lambda p: float(p[1] or 0.0), default=(None, None))
         out.append({"task": o.task, "direction": o.direction,
                     "trial": best.number if best else None,
                     "value": best.user_attrs["scores"][o.task]["value"] if best else None,
@@ -155,7 +152,7 @@ def param_importances(run: Run) -> tuple[dict[str, dict[str, float]], str]:
     try:
         import sklearn  # noqa: F401
 
-        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+        evaluator: optuna.importance.BaseImportanceEvaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
         method = "fANOVA (Optuna's FanovaImportanceEvaluator, seed 0)"
     except ImportError:
         evaluator = optuna.importance.PedAnovaImportanceEvaluator()
@@ -296,7 +293,8 @@ def plot_front(run: Run) -> bytes | None:
         if len(tasks) == 2 and fx:
             # the 2-D front as a staircase between its points (signed so both axes grow to the better side)
             pts = sorted(zip(fx, fy), key=lambda p: -_sign(run, x) * p[0])
-            stair_x, stair_y = [], []
+            stair_x: list[float] = []
+            stair_y: list[float] = []
             for a, b in pts:
                 if stair_x:
                     stair_x.append(a)

@@ -97,10 +97,11 @@ def open_run(run_dir: str | Path, storage: str | None = None, study_name: str | 
     if not (run_dir / SPACE_FILE).is_file():
         raise MergeoptError(f"{run_dir} is not a run folder (no {SPACE_FILE}); run 'mergeopt search' first")
     record = read_record(run_dir)
-    name = study_name or (record["config"]["name"] if record else None)
     if record is None:  # a run recorded before its resolved facts were: read as then (the models must be there)
         space = load_space(run_dir / SPACE_FILE)
-        name = name or space.name
+        name = study_name or space.name
+    else:
+        name = study_name or str(record["config"]["name"])
     if storage is None and not (run_dir / "study.db").is_file():
         raise MergeoptError(f"{run_dir} has no study.db; pass the --storage the search used")
     try:
@@ -134,8 +135,12 @@ def signed(space, scores: dict) -> list[float] | None:
 
 def front_trials(trials, space) -> list:
     """The non-dominated comparable trials, best scalarized first (the recipes ``mergeopt export`` writes)."""
-    pool = [t for t in trials if comparable(t) and signed(space, t.user_attrs["scores"]) is not None]
-    ids = non_dominated([signed(space, t.user_attrs["scores"]) for t in pool])
+    pool, points = [], []
+    for t in trials:
+        if comparable(t) and (point := signed(space, t.user_attrs["scores"])) is not None:
+            pool.append(t)
+            points.append(point)
+    ids = non_dominated(points)
     return sorted((pool[i] for i in ids), key=lambda t: (-t.user_attrs["scalarized"], t.number))
 
 
@@ -224,16 +229,19 @@ class Run:
     def comparable_trials(self) -> list:
         return [t for t in self.records if comparable(t) and signed(self.space, t.user_attrs["scores"]) is not None]
 
+    def _points(self) -> list[list[float]]:
+        return [p for t in self.comparable_trials() if (p := signed(self.space, t.user_attrs["scores"])) is not None]
+
     def reference_point(self) -> list[float]:
         """Hypervolume reference: the worst signed score seen per objective, parents included."""
-        points = [signed(self.space, t.user_attrs["scores"]) for t in self.comparable_trials()]
+        points = self._points()
         points += [p for p in (signed(self.space, info.get("scores") or {}) for info in self.parents.values()) if p]
         if not points:
             return [0.0] * len(self.space.objectives)
         return [min(p[i] for p in points) for i in range(len(self.space.objectives))]
 
     def hypervolume(self) -> float:
-        points = [signed(self.space, t.user_attrs["scores"]) for t in self.comparable_trials()]
+        points = self._points()
         return hypervolume(points, self.reference_point()) if points else 0.0
 
 

@@ -8,6 +8,7 @@ no state dict, no reload. Generation is batched greedy decoding with a KV cache
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,8 +35,9 @@ class HFBackend:
             read_config(model_path)  # a missing config or one that needs custom code: one clear line
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=trust_remote_code)
-            self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                self.model_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code).to(self.device).eval()
+            model: Any = transformers.AutoModelForCausalLM.from_pretrained(
+                self.model_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+            self.model: Any = model.to(self.device).eval()
         except (OSError, ValueError) as exc:
             raise MergeoptError(f"cannot load {model_path} with transformers ({str(exc).splitlines()[0]})") from None
         if self.tokenizer.pad_token_id is None:

@@ -23,6 +23,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import optuna
 import yaml
@@ -64,7 +65,7 @@ def open_study(space: SearchSpace, run_dir: Path, storage: str | None = None, st
     url = storage_url(run_dir, storage)
     local = url.startswith("sqlite")
     # Shared databases get heartbeats so trials of a dead worker are detected; a local run folder uses its lock.
-    directions = ([o.direction for o in space.objectives] if space.multi_objective else ["maximize"])
+    directions: list[Any] = [o.direction for o in space.objectives] if space.multi_objective else ["maximize"]
     sampler = make_sampler(space.optimizer, space.seed, space.optimizer_settings)
     name = study_name or space.name
     # workers starting together must not race creating the tables and the study (lock: see search/workers.py)
@@ -170,8 +171,8 @@ def _mark_lost(study: optuna.Study, optimizer, trials: list, reason: str) -> Non
 def _objective_values(space: SearchSpace, result: CandidateResult) -> list[float] | None:
     if result.failed:
         return None
-    values = {name: s.value for name, s in result.scores.items()}
-    if any(values.get(o.task) is None or not math.isfinite(values[o.task]) for o in space.objectives):
+    values = {name: s.value for name, s in result.scores.items() if s.value is not None}
+    if any(o.task not in values or not math.isfinite(values[o.task]) for o in space.objectives):
         return None
     if space.multi_objective:
         return [values[o.task] for o in space.objectives]
@@ -272,7 +273,6 @@ def _preflight(space: SearchSpace):
 
 def _run(space, run_dir, storage, study_name, device, progress, shared, worker_trials, task_sets, engine,
          interrupts) -> SearchResult:
-    from tqdm import tqdm
 
     _save_record(space, run_dir)
     task_set, low_set = task_sets
@@ -338,7 +338,7 @@ def _search(space, run_dir, study, optimizer, lock, backend, engine, task_set, l
         finally:
             evaluating += time.perf_counter() - evaluate_start
         reason = trial.user_attrs.get("error", "unknown") if values is None else None
-        kind = trial.user_attrs.get("failure_kind", "unknown") if values is None else None
+        kind = str(trial.user_attrs.get("failure_kind", "unknown")) if values is None else ""
         with interrupts.deferred():
             optimizer.tell(study, trial, values)
         result.new_trials += 1
@@ -368,7 +368,7 @@ def _best_value(study: optuna.Study, space: SearchSpace) -> float | None:
     if space.multi_objective:
         return None
     values = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-              if t.user_attrs.get("fidelity") == "full"]
+              if t.user_attrs.get("fidelity") == "full" and t.value is not None]
     return max(values) if values else None
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import optuna
-from optuna.distributions import FloatDistribution
+from optuna.distributions import BaseDistribution, FloatDistribution
 from optuna.trial import TrialState
 
 FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
@@ -34,7 +34,7 @@ def spends_budget(trial: optuna.trial.FrozenTrial) -> bool:
     return trial.state in FINISHED and not trial.user_attrs.get("lost")
 
 
-def distributions(gene_names: list[str]) -> dict[str, FloatDistribution]:
+def distributions(gene_names: list[str]) -> dict[str, BaseDistribution]:
     return {name: FloatDistribution(0.0, 1.0) for name in gene_names}
 
 
@@ -230,7 +230,8 @@ class CMAOptimizer:
             complete = [t for t in copies if t.state == TrialState.COMPLETE and t.value is not None
                         and math.isfinite(t.value)]
             if complete:
-                fitness.append(-complete[0].value if maximize else complete[0].value)
+                value = float(complete[0].value)  # type: ignore[arg-type]  # complete: a finite value
+                fitness.append(-value if maximize else value)
             elif (scored := [t for t in copies if not t.user_attrs.get("lost")]) and all(
                     t.state in FINISHED for t in scored):
                 fitness.append(None)  # failed: gets the generation's worst fitness below

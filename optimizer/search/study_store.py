@@ -27,11 +27,11 @@ def storage_url(run_dir: Path, storage: str | None) -> str:
 def open_storage(url: str, heartbeat: tuple[int, int] | None = None) -> optuna.storages.RDBStorage:
     """An RDB storage; ``heartbeat`` = (interval, grace period) in seconds for shared databases."""
     local = url.startswith("sqlite")
-    beats = {} if heartbeat is None else {"heartbeat_interval": heartbeat[0], "grace_period": heartbeat[1]}
+    interval, grace = heartbeat if heartbeat is not None else (None, None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if local else {},
-                                          **beats)
+                                          heartbeat_interval=interval, grace_period=grace)
 
 
 def load_study(url: str, name: str) -> optuna.Study:
@@ -90,10 +90,10 @@ def heartbeats_enabled(study: optuna.Study) -> bool:
 
 
 def record_heartbeat(study: optuna.Study, trial: Trial) -> None:
-    study._storage.record_heartbeat(trial._trial_id)
+    study._storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]  # RDBStorage
 
 
 def stale_trial_ids(study: optuna.Study) -> set[int]:
     """Trials whose heartbeat is older than the grace period, found before they are failed (the same query as
     ``optuna.storages.fail_stale_trials``, which fails them at once: we must mark them lost first)."""
-    return set(study._storage._get_stale_trial_ids(study._study_id))
+    return set(study._storage._get_stale_trial_ids(study._study_id))  # type: ignore[attr-defined]  # RDBStorage

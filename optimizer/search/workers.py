@@ -27,6 +27,7 @@ import socket
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -34,7 +35,7 @@ import optuna
 from optuna.trial import TrialState
 
 from optimizer.search import study_store
-from optimizer.search.optimizers import FINISHED, spends_budget
+from optimizer.search.optimizers import FINISHED, Optimizer, spends_budget
 
 HEARTBEAT_ENV = "MERGEOPT_HEARTBEAT"  # "INTERVAL[,GRACE]" in whole seconds; default 20,60
 
@@ -180,9 +181,9 @@ class Coordinated:
     generation is handed out but not complete, it polls (and fails stale trials) instead of inventing work.
     """
 
-    optimizer: object
+    optimizer: Optimizer
     lock: StudyLock
-    recover_stale: object  # callable(study) -> list of trials marked lost; run under the lock when shared
+    recover_stale: Callable[[optuna.Study], list]  # trials marked lost; run under the lock when shared
     worker: str
     # coordination: ask and tell with the lock (waiting for it included); waiting: idle polls for other workers
     seconds: dict = field(default_factory=lambda: {"coordination": 0.0, "waiting": 0.0})
