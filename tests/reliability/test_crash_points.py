@@ -7,8 +7,8 @@ storage the way `mergeopt search` does (RUNNING trials marked lost and re-queued
 
 from __future__ import annotations
 
-import pytest
 import optuna
+import pytest
 from optuna.trial import TrialState
 from reliability_helpers import cma_problems, completed, duplicate_genomes
 
