@@ -2,19 +2,29 @@
 space.yaml; a resume may grow the budget but not change the run; report/export read the run from the record alone."""
 
 import shutil
+from types import SimpleNamespace
 
 import yaml
-from helpers import assert_one_line_error, run_cli, write_space
+from helpers import assert_one_line_error, write_space
 
+from optimizer.cli import main
 from optimizer.space import load_space, model_labels
 
 
-def test_flags_are_recorded_and_a_resume_that_changes_them_is_refused(search_setup, tmp_path):
+def cli(capsys, *args):
+    """`mergeopt ARGS` in this process (the same code path as the console script): rc, stdout and stderr."""
+    capsys.readouterr()
+    returncode = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return SimpleNamespace(returncode=returncode, stdout=captured.out, stderr=captured.err)
+
+
+def test_flags_are_recorded_and_a_resume_that_changes_them_is_refused(search_setup, tmp_path, capsys):
     """The issue's reproduction: `search --optimizer random --seed 5 --trials 3` then `report` said cma and 3/96;
     re-running without --optimizer ended in a traceback."""
     space = write_space(search_setup, "flags", optimizer={"name": "cma"}, budget={"trials": 8})
     run = tmp_path / "run"
-    proc = run_cli("search", space, "--run-dir", run, "--optimizer", "random", "--seed", "5", "--trials", "3",
+    proc = cli(capsys, "search", space, "--run-dir", run, "--optimizer", "random", "--seed", "5", "--trials", "3",
                    "--quiet")
     assert proc.returncode == 0, proc.stderr
     recorded = yaml.safe_load((run / "space.yaml").read_text())
@@ -23,23 +33,23 @@ def test_flags_are_recorded_and_a_resume_that_changes_them_is_refused(search_set
     assert recorded["resolved"]["num_layers"] == 2 and recorded["resolved"]["model_labels"] == ["m1", "m2", "m3"]
     assert "w.m1" in recorded["resolved"]["genes"]
 
-    report = run_cli("report", run)
+    report = cli(capsys, "report", run)
     assert report.returncode == 0, report.stderr
     assert "random" in report.stdout and "budget: 3/3 trials" in report.stdout and "cma" not in report.stdout
 
-    again = run_cli("search", space, "--run-dir", run, "--seed", "5", "--trials", "3", "--quiet")
+    again = cli(capsys, "search", space, "--run-dir", run, "--seed", "5", "--trials", "3", "--quiet")
     assert_one_line_error(again, "optimizer 'random'", "--optimizer random")
-    other_seed = run_cli("search", space, "--run-dir", run, "--optimizer", "random", "--trials", "3", "--quiet")
+    other_seed = cli(capsys, "search", space, "--run-dir", run, "--optimizer", "random", "--trials", "3", "--quiet")
     assert_one_line_error(other_seed, "seed 5", "--seed 5")
 
 
-def test_a_bigger_budget_grows_the_run_and_the_report_shows_it(search_setup, tmp_path):
+def test_a_bigger_budget_grows_the_run_and_the_report_shows_it(search_setup, tmp_path, capsys):
     space = write_space(search_setup, "grow", budget={"trials": 2})
     run = tmp_path / "run"
-    assert run_cli("search", space, "--run-dir", run, "--quiet").returncode == 0
-    proc = run_cli("search", space, "--run-dir", run, "--trials", "4", "--quiet")
+    assert cli(capsys, "search", space, "--run-dir", run, "--quiet").returncode == 0
+    proc = cli(capsys, "search", space, "--run-dir", run, "--trials", "4", "--quiet")
     assert proc.returncode == 0, proc.stderr
-    report = run_cli("report", run)
+    report = cli(capsys, "report", run)
     assert "budget: 4/4 trials" in report.stdout, report.stdout
     import optuna
 
@@ -48,18 +58,18 @@ def test_a_bigger_budget_grows_the_run_and_the_report_shows_it(search_setup, tmp
     assert len(study.trials) == 4
 
 
-def test_report_and_export_need_no_model_folder(search_setup, tmp_path):
+def test_report_and_export_need_no_model_folder(search_setup, tmp_path, capsys):
     """Move the models of a finished run away: everything report and export need is in the record."""
     models = tmp_path / "models"
     shutil.copytree(search_setup / "models", models)
     space = write_space(search_setup, "moved", base_model=str(models / "m0"),
                         models=[str(models / f"m{i}") for i in (1, 2, 3)], budget={"trials": 3})
     run = tmp_path / "run"
-    assert run_cli("search", space, "--run-dir", run, "--quiet").returncode == 0
+    assert cli(capsys, "search", space, "--run-dir", run, "--quiet").returncode == 0
     shutil.move(models, tmp_path / "elsewhere")
-    report = run_cli("report", run)
+    report = cli(capsys, "report", run)
     assert report.returncode == 0, report.stderr
-    exported = run_cli("export", run)
+    exported = cli(capsys, "export", run)
     assert exported.returncode == 0, exported.stderr
     assert (run / "best.yaml").is_file()
 

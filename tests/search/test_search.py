@@ -130,6 +130,7 @@ def test_promotion_rule_keeps_the_top_fraction():
     assert _promote(optuna.create_study(), space, 0.0)  # too little history: always promote
 
 
+@pytest.mark.slow  # a kill suite: `pytest -m slow`
 def test_kill_minus_9_loses_at_most_the_candidate_in_flight(search_setup, tmp_path):
     path = write_space(search_setup, "killed", optimizer={"name": "cma", "popsize": 4}, objectives=["mc"],
                        budget={"trials": 8})
