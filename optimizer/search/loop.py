@@ -33,7 +33,6 @@ from optimizer.errors import MergeoptError, NonFiniteOutput
 from optimizer.evaluate.scoring import CandidateResult, evaluate_candidate, make_backend
 from optimizer.evaluate.tasks import load_task_set
 from optimizer.files import write_atomic
-from optimizer.merge.checkpoint import load_state_dict
 from optimizer.merge.engine import MergeEngine
 from optimizer.run import RECORD_ATTR, SPACE_FILE, check_same_run, read_record, record_of, record_text
 from optimizer.search import faults, study_store
@@ -179,7 +178,7 @@ def _objective_values(space: SearchSpace, result: CandidateResult) -> list[float
     return [space.scalarize(values)]
 
 
-def _score_parents(space, study, backend, task_set, progress: bool, lock: StudyLock) -> dict:
+def _score_parents(space, study, backend, task_set, progress: bool, lock: StudyLock, engine: MergeEngine) -> dict:
     if "parents" in study.user_attrs:
         return study.user_attrs["parents"]
     with lock.claim("parents") as mine:  # one of several workers starting together scores them
@@ -187,13 +186,15 @@ def _score_parents(space, study, backend, task_set, progress: bool, lock: StudyL
             return {}
         if "parents" in study.user_attrs:
             return study.user_attrs["parents"]
-        return _score_parents_now(space, study, backend, task_set, progress)
+        return _score_parents_now(space, study, backend, task_set, progress, engine)
 
 
-def _score_parents_now(space, study, backend, task_set, progress: bool) -> dict:
+def _score_parents_now(space, study, backend, task_set, progress: bool, engine: MergeEngine) -> dict:
     parents = {}
-    for label, folder in [("base", space.base_model)] + list(zip(model_labels(space.models), space.models)):
-        backend.load_state(load_state_dict(folder).items())
+    labels = ["base", *model_labels(space.models)]
+    for index, (label, folder) in enumerate(zip(labels, [space.base_model, *space.models])):
+        stored = engine.stored_weights(index)  # the engine's own mapped weights: no second copy of the model
+        backend.load_state((name, stored[name].view(engine.shapes[name])) for name in engine.names)
         result = evaluate_candidate(backend, task_set)
         parents[label] = {"path": folder, "scores": result.to_dict()}
         if progress:
@@ -214,7 +215,8 @@ def _promote(study: optuna.Study, space: SearchSpace, low_value: float) -> bool:
 
 
 def run_search(space: SearchSpace, run_dir: Path, storage: str | None = None, study_name: str | None = None,
-               device: str | None = None, progress: bool = True, worker_trials: int | None = None) -> SearchResult:
+               device: str | None = None, progress: bool = True, worker_trials: int | None = None,
+               engine_device: str | None = None) -> SearchResult:
     run_dir = Path(run_dir)
     task_sets = _preflight(space)  # bad input is refused before the run folder or the study is touched
     shared = storage is not None and not storage.startswith("sqlite")
@@ -222,7 +224,8 @@ def run_search(space: SearchSpace, run_dir: Path, storage: str | None = None, st
     if not shared:
         _check_lock(run_dir)
     # the weights themselves (NaN or inf in a checkpoint) are checked as they load, still before the run folder
-    engine = MergeEngine(space.base_model, space.models, device=device, progress=progress)
+    # the models stay memory-mapped on the host with engine_device="cpu" while a GPU scores
+    engine = MergeEngine(space.base_model, space.models, device=engine_device or device, progress=progress)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -299,7 +302,7 @@ def _search(space, run_dir, study, optimizer, lock, backend, engine, task_set, l
     from tqdm import tqdm
 
     result = SearchResult(run_dir=run_dir, study=study)
-    result.parents = _score_parents(space, study, backend, task_set, progress, lock)
+    result.parents = _score_parents(space, study, backend, task_set, progress, lock, engine)
 
     def finished() -> int:
         return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED) if spends_budget(t))
@@ -358,7 +361,7 @@ def _search(space, run_dir, study, optimizer, lock, backend, engine, task_set, l
     bar.close()
     result.interrupted = result.interrupted or interrupts.pending
     if not result.parents and not result.interrupted:  # another worker had the claim: its scores, or (it died) ours
-        result.parents = _score_parents(space, study, backend, task_set, False, lock)
+        result.parents = _score_parents(space, study, backend, task_set, False, lock, engine)
     optimizer.close()
     result.seconds = {"evaluating": evaluating, **optimizer.seconds}
     return result
