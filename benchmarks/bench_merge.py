@@ -192,9 +192,8 @@ def make_variants(engine, model, base_dir: Path, model_dirs: list[Path]):
     def numba_wsum():
         for out, base, tuned in triples:
             base_bits, base_kind = sparsify.kernel_view(base)
-            views = [sparsify.kernel_view(t) for t in tuned]
-            kernels.weighted_sum(out.numpy(), base_bits, base_kind, tuple(v[0] for v in views),
-                                 np.array([v[1] for v in views], dtype=np.int32), kernels.F16_TABLE, weights)
+            arrays, kinds = sparsify.kernel_views(tuned)
+            kernels.weighted_sum(out.numpy(), base_bits, base_kind, arrays, kinds, kernels.F16_TABLE, weights)
 
     @torch.no_grad()
     def torch_wsum():

@@ -117,17 +117,17 @@ def bench_family(label: str, base: Path, models: list[Path], work: Path, repeats
     for name in names:
         rows.append(dict(tool=name, median=statistics.median(walls[name]), lo=min(walls[name]), hi=max(walls[name]),
                          ratio=statistics.median(k / s for s, k in zip(walls[name], walls[ref])),
-                         rss=max(rss[name])))
+                         rss=max(rss[name]), rss_rounds=rss[name], wall_rounds=walls[name]))
     return rows
 
 
 def print_table(title: str, rows: list[dict], commands_note: str) -> None:
     print(f"\n**{title}**{commands_note}\n")
-    print("| tool | median wall s | min-max s | mergekit / this (x faster) | peak RSS MiB |")
-    print("|---|---:|---:|---:|---:|")
+    print("| tool | median wall s | min-max s | mergekit / this (x faster) | peak RSS MiB | RSS MiB per round |")
+    print("|---|---:|---:|---:|---:|---|")
     for row in rows:
         print(f"| {row['tool']} | {row['median']:.2f} | {row['lo']:.2f}-{row['hi']:.2f} | {row['ratio']:.2f} | "
-              f"{row['rss']:.0f} |")
+              f"{row['rss']:.0f} | {', '.join(f'{m:.0f}' for m in row['rss_rounds'])} |")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -197,8 +197,8 @@ def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
             raise MergeoptError(f"{path}: tensor {name} has an unreadable header entry; the file is corrupt") from None
         entry = TensorEntry(path, dtype, shape, data_start + begin, data_start + end)
         if end < begin or entry.stop > size or entry.stop - entry.start != entry.numel * dtype.itemsize:
-            raise MergeoptError(f"{path}: tensor {name} lies past the end of the file ({size} bytes); the file is "
-                                "truncated or corrupt: re-download or re-export it")
+            raise MergeoptError(f"{path}: tensor {name} lies past the end of the file ({size} bytes); it is "
+                                "corrupt or truncated: re-download or re-export it")
         entries[name] = entry
     return entries
 

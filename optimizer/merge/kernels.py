@@ -1,11 +1,11 @@
 """Fused CPU merge kernels (numba). Imported lazily: compiling takes a few seconds, then numba's disk cache serves.
 
-Inputs are the checkpoints' own bytes, never copies: every tensor arrives as a flat ``uint16`` array (a
-float32 tensor as twice as many ``uint16`` halves, little-endian) together with a *kind* code (``F32``,
-``BF16``, ``F16``). Inside a chunk each input is widened to float32 bit-exactly (bf16: a 16-bit shift; fp16: a
-65536-entry table built by numpy's exact conversion; float32: the two halves joined), the delta ``fine-tune -
-base`` is formed in float32, and all arithmetic stays in float32. One representation keeps the tuple of models
-homogeneous, so one compiled specialisation per model count serves every dtype mix.
+Inputs are the checkpoints' own bytes, never copies: a bf16/fp16 tensor arrives as a flat ``uint16`` array, a
+float32 tensor as a float32 array, each with a *kind* code. Inside a chunk each input is widened to float32
+bit-exactly (bf16: a 16-bit shift; fp16: a 65536-entry table built by numpy's exact conversion), the delta
+``fine-tune - base`` is formed in float32, and all arithmetic stays in float32. The fine-tunes travel as one
+homogeneous tuple; in the rare family that mixes float32 and half-precision fine-tunes, the float32 ones are
+passed as twice as many ``uint16`` halves (kind ``F32_HALVES``) and joined again here.
 
 Layout of the work: the flat tensor is cut into chunks of ``CHUNK`` elements, chunks run in parallel. Inside a
 chunk, models are processed one after another over contiguous rows (so LLVM vectorises every loop):
@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
+from numba.extending import overload
 
 CHUNK = 8192  # a multiple of 4: chunks start on hash-block boundaries
-F32, BF16, F16 = 0, 1, 2  # input kinds
+F32_HALVES, BF16, F16, F32 = 0, 1, 2, 3  # input kinds (F32: a float32 array; the others: uint16 arrays)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
@@ -44,19 +45,36 @@ def _fill_hashes(hashes, key, first_block):
         hashes[b] = z ^ (z >> _S31)
 
 
-@nb.njit(inline="always", cache=True)
 def _widen(src, kind, start, length, bits, table):
-    """float32 bit patterns of elements start..start+length of one stored tensor, into ``bits`` (uint32)."""
-    if kind == 1:  # bfloat16: the high half of a float32
-        for i in range(length):
-            bits[i] = np.uint32(src[start + i]) << np.uint32(16)
-    elif kind == 2:  # float16
-        for i in range(length):
-            bits[i] = table[src[start + i]]
-    else:  # float32 stored as two little-endian halves
-        for i in range(length):
-            j = 2 * (start + i)
-            bits[i] = np.uint32(src[j]) | (np.uint32(src[j + 1]) << np.uint32(16))
+    """Elements start..start+length of one stored tensor as float32, into ``bits`` (a uint32 view of a float32
+    buffer). Compiled per array type (see the overload below)."""
+    raise NotImplementedError("only callable from numba-compiled code")
+
+
+@overload(_widen, inline="always")
+def _widen_typed(src, kind, start, length, bits, table):
+    if isinstance(src, nb.types.Array) and src.dtype == nb.types.float32:
+        def read_float32(src, kind, start, length, bits, table):
+            values = bits.view(np.float32)
+            part = src[start:start + length]  # a slice, not src[start + i]: the loop then vectorises
+            for i in range(length):
+                values[i] = part[i]
+        return read_float32
+
+    def read_bits(src, kind, start, length, bits, table):
+        if kind == 1:  # bfloat16: the high half of a float32
+            part = src[start:start + length]
+            for i in range(length):
+                bits[i] = np.uint32(part[i]) << np.uint32(16)
+        elif kind == 2:  # float16
+            part = src[start:start + length]
+            for i in range(length):
+                bits[i] = table[part[i]]
+        else:  # float32 as two little-endian halves
+            part = src[2 * start:2 * (start + length)]
+            for i in range(length):
+                bits[i] = np.uint32(part[2 * i]) | (np.uint32(part[2 * i + 1]) << np.uint32(16))
+    return read_bits
 
 
 @nb.njit(inline="always", cache=True)
@@ -78,23 +96,23 @@ def _merge_chunk(out, out_offset, base, base_kind, models, kinds, table, weights
             continue
         row = rows[m]
         _widen(models[m], kinds[m], start, length, tuned_bits, table)
-        for i in range(length):
-            row[i] = tuned[i] - source[i]  # the delta, in float32
         coef = np.float32(weights[m] * scales[m])
+        # each loop forms the delta (fine-tune - base, float32) and applies the model's keep rule in one pass
         if mode == 0:
             for i in range(length):
-                row[i] = coef * row[i]
+                row[i] = coef * (tuned[i] - source[i])
         elif mode == 1:  # DARE
             _fill_hashes(hashes, keys[m], start // 4)
             threshold = thresholds[m]
             for i in range(length):
-                row[i] = coef * row[i] * np.float32(ranks[i] >= threshold)
+                row[i] = coef * (tuned[i] - source[i]) * np.float32(ranks[i] >= threshold)
         else:  # TIES trim: above the cut, plus the lowest-index elements tied at it (exactly k kept)
             cut = magnitudes[m]
             last_tie = tie_limits[m]
             for i in range(length):
-                a = abs(row[i])
-                row[i] = coef * row[i] * np.float32(a > cut or (a == cut and start + i <= last_tie))
+                d = tuned[i] - source[i]
+                a = abs(d)
+                row[i] = coef * d * np.float32(a > cut or (a == cut and start + i <= last_tie))
     mix = np.zeros(CHUNK, dtype=np.float32)
     if not consensus:
         for m in range(n_models):
@@ -123,8 +141,9 @@ def _merge_chunk(out, out_offset, base, base_kind, models, kinds, table, weights
             for i in range(length):
                 d = divisor[i]
                 mix[i] = mix[i] / (d if d != 0 else np.float32(1.0))
+    target = out[start - out_offset:stop - out_offset]
     for i in range(length):
-        out[start - out_offset + i] = base_coef * source[i] + lam * mix[i]
+        target[i] = base_coef * source[i] + lam * mix[i]
 
 
 @nb.njit(parallel=True, cache=True)
@@ -198,14 +217,17 @@ def count_nonfinite(src, kind, n):
         stop = min(n, start + CHUNK)
         bad = 0
         if kind == 1:
-            for i in range(start, stop):
-                bad += (src[i] & 0x7F80) == 0x7F80
+            part = src[start:stop]
+            for i in range(stop - start):
+                bad += (part[i] & 0x7F80) == 0x7F80
         elif kind == 2:
-            for i in range(start, stop):
-                bad += (src[i] & 0x7C00) == 0x7C00
+            part = src[start:stop]
+            for i in range(stop - start):
+                bad += (part[i] & 0x7C00) == 0x7C00
         else:
-            for i in range(start, stop):
-                bad += (src[2 * i + 1] & 0x7F80) == 0x7F80
+            part = src[2 * start:2 * stop]
+            for i in range(stop - start):
+                bad += (part[2 * i + 1] & 0x7F80) == 0x7F80
         counts[c] = bad
     return counts.sum()
 
@@ -229,5 +251,6 @@ def weighted_sum(out, base, base_kind, models, kinds, table, weights):
             w = weights[m]
             for i in range(length):
                 acc[i] += w * (values[i] - source[i])
+        target = out[start:start + length]
         for i in range(length):
-            out[start + i] = source[i] + acc[i]
+            target[i] = source[i] + acc[i]

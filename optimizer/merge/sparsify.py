@@ -120,15 +120,32 @@ class TensorPlan:
 # ---------------------------------------------------------------------------------------------------------
 # Stored tensors as the kernels read them
 # ---------------------------------------------------------------------------------------------------------
-_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-STORED_DTYPES = tuple(_KINDS)  # what the engine keeps as it is; other dtypes are converted to float32 once
+_HALF_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # as uint16 arrays (float32: two halves)
+F32_NATIVE = 3  # a float32 array read as it is
+STORED_DTYPES = tuple(_HALF_KINDS)  # what the engine keeps as it is; other dtypes are converted to float32 once
+
+
+def bits_view(tensor: torch.Tensor) -> tuple[np.ndarray, int]:
+    """A flat stored CPU tensor's bytes as uint16 (no copy) and its kind code."""
+    if tensor.dtype not in _HALF_KINDS:
+        raise TypeError(f"the merge kernels read float32, bfloat16 and float16 tensors, not {tensor.dtype}")
+    return tensor.reshape(-1).view(torch.int16).numpy().view(np.uint16), _HALF_KINDS[tensor.dtype]
 
 
 def kernel_view(tensor: torch.Tensor) -> tuple[np.ndarray, int]:
-    """A flat stored CPU tensor as the kernels read it: its bytes as uint16 (no copy) and its kind code."""
-    if tensor.dtype not in _KINDS:
-        raise TypeError(f"the merge kernels read float32, bfloat16 and float16 tensors, not {tensor.dtype}")
-    return tensor.reshape(-1).view(torch.int16).numpy().view(np.uint16), _KINDS[tensor.dtype]
+    """A flat stored CPU tensor as the kernels read it (no copy): float32 as it is, half precision as bits."""
+    if tensor.dtype == torch.float32:
+        return tensor.reshape(-1).numpy(), F32_NATIVE
+    return bits_view(tensor)
+
+
+def kernel_views(tensors: list[torch.Tensor]) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """Several stored tensors as one homogeneous tuple for the kernels, and their kind codes."""
+    if len({t.dtype == torch.float32 for t in tensors}) > 1:  # float32 beside half precision: all as uint16
+        views = [bits_view(t) for t in tensors]
+    else:
+        views = [kernel_view(t) for t in tensors]
+    return tuple(v[0] for v in views), np.array([v[1] for v in views], dtype=np.int32)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -149,9 +166,9 @@ def merge_range_cpu(out: torch.Tensor, offset: int, base: torch.Tensor, models: 
     kernels = numba_kernels()
     kernel = kernels.merge_parallel if out.numel() >= PARALLEL_MIN_ELEMENTS else kernels.merge_serial
     base_bits, base_kind = kernel_view(base)
-    views = [kernel_view(m) for m in models]
-    kernel(out.reshape(-1).numpy(), offset, base_bits, base_kind, tuple(v[0] for v in views),
-           np.array([v[1] for v in views], dtype=np.int32), kernels.F16_TABLE, plan.weights, plan.scales,
+    arrays, kinds = kernel_views(models)
+    kernel(out.reshape(-1).numpy(), offset, base_bits, base_kind, arrays, kinds, kernels.F16_TABLE, plan.weights,
+           plan.scales,
            plan.keep_mode, plan.thresholds, plan.magnitudes, plan.tie_limits, plan.keys, plan.consensus,
            plan.normalize, np.float32(plan.lam), np.float32(plan.base_coef), np.float32(plan.weight_sum))
 
@@ -168,9 +185,9 @@ def delta_l1_cpu(base: torch.Tensor, tuned: torch.Tensor, threshold: int, key: i
 
 def count_nonfinite(tensor: torch.Tensor) -> int:
     """NaN and infinite elements of a stored tensor (read in place on CPU)."""
-    if tensor.device.type != "cpu" or tensor.dtype not in _KINDS:
+    if tensor.device.type != "cpu" or tensor.dtype not in _HALF_KINDS:
         return int((~torch.isfinite(tensor)).sum())
-    bits, kind = kernel_view(tensor)
+    bits, kind = bits_view(tensor)
     return int(numba_kernels().count_nonfinite(bits, kind, tensor.numel()))
 
 
