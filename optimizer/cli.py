@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
 import time
 from pathlib import Path
 
 from optimizer.errors import MergeoptError
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 EXAMPLES = {
     "zoo": """examples:
@@ -56,6 +60,9 @@ def _size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from optimizer.evaluate.scoring import BACKENDS
+    from optimizer.search.optimizers import OPTIMIZERS
+
     parser = argparse.ArgumentParser(
         prog="mergeopt",
         description="Search DARE / task-arithmetic merge recipes for homologous language models.",
@@ -99,21 +106,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=None, help="seed of the subsets (default: the task set's, else 0)")
     ev.add_argument("--holdout", action="store_true",
                     help="score the items the (--limit, --seed) subset leaves out: a search's held-out check")
-    ev.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="inference engine (default hf)")
+    ev.add_argument("--backend", choices=tuple(BACKENDS), default="hf", help="inference engine (default hf)")
     ev.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     ev.add_argument("--batch-size", type=int, default=64, help="generation batch size of the hf backend")
     ev.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
     ev.add_argument("--allow-pickle", action="store_true", help="also load pickled .bin weights (weights_only=True)")
+    ev.add_argument("--dtype", choices=DTYPES, default=None,
+                    help="scoring dtype (default: the recipe's or run's own, the one it was searched in; "
+                         "float32 for a model folder)")
     se = command("search", "Search merge recipes: ask -> merge -> score -> tell, recorded in an Optuna study.")
     se.add_argument("space", type=Path, help="search-space YAML (see search_spaces/)")
     se.add_argument("--run-dir", type=Path, default=None, help="run folder (default runs/<space name>)")
     se.add_argument("--trials", type=int, default=None, help="total trials of the study (overrides budget.trials)")
     se.add_argument("--minutes", type=float, default=None, help="time budget of this invocation")
-    se.add_argument("--optimizer", default=None, help="cma | tpe | nsga2 | random (overrides the space)")
+    se.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default=None, help="overrides the space's optimizer: "
+                    + "; ".join(f"{name}: {spec.summary}" for name, spec in OPTIMIZERS.items()))
     se.add_argument("--seed", type=int, default=None, help="sampler and DARE mask seed (overrides the space)")
     se.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite in the run folder)")
     se.add_argument("--study", default=None, help="study name in the storage (default: the space's name)")
-    se.add_argument("--backend", choices=("hf", "vllm"), default=None, help="inference engine (overrides the space)")
+    se.add_argument("--backend", choices=tuple(BACKENDS), default=None, help="inference engine (overrides the space)")
     se.add_argument("--device", default=None, help="cpu, cuda or cuda:N (one worker per device)")
     se.add_argument("--quiet", action="store_true", help="no progress output")
     se.add_argument("--engine-device", default=None,
@@ -220,7 +231,8 @@ def _search_plan(space, args: argparse.Namespace) -> bool:
 
 def _search_report(run_dir: Path, storage: str | None, study: str | None) -> None:
     """The HTML report at the end of a search; a report that cannot be drawn never fails the search."""
-    from optimizer.report import load_run, write_html
+    from optimizer.report import write_html
+    from optimizer.run import load_run
 
     try:
         path = write_html(load_run(run_dir, storage=storage, study_name=study))
@@ -242,7 +254,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from optimizer.export import export_run
-    from optimizer.report import load_run, summarize, write_html
+    from optimizer.report import summarize, write_html
+    from optimizer.run import load_run
 
     # export first, so the report's links (pareto/*.yaml) and trials.csv match the study as it is now
     export_run(args.run, storage=args.storage, study_name=args.study)
@@ -263,22 +276,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise MergeoptError("--limit must be a positive number of items")
     if args.holdout and args.limit is None:
         raise MergeoptError("--holdout needs the --limit the search used (its subset is what is held out from)")
-    task_set = load_task_set(args.tasks, limit=args.limit, seed=args.seed, holdout=args.holdout)
     target = args.target
-    engine = recipe = None
-    extra = {"batch_size": args.batch_size} if args.backend == "hf" else {}
-    if target.endswith((".yaml", ".yml")):
-        from optimizer.merge.engine import MergeEngine
-
-        recipe = Recipe.load(target)
-        engine = MergeEngine.for_recipe(recipe, device=args.device, allow_pickle=args.allow_pickle)
-        backend = make_backend(args.backend, engine.base_path, device=args.device, **extra)
-    else:
+    run_record = Path(target) / "space.yaml"
+    if run_record.is_file():  # a run folder: its best recipe, as `mergeopt export` wrote it
+        target = str(Path(target) / "best.yaml")
+        if not Path(target).is_file():
+            raise MergeoptError(f"{args.target} has no best.yaml yet; run 'mergeopt export {args.target}' first")
+    recipe = Recipe.load(target) if target.endswith((".yaml", ".yml")) else None
+    folder = None
+    if recipe is None:
         folder = zoo_path(target) if target.startswith("zoo:") else target
         if not Path(folder).is_dir():
-            raise MergeoptError(f"{target} is neither a model folder nor a recipe YAML")
-        backend = make_backend(args.backend, folder, device=args.device, **extra)
-    result = evaluate_candidate(backend, task_set, engine, recipe, progress=not args.json)
+            raise MergeoptError(f"{target} is neither a model folder, a run folder nor a recipe YAML")
+        from optimizer.merge.checkpoint import weight_files
+
+        weight_files(folder, allow_pickle=args.allow_pickle)  # the pickle policy of merge and search, before loading
+    # a recipe records the dtype its search scored in: the same dtype gives the same scores
+    dtype = args.dtype or (recipe.dtype if recipe is not None else "float32")
+    task_set = load_task_set(args.tasks, limit=args.limit, seed=args.seed, holdout=args.holdout)
+    extra = {"batch_size": args.batch_size} if args.backend == "hf" else {}
+    engine = None
+    if recipe is not None:
+        from optimizer.merge.engine import MergeEngine
+
+        engine = MergeEngine.for_recipe(recipe, device=args.device, allow_pickle=args.allow_pickle)
+        folder = engine.base_path
+    with contextlib.closing(make_backend(args.backend, folder, device=args.device, dtype=dtype, **extra)) as backend:
+        result = evaluate_candidate(backend, task_set, engine, recipe, progress=not args.json)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -358,6 +382,33 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Log lines to whatever sys.stderr is when they are written (tests and tools may swap it)."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def configure_output(args: argparse.Namespace) -> None:
+    """The process-wide settings a command line owns (library modules set none): log format and levels."""
+    import warnings
+
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("mergeopt")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if args.debug else logging.INFO)
+    logger.propagate = False
+    logging.getLogger("optuna").setLevel(logging.WARNING)  # Optuna's per-trial INFO lines would drown the progress
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    warnings.filterwarnings("ignore", message="Could not import matplotlib.pyplot")
+
+
 def default_threads() -> int:
     """The cores other processes leave free (1-minute load average), at least one: torch's default of every core
     oversubscribes a shared machine (measured: an eval took 38-82 s instead of 6.8 s on 2 busy cores)."""
@@ -388,7 +439,7 @@ def configure_threads(threads: int | None) -> int:
     else:
         import numba
 
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
     os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "mergeopt-numba"))
     import torch
 
@@ -406,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    configure_output(args)
     try:
         configure_threads(getattr(args, "threads", None))
         return COMMANDS[args.command](args)
@@ -422,6 +474,13 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except Exception as exc:  # the last resort: a bug or an unforeseen failure is still one line without --debug
+        if args.debug:
+            raise
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"mergeopt {args.command}: error: {type(exc).__name__}: {text} (unexpected; rerun with --debug for "
+              "the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
