@@ -182,6 +182,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     overrides = {"trials": args.trials, "minutes": args.minutes, "optimizer": args.optimizer, "seed": args.seed,
                  "backend": args.backend}
     space = load_space(args.space, overrides)
+    if args.threads is None and space.threads is not None:  # the space's own thread count, unless --threads
+        configure_threads(space.threads)
     run_dir = args.run_dir or Path("runs") / space.name
     if not _search_plan(space, args):
         return 0
@@ -292,7 +294,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         weight_files(folder, allow_pickle=args.allow_pickle)  # the pickle policy of merge and search, before loading
     # a recipe records the dtype its search scored in: the same dtype gives the same scores
-    dtype = args.dtype or (recipe.dtype if recipe is not None else "float32")
+    # a recipe is scored in the dtype its search used; a plain mergekit file without one, and a folder, in float32
+    dtype = args.dtype or (recipe.dtype if recipe is not None else None) or "float32"
     task_set = load_task_set(args.tasks, limit=args.limit, seed=args.seed, holdout=args.holdout)
     extra = {"batch_size": args.batch_size} if args.backend == "hf" else {}
     engine = None
@@ -441,9 +444,10 @@ def configure_threads(threads: int | None) -> int:
 
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
     os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "mergeopt-numba"))
-    import torch
+    if "torch" in sys.modules:  # otherwise torch sizes its pool from OMP_NUM_THREADS when it loads (report and
+        import torch            # export never load it)
 
-    torch.set_num_threads(n)
+        torch.set_num_threads(n)
     return n
 
 

@@ -55,9 +55,11 @@ _KEYS = {
     "fidelity": "{low: N, promote: F}: score every candidate on N items first, promote the top F to the full subset",
     "backend": "hf | vllm",
     "dtype": "float32 | bfloat16 | float16",
+    "threads": "CPU threads for torch, numba and BLAS together (--threads overrides; default: the free cores)",
     "resolved": "written by mergeopt search into a run's space.yaml (what the space resolved to); ignored on input",
 }
-BUDGET_KEYS = ("budget",)  # the only part of a run's configuration that a resume may change (it may grow a run)
+# the parts of a run's configuration that a resume may change: the budget (it may grow a run) and the thread count
+BUDGET_KEYS = ("budget", "threads")
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ class SearchSpace:
     fidelity_promote: float = 0.5
     backend: str = "hf"
     dtype: str = "float32"
+    threads: int | None = None  # CPU threads (a machine setting: a resume may change it)
     num_layers: int = 1
     uses_drop_rate: bool = True  # the method sparsifies at random (DARE): drop rates are genes
     source: dict[str, Any] = field(default_factory=dict)  # the YAML as written (before CLI overrides)
@@ -140,6 +143,8 @@ class SearchSpace:
             "seed": self.seed, "tasks": self.tasks, "limit": self.limit,
             "backend": self.backend, "dtype": self.dtype,
         }
+        if self.threads is not None:
+            config["threads"] = self.threads
         if self.fidelity_low is not None:
             config["fidelity"] = {"low": self.fidelity_low, "promote": self.fidelity_promote}
         return config
@@ -408,6 +413,7 @@ class SpaceConfig(_Strict):
     fidelity: FidelityConfig | None = None
     backend: Annotated[str, _one_of(tuple(BACKENDS))] = "hf"
     dtype: Annotated[str, _one_of(DTYPES, "float32, bfloat16 or float16")] = "float32"
+    threads: PositiveInt | None = None
     resolved: dict[str, Any] | None = None  # a run's record (space.yaml): ignored on input
 
 
@@ -534,7 +540,7 @@ def parse_space(data: Any, source: str = "space", root: Path = Path("."), defaul
         weight_bounds=weight_bounds, drop_bounds=drop_bounds, fixed=dict(fixed), objectives=objectives,
         scalarization=dict(scalarization), optimizer=opt["name"],
         optimizer_settings=settings, trials=trials, minutes=minutes, seed=seed, tasks=str(tasks), limit=limit,
-        fidelity_low=low, fidelity_promote=float(promote), backend=backend, dtype=dtype,
+        fidelity_low=low, fidelity_promote=float(promote), backend=backend, dtype=dtype, threads=config.threads,
         uses_drop_rate=uses_drop_rate, source=raw)
     for key, value in (overrides or {}).items():
         if value is None:

@@ -144,7 +144,7 @@ class MergeEngine:
         """For each engine row, the recipe position of that model (None: the recipe leaves it out)."""
         if recipe.merge_method not in METHODS:
             raise MergeoptError(f"unknown merge method {recipe.merge_method}")
-        if recipe.uses_base and _key(recipe.base_model) != self.base_path:
+        if recipe.uses_base and recipe.base_model is not None and _key(recipe.base_model) != self.base_path:
             raise MergeoptError(f"recipe base_model {recipe.base_model} is not the engine's base {self.base_path}")
         positions: list[int | None] = [None] * len(self.model_paths)
         for pos, spec in recipe.delta_models():
@@ -155,13 +155,14 @@ class MergeEngine:
             positions[row] = pos
         return positions
 
-    def plan(self, recipe: Recipe, slot: TensorSlot, positions: list[int | None] | None = None) -> sparsify.TensorPlan:
+    def plan(self, recipe: Recipe, slot: TensorSlot,
+             positions: list[int | None] | None = None) -> sparsify.TensorPlan | torch_methods.TorchPlan:
         """The kernel's arrays for one tensor; ``positions`` (from :meth:`_positions`) saves re-matching paths."""
         positions = self._positions(recipe) if positions is None else positions
         if METHODS[recipe.merge_method].engine == "torch":  # a torch function per tensor (issue 14)
             return torch_methods.TorchPlan(recipe, slot.name, slot.t, tuple(self.shapes[slot.name]), positions)
         active = [row for row, pos in enumerate(positions) if pos is not None]
-        sub = tensor_plan(recipe, slot, [positions[r] for r in active],
+        sub = tensor_plan(recipe, slot, [p for p in positions if p is not None],
                           delta_rows=lambda i: self.delta(slot.name, active[i]),
                           l1_norms=lambda i, threshold, key: self._l1_norms(slot.name, active[i], threshold, key))
         if len(active) == len(positions):
@@ -188,7 +189,8 @@ class MergeEngine:
         return self._l1.setdefault((name, row), dense), kept
 
     # ---- building ---------------------------------------------------------------------------------------
-    def _merge_into(self, slot: TensorSlot, plan: sparsify.TensorPlan, target: torch.Tensor) -> torch.Tensor:
+    def _merge_into(self, slot: TensorSlot, plan: sparsify.TensorPlan | torch_methods.TorchPlan,
+                    target: torch.Tensor) -> torch.Tensor:
         """Merge one tensor into ``target`` (any dtype and device, viewed flat); returns ``target``."""
         self._check_inputs(slot.name)
         base, models = self.inputs(slot.name)

@@ -103,3 +103,12 @@ def test_every_value_is_checked_before_any_model_folder_is_looked_at(search_setu
     """A wrong value next to a missing model folder: the value is named (the schema runs first)."""
     with pytest.raises(MergeoptError, match="limit: must be a positive integer"):
         load_space(write_space(search_setup, "order", base_model="/nowhere/at/all", limit=-1))
+
+
+def test_threads_key_is_a_machine_setting_not_part_of_the_run(search_setup):
+    space = load_space(write_space(search_setup, "th", threads=1))
+    assert space.threads == 1 and space.config()["threads"] == 1
+    assert "threads" not in space.identity()  # a resume on another machine may use another count
+    assert space.identity() == load_space(write_space(search_setup, "th", threads=3)).identity()
+    with pytest.raises(MergeoptError, match="threads"):
+        load_space(write_space(search_setup, "th0", threads=0))
