@@ -206,7 +206,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from optimizer.evaluate.scoring import evaluate_candidate, make_backend
+    from optimizer.evaluate.scoring import check_backend, evaluate_candidate, make_backend
     from optimizer.evaluate.tasks import load_task_set
     from optimizer.recipe import Recipe, zoo_path
 
@@ -222,12 +222,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from optimizer.merge.engine import MergeEngine
 
         recipe = Recipe.load(target)
-        engine = MergeEngine.for_recipe(recipe, device=args.device, allow_pickle=args.allow_pickle)
+        check_backend(args.backend, recipe.base_model or recipe.models[0].model)
+        # with vLLM the worker builds the candidate; this engine only checks the recipe, on the CPU
+        engine = MergeEngine.for_recipe(recipe, device="cpu" if args.backend == "vllm" else args.device,
+                                        allow_pickle=args.allow_pickle)
         backend = make_backend(args.backend, engine.base_path, device=args.device, **extra)
     else:
         folder = zoo_path(target) if target.startswith("zoo:") else target
         if not Path(folder).is_dir():
             raise MergeoptError(f"{target} is neither a model folder nor a recipe YAML")
+        check_backend(args.backend, folder, swaps=False)  # scored as it is: nothing will be reloaded
+        if args.backend == "vllm":
+            extra["swaps"] = False
         backend = make_backend(args.backend, folder, device=args.device, **extra)
     result = evaluate_candidate(backend, task_set, engine, recipe, progress=not args.json)
     if args.json:

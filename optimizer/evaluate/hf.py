@@ -50,6 +50,12 @@ class HFBackend:
         """Build the candidate straight into the live model's parameters."""
         engine.build_into(recipe, self.model)
 
+    def load_folder(self, folder) -> None:
+        """Load a model folder's own weights into the live model (a parent model)."""
+        from optimizer.merge.checkpoint import load_state_dict
+
+        self.load_state(load_state_dict(folder).items())
+
     @torch.no_grad()
     def load_state(self, tensors) -> None:
         """Copy ``(name, tensor)`` pairs into the live model (e.g. a parent model's own weights)."""

