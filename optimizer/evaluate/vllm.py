@@ -76,7 +76,7 @@ def _ties(model_path, config: dict) -> bool:
 
     try:
         return bool(getattr(transformers.AutoConfig.from_pretrained(str(model_path)), "tie_word_embeddings", False))
-    except (OSError, ValueError, KeyError):
+    except Exception:  # a config transformers cannot read (it raises many types): its own flag then
         return bool(config.get("tie_word_embeddings", False))
 
 

@@ -16,9 +16,10 @@ pytest.importorskip("vllm")
 
 from helpers import tiny_family  # noqa: E402
 
+from optimizer.errors import MergeoptError  # noqa: E402
 from optimizer.evaluate.hf import HFBackend  # noqa: E402
 from optimizer.evaluate.tasks import LoglikelihoodRequest  # noqa: E402
-from optimizer.evaluate.vllm import VLLMBackend  # noqa: E402
+from optimizer.evaluate.vllm import VLLMBackend, preflight  # noqa: E402
 from optimizer.merge.engine import MergeEngine  # noqa: E402
 from optimizer.recipe import ModelSpec, Recipe  # noqa: E402
 
@@ -92,3 +93,37 @@ def test_swaps_write_no_file(tied):
     for place in before:
         new = after[place] - before[place]
         assert not new, f"written in {place} during swaps: {sorted(new)[:5]}"
+
+
+def test_the_folder_fallback_feeds_the_tied_head_too(tied):
+    engine, hf, _, base, models = tied
+    fallback = VLLMBackend(base, build_in_worker=False)
+    try:
+        assert not fallback.in_worker and fallback.swap_dir is not None
+        for recipe in recipes(base, models):
+            hf.swap(engine, recipe)
+            fallback.swap(engine, recipe)
+            assert_same(hf.loglikelihood(REQUESTS), fallback.loglikelihood(REQUESTS))
+    finally:
+        fallback.close()
+
+
+def test_refusals_come_before_loading_and_only_where_weights_are_reloaded(tmp_path):
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    # a tied model whose embedding cannot be told apart (two vocabulary-shaped embedding tensors)
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                                                 "tie_word_embeddings": True, "vocab_size": 8, "hidden_size": 4,
+                                                 "num_attention_heads": 1}))
+    save_file({"model.embed_tokens.weight": torch.zeros(8, 4), "model.embed_extra.weight": torch.zeros(8, 4)},
+              str(odd / "model.safetensors"))
+    with pytest.raises(MergeoptError, match="ties its output head"):
+        preflight(odd)
+    assert preflight(odd, swaps=False) is None  # scored as it is: nothing reloaded, nothing to refuse
+    with pytest.raises(MergeoptError, match="tensor_parallel_size=2"):
+        VLLMBackend(odd, tensor_parallel_size=2)
