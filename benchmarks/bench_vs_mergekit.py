@@ -24,6 +24,8 @@ example:
   . .venv/bin/activate
   python benchmarks/bench_vs_mergekit.py                        # zoo (or stand-in) + medium synthetic, 3 rounds
   python benchmarks/bench_vs_mergekit.py --families synthetic --size large --repeats 5
+  python benchmarks/bench_vs_mergekit.py --families synthetic --size 0.84b --dtype bfloat16 --repeats 2 \
+      --no-warm-up --no-dare-row --workdir /tmp/bench084   # the memory issue's family (~7 GB of files)
 """
 
 from __future__ import annotations
@@ -53,12 +55,12 @@ WEIGHTS = (0.5, 0.3, 0.2)
 DENSITY = 0.5
 
 
-def recipe_dict(base: Path, models: list[Path]) -> dict:
+def recipe_dict(base: Path, models: list[Path], dtype: str = "float32") -> dict:
     return {
         "merge_method": "dare_ties",
         "base_model": str(base),
         "models": [{"model": str(m), "parameters": {"weight": w, "density": DENSITY}} for m, w in zip(models, WEIGHTS)],
-        "dtype": "float32",
+        "dtype": dtype,
     }
 
 
@@ -79,11 +81,12 @@ def run_child(cmd: list[str], out_dir: Path) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1024
 
 
-def bench_family(label: str, base: Path, models: list[Path], work: Path, repeats: int, warm_up: bool) -> list[dict]:
+def bench_family(label: str, base: Path, models: list[Path], work: Path, repeats: int, warm_up: bool,
+                 dtype: str = "float32", dare_row: bool = True) -> list[dict]:
     bin_dir = Path(sys.executable).parent
     mergeopt = str(bin_dir / "mergeopt") if (bin_dir / "mergeopt").exists() else "mergeopt"
     mergekit = str(bin_dir / "mergekit-yaml") if (bin_dir / "mergekit-yaml").exists() else "mergekit-yaml"
-    plain = recipe_dict(base, models)
+    plain = recipe_dict(base, models, dtype)
     plain_path = work / f"{label}-dare_ties.yaml"
     plain_path.write_text(yaml.safe_dump(plain, sort_keys=False))
     dare_path = work / f"{label}-dare_ties-rescale-dare.yaml"
@@ -94,6 +97,8 @@ def bench_family(label: str, base: Path, models: list[Path], work: Path, repeats
         "mergeopt merge (L1 rescale, same file)": [mergeopt, "merge", str(plain_path), "--out", str(out)],
         "mergeopt merge (rescale: dare)": [mergeopt, "merge", str(dare_path), "--out", str(out)],
     }
+    if not dare_row:
+        del tools["mergeopt merge (rescale: dare)"]
     names = list(tools)
     if warm_up:  # page cache, numba's on-disk cache, Python bytecode caches (the synthetic files are fresh in cache)
         for name in names:
@@ -112,17 +117,17 @@ def bench_family(label: str, base: Path, models: list[Path], work: Path, repeats
     for name in names:
         rows.append(dict(tool=name, median=statistics.median(walls[name]), lo=min(walls[name]), hi=max(walls[name]),
                          ratio=statistics.median(k / s for s, k in zip(walls[name], walls[ref])),
-                         rss=max(rss[name])))
+                         rss=max(rss[name]), rss_rounds=rss[name], wall_rounds=walls[name]))
     return rows
 
 
 def print_table(title: str, rows: list[dict], commands_note: str) -> None:
     print(f"\n**{title}**{commands_note}\n")
-    print("| tool | median wall s | min-max s | mergekit / this (x faster) | peak RSS MiB |")
-    print("|---|---:|---:|---:|---:|")
+    print("| tool | median wall s | min-max s | mergekit / this (x faster) | peak RSS MiB | RSS MiB per round |")
+    print("|---|---:|---:|---:|---:|---|")
     for row in rows:
         print(f"| {row['tool']} | {row['median']:.2f} | {row['lo']:.2f}-{row['hi']:.2f} | {row['ratio']:.2f} | "
-              f"{row['rss']:.0f} |")
+              f"{row['rss']:.0f} | {', '.join(f'{m:.0f}' for m in row['rss_rounds'])} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,9 +135,14 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", choices=("zoo", "synthetic"), default=["zoo", "synthetic"])
     parser.add_argument("--size", choices=[s for s in SIZES if s != "tiny"], default="medium",
-                        help="synthetic family size: small (~58M params), medium (~134M, default), large (~219M)")
+                        help="synthetic family size: small (~58M params), medium (~134M, default), large (~219M), "
+                             "0.84b")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per family (default 3)")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary folder)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the recipe's dtype, computed and written (default float32)")
+    parser.add_argument("--no-warm-up", action="store_true", help="no untimed first run (large families)")
+    parser.add_argument("--no-dare-row", action="store_true", help="skip the mergeopt 'rescale: dare' row")
     args = parser.parse_args(argv)
 
     tmp = tempfile.TemporaryDirectory(prefix="mergeopt-vs-mergekit-") if args.workdir is None else None
@@ -144,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {os.cpu_count()} cores; torch {torch.__version__}; mergekit "
           f"{__import__('importlib.metadata').metadata.version('mergekit')}")
     print(f"mergekit flags: {' '.join(MERGEKIT_FLAGS)}; recipe: dare_ties, weights {WEIGHTS}, density {DENSITY}, "
-          "dtype float32")
+          f"dtype {args.dtype}")
     if "zoo" in args.families:
         from optimizer.zoo import zoo_models
 
@@ -169,10 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"synthetic {args.size}: {n_params / 1e6:.1f}M params/model written in {time.perf_counter() - t:.1f}s",
               file=sys.stderr)
         rows = bench_family(f"synthetic-{args.size}", base, models, work, args.repeats,
-                            warm_up="zoo" not in args.families)
+                            warm_up="zoo" not in args.families and not args.no_warm_up, dtype=args.dtype,
+                            dare_row=not args.no_dare_row)
+        size = 4 if args.dtype == "float32" else 2
         print_table(f"synthetic {args.size}: {n_params / 1e6:.1f}M params/model, bfloat16 on disk, 3 fine-tunes",
-                    rows, f", {args.repeats} interleaved rounds, output float32 "
-                          f"({n_params * 4 / 1e9:.2f} GB)")
+                    rows, f", {args.repeats} interleaved rounds, output {args.dtype} "
+                          f"({n_params * size / 1e9:.2f} GB)")
     print(f"\nload after: {other_cpu_load()}")
     if tmp:
         tmp.cleanup()

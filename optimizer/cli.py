@@ -15,11 +15,15 @@ EXAMPLES = {
   mergeopt zoo --rebuild --out /tmp/zoo   # retrain the zoo reproducibly (a few minutes on a CPU)""",
     "merge": """examples:
   mergeopt merge search_spaces/example_recipe.yaml --out /tmp/merged
-  mergeopt merge runs/demo/best.yaml --out merged --device cuda --shard-size 2GB""",
+  mergeopt merge runs/demo/best.yaml --out merged --device cuda --shard-size 2GB
+  mergeopt merge recipe.yaml --out merged --plan          # print the memory plan and stop
+  mergeopt merge recipe.yaml --out merged --threads 4      # torch, numba and BLAS threads together""",
     "search": """examples:
   mergeopt search search_spaces/demo.yaml                      # runs/demo/, resumes if it exists
   mergeopt search search_spaces/demo.yaml --trials 100 --optimizer nsga2 --run-dir runs/demo-nsga2
-  mergeopt search space.yaml --storage postgresql://user@db/mergeopt --study big-merge --device cuda:1""",
+  mergeopt search space.yaml --storage postgresql://user@db/mergeopt --study big-merge --device cuda:1
+  mergeopt search search_spaces/lm_eval_example.yaml --plan --gpu-memory 80GB   # will it fit? (loads nothing)
+  mergeopt search space.yaml --device cuda --engine-device cpu   # models mapped on the host, scoring on the GPU""",
     "export": """examples:
   mergeopt export runs/demo                      # pareto/*.yaml, pareto/front.csv, best.yaml, trials.csv
   mergeopt export runs/demo --materialize        # also the merged model of every front recipe""",
@@ -65,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES[name],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
+        p.add_argument("--threads", type=int, default=None, metavar="N",
+                       help="CPU threads for torch, numba and BLAS together (default: the cores other processes "
+                            "leave free, from the 1-minute load average)")
         return p
 
     zoo = command("zoo", "List the embedded tiny model zoo (or retrain it with --rebuild).")
@@ -77,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", type=Path, required=True, help="output model folder")
     merge.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
     merge.add_argument("--shard-size", type=_size, default="5GB", help="largest safetensors shard (default 5GB)")
+    merge.add_argument("--plan", action="store_true", help="print the memory plan and stop (loads no weights)")
     merge.add_argument("--allow-pickle", action="store_true",
                        help="also load pickled .bin weights (with weights_only=True); off by default")
     ev = command("eval", "Score a model folder or a recipe (merged in memory) on a task set.")
@@ -103,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--backend", choices=("hf", "vllm"), default=None, help="inference engine (overrides the space)")
     se.add_argument("--device", default=None, help="cpu, cuda or cuda:N (one worker per device)")
     se.add_argument("--quiet", action="store_true", help="no progress output")
+    se.add_argument("--engine-device", default=None,
+                    help="where the merge engine holds the models: cpu (memory-mapped) or the scoring device "
+                         "(default: the scoring device)")
+    se.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                    help="plan for a card of this size (e.g. 80GB) instead of the one torch sees")
+    se.add_argument("--plan", action="store_true", help="print the memory plan and stop (loads no weights)")
 
     ex = command("export", "Write a run's Pareto front and best recipe as mergekit YAML.")
     ex.add_argument("run", type=Path, help="run folder")
@@ -153,8 +167,10 @@ def cmd_search(args: argparse.Namespace) -> int:
                  "backend": args.backend}
     space = load_space(args.space, overrides)
     run_dir = args.run_dir or Path("runs") / space.name
+    if not _search_plan(space, args):
+        return 0
     result = run_search(space, run_dir, storage=args.storage, study_name=args.study, device=args.device,
-                        progress=not args.quiet)
+                        progress=not args.quiet, engine_device=args.engine_device)
     exported = export_run(run_dir, storage=args.storage, study_name=args.study)
     print_front(exported)
     if exported.front:
@@ -167,6 +183,34 @@ def cmd_search(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 130
     return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _trims_by_magnitude(method: str) -> bool:
+    from optimizer.merge.methods import METHODS
+
+    spec = METHODS.get(method)
+    return spec is not None and spec.sparsification == "magnitude"
+
+
+def _search_plan(space, args: argparse.Namespace) -> bool:
+    """Print the search's memory plan; refuse in one line what cannot fit. False: --plan, stop here."""
+    from optimizer.merge.memory import parse_size, plan_memory
+
+    device = args.device or ("cuda" if _cuda() else "cpu")
+    plan = plan_memory(space.base_model, list(space.models), engine_device=args.engine_device or device,
+                       scoring_device=device, backend=space.backend, live_dtype=space.dtype,
+                       device_memory=None if args.gpu_memory is None else parse_size(args.gpu_memory),
+                       magnitude_trim=_trims_by_magnitude(space.merge_method))
+    if args.plan or not args.quiet:
+        print(plan.text(), file=sys.stdout if args.plan else sys.stderr)
+    plan.check()
+    return not args.plan
 
 
 def _search_report(run_dir: Path, storage: str | None, study: str | None) -> None:
@@ -272,9 +316,21 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from optimizer.merge.engine import MergeEngine
     from optimizer.recipe import Recipe
 
+    from optimizer.merge.memory import plan_memory
+
     recipe = Recipe.load(args.recipe)
+    base = recipe.base_model or recipe.models[0].model
+    device = args.device or ("cuda" if _cuda() else "cpu")
+    plan = plan_memory(base, [m.model for _, m in recipe.delta_models()], engine_device=device, backend=None,
+                       allow_pickle=args.allow_pickle, magnitude_trim=_trims_by_magnitude(recipe.merge_method))
+    print(plan.text(), file=sys.stdout if args.plan else sys.stderr)
+    plan.check()
+    if args.plan:
+        return 0
     start = time.perf_counter()
-    engine = MergeEngine.for_recipe(recipe, device=args.device, allow_pickle=args.allow_pickle, progress=True)
+    # each input tensor is checked for NaN/inf as it is merged: one pass over the files, not two
+    engine = MergeEngine.for_recipe(recipe, device=args.device, allow_pickle=args.allow_pickle, progress=True,
+                                    verify=False)
     loaded = time.perf_counter()
     out = engine.save(recipe, args.out, max_shard_bytes=args.shard_size, progress=True)
     done = time.perf_counter()
@@ -282,6 +338,44 @@ def cmd_merge(args: argparse.Namespace) -> int:
           f"(load {loaded - start:.1f}s, merge+write {done - loaded:.1f}s)", file=sys.stderr)
     print(out.resolve())
     return 0
+
+
+def default_threads() -> int:
+    """The cores other processes leave free (1-minute load average), at least one: torch's default of every core
+    oversubscribes a shared machine (measured: an eval took 38-82 s instead of 6.8 s on 2 busy cores)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = round(os.getloadavg()[0])
+    except OSError:
+        busy = 0
+    return max(1, cores - busy)
+
+
+def configure_threads(threads: int | None) -> int:
+    """One thread count for torch, numba and the BLAS/OpenMP pools, set before they start their pools."""
+    import os
+
+    if threads is not None and threads < 1:
+        raise MergeoptError("--threads must be at least 1")
+    n = threads or default_threads()
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        if threads is not None or var not in os.environ:
+            os.environ[var] = str(n)
+    if "numba" not in sys.modules:
+        # numba sizes its pool from this at import; changing it after the pool started breaks numba's launches
+        if threads is not None or "NUMBA_NUM_THREADS" not in os.environ:
+            os.environ["NUMBA_NUM_THREADS"] = str(n)
+    else:
+        import numba
+
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "mergeopt-numba"))
+    import torch
+
+    torch.set_num_threads(n)
+    return n
 
 
 COMMANDS = {"zoo": cmd_zoo, "merge": cmd_merge, "eval": cmd_eval, "search": cmd_search, "export": cmd_export,
@@ -295,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        configure_threads(getattr(args, "threads", None))
         return COMMANDS[args.command](args)
     except MergeoptError as exc:
         if args.debug:

@@ -110,6 +110,7 @@ class VLLMBackend:
         self.swap_dir = None
         self.llm = None
         self.swaps = swaps
+        self.dtype = dtype
         self.tied_embedding = preflight(model_path, swaps, tensor_parallel_size)
         from vllm import LLM
 
@@ -170,18 +171,34 @@ class VLLMBackend:
         if not self.in_worker:
             self._reload_from_folder(engine.tensors(recipe), engine.base_path)
             return
-        models = (engine.base_path, list(engine.model_paths))
-        if self._engine_models != models:
-            errors = self.llm.collective_rpc("mergeopt_load_engine", args=(*models, self.tied_embedding))
-            if any(errors):
-                raise MergeoptError(next(e for e in errors if e))
-            self._engine_models = models
+        self._load_engine(engine)
         results = self.llm.collective_rpc("mergeopt_build", args=(recipe.to_dict(),))
         self.llm.reset_prefix_cache()
         errors = [error for _, error in results if error]
         if errors:
             raise MergeoptError(errors[0])
         self.last_build_seconds = max(seconds for seconds, _ in results)
+
+    def load_parent(self, engine, index: int) -> None:
+        """Load one of the engine's input models as it is (0: the base), from the worker engine's mapped weights."""
+        self._check_swaps()
+        if not self.in_worker:
+            stored = engine.stored_weights(index)
+            self._reload_from_folder(((name, stored[name].view(engine.shapes[name])) for name in engine.names),
+                                     engine.base_path)
+            return
+        self._load_engine(engine)
+        self.llm.collective_rpc("mergeopt_load_parent", args=(index,))
+        self.llm.reset_prefix_cache()
+
+    def _load_engine(self, engine) -> None:
+        """The workers' merge engine holds the same models as ``engine`` (loaded at the first call of a run)."""
+        models = (engine.base_path, list(engine.model_paths))
+        if self._engine_models != models:
+            errors = self.llm.collective_rpc("mergeopt_load_engine", args=(*models, self.tied_embedding, self.dtype))
+            if any(errors):
+                raise MergeoptError(next(e for e in errors if e))
+            self._engine_models = models
 
     def load_folder(self, folder: str | Path) -> None:
         """Load a model folder's own weights (a parent model), read by the worker itself."""
@@ -194,7 +211,7 @@ class VLLMBackend:
 
     def load_state(self, tensors) -> None:
         """Load ``(name, tensor)`` pairs made in this process; they go through a RAM-backed folder (tensors sent as RPC
-        arguments would arrive as lists). Prefer :meth:`load_folder` and :meth:`swap`, which write no file."""
+        arguments would arrive as lists). Prefer :meth:`swap` and :meth:`load_parent`, which write no file."""
         self._check_swaps()
         if self.swap_dir is None:
             self.swap_dir = ram_folder("mergeopt-swap-")

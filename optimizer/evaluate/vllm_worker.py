@@ -36,16 +36,21 @@ class MergeWorker:
         """Whether the live model has an output head of its own to feed (the tied-embedding override took hold)."""
         return any(name == OUTPUT_HEAD for name, _ in self.model_runner.get_model().named_parameters())
 
-    def mergeopt_load_engine(self, base: str, models: list[str], tied_embedding: str | None) -> str | None:
-        """Load the merge engine once for the run, on this worker's device; a bad input comes back as its line."""
+    def mergeopt_load_engine(self, base: str, models: list[str], tied_embedding: str | None,
+                             dtype: str) -> str | None:
+        """Load the merge engine once for the run, on this worker's device; a bad input comes back as its line.
+
+        ``dtype``: the live model's, which the candidates are built in (cast once, in the kernel, as the hf backend
+        does). The search process's engine has checked the weights already (``verify=False`` here)."""
         from optimizer.errors import MergeoptError
-        from optimizer.merge.engine import MergeEngine
+        from optimizer.merge.engine import DTYPES, MergeEngine
 
         try:
-            self._mergeopt_engine = MergeEngine(base, models, device=self.device)
+            self._mergeopt_engine = MergeEngine(base, models, device=self.device, verify=False)
         except MergeoptError as exc:
             return str(exc)
         self._mergeopt_tied_embedding = tied_embedding
+        self._mergeopt_dtype = DTYPES[dtype]
         return None
 
     def mergeopt_build(self, recipe: dict) -> tuple[float, str | None]:
@@ -55,11 +60,18 @@ class MergeWorker:
 
         start = time.perf_counter()
         try:
-            weights = self._mergeopt_engine.tensors(Recipe.from_dict(recipe))
+            weights = self._mergeopt_engine.tensors(Recipe.from_dict(recipe), dtype=self._mergeopt_dtype)
             self._mergeopt_reload(weights, self._mergeopt_tied_embedding)
         except MergeoptError as exc:
             return time.perf_counter() - start, str(exc)
         return time.perf_counter() - start, None
+
+    def mergeopt_load_parent(self, index: int) -> None:
+        """Load one of the engine's input models as it is (0: the base), from the engine's mapped weights."""
+        engine = self._mergeopt_engine
+        stored = engine.stored_weights(index)
+        weights = ((name, stored[name].view(engine.shapes[name])) for name in engine.names)
+        self._mergeopt_reload(weights, self._mergeopt_tied_embedding)
 
     def mergeopt_load_folder(self, folder: str, tied_embedding: str | None) -> None:
         """Load a whole model folder's own weights (a parent model, or the output head of a tied model at start)."""

@@ -7,8 +7,10 @@ are refused unless the caller opts in (``allow_pickle=True``), and then loaded w
 from __future__ import annotations
 
 import json
+import mmap
 import re
 import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,9 +116,7 @@ def tensor_shapes(folder: str | Path, allow_pickle: bool = False) -> dict[str, t
         return {k: tuple(v.shape) for k, v in load_state_dict(folder, allow_pickle=True).items()}
     shapes: dict[str, tuple[int, ...]] = {}
     for f in files:
-        with _open_safetensors(f) as handle:
-            for name in handle.keys():
-                shapes[name] = tuple(handle.get_slice(name).get_shape())
+        shapes.update({name: entry.shape for name, entry in read_safetensors_header(f).items()})
     return shapes
 
 
@@ -141,6 +141,151 @@ def load_state_dict(folder: str | Path, allow_pickle: bool = False, device: str 
             for name, t in state.items():
                 tensors[name] = t.to(device=device, dtype=dtype or t.dtype)
     return tensors
+
+
+# safetensors dtype names -> torch dtypes (the ones checkpoints of language models hold)
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+_MAX_HEADER = 100 * 1024**2
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lies in a safetensors file."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offsets in the file
+    stop: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
+    """The tensor table of one safetensors file, checked against the file's size (one line when it is damaged)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than a header")
+            (length,) = struct.unpack("<Q", head)
+            if length > min(size - 8, _MAX_HEADER):
+                raise ValueError("header length out of range")
+            header = json.loads(f.read(length))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise MergeoptError(f"{path} is not a readable safetensors file ({exc}); it is corrupt or truncated") from None
+    if not isinstance(header, dict):
+        raise MergeoptError(f"{path} is not a readable safetensors file; it is corrupt or truncated")
+    data_start = 8 + length
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            begin, end = (int(v) for v in info["data_offsets"])
+            shape = tuple(int(d) for d in info["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise MergeoptError(f"{path}: tensor {name} has an unreadable header entry; the file is corrupt") from None
+        entry = TensorEntry(path, dtype, shape, data_start + begin, data_start + end)
+        if end < begin or entry.stop > size or entry.stop - entry.start != entry.numel * dtype.itemsize:
+            raise MergeoptError(f"{path}: tensor {name} lies past the end of the file ({size} bytes); it is "
+                                "corrupt or truncated: re-download or re-export it")
+        entries[name] = entry
+    return entries
+
+
+class StoredWeights:
+    """One model's tensors in their checkpoint dtype, each as a flat tensor: nothing is converted or copied.
+
+    On CPU the safetensors files are memory-mapped (private, copy-on-write: the engine never writes them), so the
+    OS page cache holds the weights and several processes share them; :meth:`release` gives a tensor's pages back
+    once a streamed merge is done with it. On another device every tensor is resident there in its own dtype.
+    Tensors of dtypes the kernels do not read (float64, integers) are converted to float32 once, at load.
+    """
+
+    def __init__(self, folder: str | Path, allow_pickle: bool = False, device: str | torch.device = "cpu"):
+        self.folder = Path(folder)
+        self.device = torch.device(device)
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._entries: dict[str, TensorEntry] = {}
+        self._tensors: dict[str, torch.Tensor] = {}
+        kind, files = weight_files(folder, allow_pickle)
+        if kind == "pickle":
+            for name, tensor in load_state_dict(folder, allow_pickle=True).items():
+                self._tensors[name] = _storable(tensor.reshape(-1)).to(self.device)
+            return
+        for path in files:
+            self._entries.update(read_safetensors_header(path))
+        for path in files:
+            if path.stat().st_size == 0:
+                continue
+            with open(path, "rb") as f:
+                self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        for name, entry in self._entries.items():
+            tensor = self._mapped(entry)
+            self._tensors[name] = tensor if self.device.type == "cpu" else tensor.to(self.device)
+        if self.device.type != "cpu":  # resident on the device: the mapping is no longer needed
+            self._entries.clear()
+            self.close_maps()
+
+    def _mapped(self, entry: TensorEntry) -> torch.Tensor:
+        count = entry.stop - entry.start
+        if count == 0:
+            return torch.empty(0, dtype=entry.dtype)
+        raw = torch.frombuffer(self._maps[entry.file], dtype=torch.uint8, count=count, offset=entry.start)
+        if entry.start % entry.dtype.itemsize:
+            raw = raw.clone()  # a misaligned tensor (no writer of the last years makes one): copy it once
+        return _storable(raw.view(entry.dtype))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors.values())
+
+    def release(self, name: str) -> None:
+        """Give back the pages of a mapped tensor (they are read again from the page cache if needed later)."""
+        entry = self._entries.get(name)
+        if entry is None or entry.stop == entry.start or self._tensors[name].dtype != entry.dtype:
+            return
+        start = entry.start - entry.start % mmap.PAGESIZE
+        try:
+            self._maps[entry.file].madvise(mmap.MADV_DONTNEED, start, entry.stop - start)
+        except (AttributeError, OSError, ValueError):  # no madvise here: the kernel reclaims pages itself
+            pass
+
+    def close_maps(self) -> None:
+        for m in self._maps.values():
+            try:
+                m.close()
+            except BufferError:  # a tensor still views it; it closes when the last view goes
+                pass
+        self._maps.clear()
+
+
+def _storable(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor as the engine keeps it: flat, in float32/bfloat16/float16 (others become float32 once)."""
+    flat = tensor.reshape(-1)
+    if flat.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return flat
+    return flat.to(torch.float32)
 
 
 class _open_safetensors:
@@ -196,23 +341,85 @@ def check_homologous(reference: ModelInfo, others: list[ModelInfo]) -> None:
             raise MergeoptError(f"tensor {extra[0]} of {other.folder} is missing from {reference.folder}; the models are not homologous")
 
 
+_TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def plan_shards(layout: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype,
+                max_shard_bytes: int) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """Tensors grouped into shards in order, each shard at most ``max_shard_bytes`` (a larger tensor alone)."""
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in layout:
+        nbytes = _numel(shape) * dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
+    return [s for s in shards if s]
+
+
+def stream_model_folder(out_dir: str | Path, layout: list[tuple[str, tuple[int, ...]]], fill, source_folder: str | Path,
+                        dtype: torch.dtype, max_shard_bytes: int = 5 * 1024**3,
+                        tokenizer_folder: str | Path | None = None, progress: bool = False) -> Path:
+    """Write a (sharded) safetensors model folder tensor by tensor, plus config and tokenizer files.
+
+    ``layout`` lists ``(name, shape)`` in order; ``fill(name, out)`` writes one tensor's values into ``out`` (an
+    empty tensor of that shape and ``dtype``), which goes straight to its place in its shard file. The shard
+    headers are planned from the shapes first, so no shard is ever held in memory. On any error the partial
+    shards are removed and an existing folder's weights are left as they were.
+    """
+    from tqdm import tqdm
+
+    out_dir = _make_folder(out_dir)
+    shards = plan_shards(layout, dtype, max_shard_bytes)
+    temp_names = [out_dir / f"shard-{i:05d}.tmp" for i in range(len(shards))]
+    bar = tqdm(total=len(layout), desc="merging", unit="tensor", disable=not progress)
+    try:
+        for temp, shard in zip(temp_names, shards):
+            header: dict = {"__metadata__": {"format": "pt"}}
+            offset = 0
+            for name, shape in shard:
+                nbytes = _numel(shape) * dtype.itemsize
+                header[name] = {"dtype": _TORCH_TO_SAFETENSORS[dtype], "shape": list(shape),
+                                "data_offsets": [offset, offset + nbytes]}
+                offset += nbytes
+            blob = json.dumps(header, separators=(",", ":")).encode()
+            blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
+            with open(temp, "wb") as f:
+                f.write(struct.pack("<Q", len(blob)))
+                f.write(blob)
+                for name, shape in shard:
+                    out = torch.empty(shape, dtype=dtype)
+                    fill(name, out)
+                    f.write(out.reshape(-1).view(torch.uint8).numpy().data)
+                    del out
+                    bar.update()
+    except OSError as exc:
+        _remove(temp_names)
+        raise MergeoptError(f"cannot write {out_dir} ({exc.strerror}); free disk space or choose another --out") from None
+    except BaseException:
+        _remove(temp_names)
+        raise
+    finally:
+        bar.close()
+    total = sum(_numel(shape) * dtype.itemsize for _, shape in layout)
+    return _finish_folder(out_dir, [(t.name, [n for n, _ in s]) for t, s in zip(temp_names, shards)], total,
+                          source_folder, dtype, tokenizer_folder)
+
+
 def write_model_folder(out_dir: str | Path, tensors, source_folder: str | Path, dtype: torch.dtype,
                        max_shard_bytes: int = 5 * 1024**3, tokenizer_folder: str | Path | None = None) -> Path:
     """Write ``(name, tensor)`` pairs as (sharded) safetensors plus the config and tokenizer files.
 
     ``tensors`` may be a generator: each shard is written as soon as it is full, so only one shard of the
-    output is held in memory.
+    output is held in memory (:func:`stream_model_folder` holds one tensor, when the shapes are known first).
     """
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise MergeoptError(f"cannot create output folder {out_dir} ({exc.strerror}); choose another --out") from None
+    out_dir = _make_folder(out_dir)
     shards: list[tuple[str, list[str]]] = []
     current: dict[str, torch.Tensor] = {}
     current_bytes = 0
     total_bytes = 0
-    temp_names: list[Path] = []
 
     def flush() -> None:
         nonlocal current, current_bytes
@@ -220,7 +427,6 @@ def write_model_folder(out_dir: str | Path, tensors, source_folder: str | Path, 
             return
         path = out_dir / f"shard-{len(shards):05d}.tmp"
         _save(current, path)
-        temp_names.append(path)
         shards.append((path.name, list(current)))
         current, current_bytes = {}, 0
 
@@ -233,7 +439,33 @@ def write_model_folder(out_dir: str | Path, tensors, source_folder: str | Path, 
         current_bytes += size
         total_bytes += size
     flush()
+    return _finish_folder(out_dir, shards, total_bytes, source_folder, dtype, tokenizer_folder)
 
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _make_folder(out_dir: str | Path) -> Path:
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MergeoptError(f"cannot create output folder {out_dir} ({exc.strerror}); choose another --out") from None
+    return out_dir
+
+
+def _remove(paths) -> None:
+    for path in paths:
+        Path(path).unlink(missing_ok=True)
+
+
+def _finish_folder(out_dir: Path, shards: list[tuple[str, list[str]]], total_bytes: int, source_folder: str | Path,
+                   dtype: torch.dtype, tokenizer_folder: str | Path | None) -> Path:
+    """Rename the written temporary shards into place, write the index, copy config and tokenizer files."""
     weight_map = {}
     if len(shards) == 1:
         final_names = ["model.safetensors"]

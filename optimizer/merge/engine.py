@@ -1,14 +1,15 @@
-"""The merge engine: base and deltas loaded once and kept resident; candidates built straight into place.
+"""The merge engine: the models held once, in their checkpoint dtype; candidates built straight into place.
 
 ```python
-engine = MergeEngine(base="zoo/base", models=["zoo/adder", "zoo/reverser"])   # loads and checks once
+engine = MergeEngine(base="zoo/base", models=["zoo/adder", "zoo/reverser"])   # maps and checks once
 engine.build_into(recipe, live_model)      # writes the merged weights into the model's parameters, no disk
-engine.save(recipe, "out/merged")          # or a sharded safetensors folder that transformers loads
+engine.save(recipe, "out/merged")          # or streams a sharded safetensors folder that transformers loads
 ```
 
-Memory: base + one float32 delta per model and tensor (rows of one ``(n_models, numel)`` block per tensor), plus
-one output tensor of scratch; building into a float32 CPU model needs no scratch at all, the kernel writes
-straight into the parameter.
+Memory: base and fine-tunes stay as their checkpoints store them (bf16 stays bf16): memory-mapped on CPU, where
+the OS page cache holds them and nothing is copied, resident on a GPU. No delta is stored: the fused kernel
+forms ``fine-tune - base`` in float32 as it goes and casts once to the target. Per tensor being built, the only
+scratch is a bounded float32 range (none when the target is a float32 CPU tensor: the kernel writes into it).
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ from optimizer.merge.methods import METHODS, TensorSlot, tensor_plan
 from optimizer.recipe import Recipe
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+KERNELS = ("numba", "torch")
+# Elements merged per call when the result needs a cast or runs on torch: bounds the float32 scratch (64 MiB)
+# and the torch twin's int64 hash temporaries (a 152k x 3584 embedding at once would need > 4 GB of them).
+NUMBA_RANGE = 1 << 24
+TORCH_RANGE = 1 << 22
 
 
 def default_device() -> torch.device:
@@ -36,13 +42,23 @@ def _key(path: str | Path) -> str:
 
 
 class MergeEngine:
-    """Holds base + deltas of a fixed set of homologous models on one device and builds candidates from them."""
+    """Holds base + fine-tunes of a fixed set of homologous models on one device and builds candidates from them.
+
+    ``kernel`` is ``numba`` (the fused CPU kernel, default on CPU) or ``torch`` (default on other devices; on CPU
+    it runs the same arithmetic with torch ops, which the tests use to check the GPU path bit for bit).
+    ``verify`` reads every input once at load and refuses NaN or infinite weights there; without it each tensor
+    is checked the first time it is merged (a streamed merge reads each tensor once).
+    """
 
     def __init__(self, base: str | Path, models: Sequence[str | Path], device: str | torch.device | None = None,
-                 allow_pickle: bool = False, progress: bool = False):
+                 allow_pickle: bool = False, progress: bool = False, kernel: str | None = None, verify: bool = True):
         self.device = torch.device(device) if device is not None else default_device()
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise MergeoptError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+        self.kernel = kernel or ("numba" if self.device.type == "cpu" else "torch")
+        if self.kernel not in KERNELS or (self.kernel == "numba" and self.device.type != "cpu"):
+            raise MergeoptError(f"kernel {self.kernel!r} cannot run on {self.device}; use one of {', '.join(KERNELS)} "
+                                "(numba runs on the CPU only)")
         self.base_path = _key(base)
         self.model_paths = [_key(m) for m in models]
         if not self.model_paths:
@@ -55,40 +71,73 @@ class MergeEngine:
         self.shapes = dict(base_info.shapes)
         self.num_layers = checkpoint.num_layers(self.config, self.names)
         self.slots = [TensorSlot(name, self._depth(name)) for name in self.names]
+        self._slot_by_name = {slot.name: slot for slot in self.slots}
 
-        self.base: dict[str, torch.Tensor] = {
-            name: _finite(t, name, base).reshape(-1).contiguous()
-            for name, t in checkpoint.load_state_dict(base, allow_pickle, self.device, torch.float32).items()
-        }
-        self.deltas: dict[str, torch.Tensor] = {
-            name: torch.empty((len(models), self.base[name].numel()), dtype=torch.float32, device=self.device)
-            for name in self.names
-        }
-        bar = tqdm(total=len(models), desc="loading models", unit="model", disable=not progress, leave=False)
-        for row, folder in enumerate(models):
-            state = checkpoint.load_state_dict(folder, allow_pickle, self.device, torch.float32)
-            for name in self.names:
-                torch.sub(_finite(state.pop(name), name, folder).reshape(-1), self.base[name],
-                          out=self.deltas[name][row])
-            del state
+        folders = [base, *models]
+        bar = tqdm(total=len(folders), desc="loading models", unit="model", disable=not progress, leave=False)
+        self._stored: list[checkpoint.StoredWeights] = []
+        for folder in folders:
+            self._stored.append(checkpoint.StoredWeights(folder, allow_pickle, self.device))
             bar.update()
         bar.close()
         self._rows = {path: row for row, path in enumerate(self.model_paths)}
         self._l1: dict[tuple[str, int], float] = {}  # dense L1 norms of deltas, for the l1 rescale rule
+        self._checked: set[str] = set()
+        if verify:
+            for name in tqdm(self.names, desc="checking weights", unit="tensor", disable=not progress, leave=False):
+                self._check_inputs(name)
 
     @classmethod
     def for_recipe(cls, recipe: Recipe, device: str | torch.device | None = None, allow_pickle: bool = False,
-                   progress: bool = False) -> MergeEngine:
+                   progress: bool = False, kernel: str | None = None, verify: bool = True) -> MergeEngine:
         """An engine holding exactly the models a recipe names."""
         base = recipe.base_model or recipe.models[0].model
         models = [m.model for _, m in recipe.delta_models()]
-        return cls(base, models, device=device, allow_pickle=allow_pickle, progress=progress)
+        return cls(base, models, device=device, allow_pickle=allow_pickle, progress=progress, kernel=kernel,
+                   verify=verify)
 
     def _depth(self, name: str) -> float:
         layer = checkpoint.layer_index(name)
         if layer is None:
             return 0.0
         return layer / (self.num_layers - 1) if self.num_layers > 1 else 1.0
+
+    # ---- the stored inputs --------------------------------------------------------------------------------
+    def stored_weights(self, index: int) -> checkpoint.StoredWeights:
+        """The stored tensors of the base (index 0) or of fine-tune ``index - 1``."""
+        return self._stored[index]
+
+    def inputs(self, name: str, rows: Sequence[int] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The flat stored base tensor ``name`` and those of the fine-tunes ``rows`` (all by default)."""
+        rows = range(len(self.model_paths)) if rows is None else rows
+        return self._stored[0][name], [self._stored[1 + r][name] for r in rows]
+
+    def delta(self, name: str, row: int) -> torch.Tensor:
+        """Fine-tune ``row`` minus the base for one tensor, in float32 (made on demand, never kept)."""
+        return self._stored[1 + row][name].float() - self._stored[0][name].float()
+
+    def stored_dtype(self) -> torch.dtype:
+        """The dtype most of the base checkpoint's weights are stored in."""
+        sizes: dict[torch.dtype, int] = {}
+        for name in self.names:
+            t = self._stored[0][name]
+            sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
+        return max(sizes, key=sizes.__getitem__)
+
+    def _check_inputs(self, name: str) -> None:
+        if name in self._checked:
+            return
+        for store in self._stored:
+            bad = sparsify.count_nonfinite(store[name])
+            if bad:
+                raise MergeoptError(f"tensor {name} of {store.folder} holds {bad} NaN or infinite value{'s' * (bad > 1)}; "
+                                    "the checkpoint is damaged: re-export or re-download that model")
+        self._checked.add(name)
+
+    def release(self, name: str) -> None:
+        """Give back the memory-mapped pages of one tensor of every model (a streamed merge is done with it)."""
+        for store in self._stored:
+            store.release(name)
 
     # ---- recipe -> kernel plans ------------------------------------------------------------------------
     def _positions(self, recipe: Recipe) -> list[int | None]:
@@ -111,55 +160,69 @@ class MergeEngine:
         positions = self._positions(recipe) if positions is None else positions
         active = [row for row, pos in enumerate(positions) if pos is not None]
         sub = tensor_plan(recipe, slot, [positions[r] for r in active],
-                          delta_rows=lambda i: self.deltas[slot.name][active[i]],
-                          dense_l1=lambda i: self._dense_l1(slot.name, active[i]))
+                          delta_rows=lambda i: self.delta(slot.name, active[i]),
+                          l1_norms=lambda i, threshold, key: self._l1_norms(slot.name, active[i], threshold, key))
         if len(active) == len(positions):
             return sub
         # Models the recipe leaves out take part with weight 0 and nothing kept.
-        full = sparsify.TensorPlan(
-            weights=_scatter(sub.weights, active, len(positions), 0),
-            scales=_scatter(sub.scales, active, len(positions), 1),
-            keep_mode=_scatter(sub.keep_mode, active, len(positions), sparsify.KEEP_NONE),
-            thresholds=_scatter(sub.thresholds, active, len(positions), 0),
-            magnitudes=_scatter(sub.magnitudes, active, len(positions), 0),
-            keys=_scatter(sub.keys, active, len(positions), 0),
+        n = len(positions)
+        return sparsify.TensorPlan(
+            weights=_scatter(sub.weights, active, n, 0),
+            scales=_scatter(sub.scales, active, n, 1),
+            keep_mode=_scatter(sub.keep_mode, active, n, sparsify.KEEP_NONE),
+            thresholds=_scatter(sub.thresholds, active, n, 0),
+            magnitudes=_scatter(sub.magnitudes, active, n, 0),
+            keys=_scatter(sub.keys, active, n, 0),
+            tie_limits=_scatter(sub.tie_limits, active, n, 0),
             consensus=sub.consensus, normalize=sub.normalize, lam=sub.lam, base_coef=sub.base_coef)
-        return full
 
-    def _dense_l1(self, name: str, row: int) -> float:
-        key = (name, row)
-        if key not in self._l1:
-            self._l1[key] = float(self.deltas[name][row].abs().sum())
-        return self._l1[key]
+    def _l1_norms(self, name: str, row: int, threshold: int, key: int) -> tuple[float, float]:
+        """(dense, kept) L1 norms of one delta under one DARE mask; the dense norm is cached (recipe-independent)."""
+        base, (tuned,) = self.inputs(name, [row])
+        if self.kernel == "numba":
+            dense, kept = sparsify.delta_l1_cpu(base, tuned, threshold, key)
+        else:
+            dense, kept = sparsify.delta_l1_torch(base, tuned, threshold, key)
+        return self._l1.setdefault((name, row), dense), kept
 
     # ---- building ---------------------------------------------------------------------------------------
-    def _merge_into(self, slot: TensorSlot, plan: sparsify.TensorPlan, out: torch.Tensor | None) -> torch.Tensor:
-        base, deltas = self.base[slot.name], self.deltas[slot.name]
-        if self.device.type == "cpu":
-            if out is None or out.dtype != torch.float32 or out.device.type != "cpu" or not out.is_contiguous():
-                scratch = torch.empty_like(base)
-                sparsify.merge_flat_cpu(scratch, base, deltas, plan)
-                if out is None:
-                    return scratch
-                out.copy_(scratch.view(out.shape))
-                return out
-            sparsify.merge_flat_cpu(out.view(-1), base, deltas, plan)
-            return out
-        merged = sparsify.merge_flat_torch(base, deltas, plan)
-        if out is None:
-            return merged
-        out.copy_(merged.view(out.shape))
-        return out
+    def _merge_into(self, slot: TensorSlot, plan: sparsify.TensorPlan, target: torch.Tensor) -> torch.Tensor:
+        """Merge one tensor into ``target`` (any dtype and device, viewed flat); returns ``target``."""
+        self._check_inputs(slot.name)
+        base, models = self.inputs(slot.name)
+        flat = target.view(-1)
+        n = flat.numel()
+        if self.kernel == "numba":
+            if flat.dtype == torch.float32 and flat.device.type == "cpu":
+                sparsify.merge_range_cpu(flat, 0, base, models, plan)  # straight into the target
+                return target
+            scratch = torch.empty(min(n, NUMBA_RANGE), dtype=torch.float32)
+            for start in range(0, n, NUMBA_RANGE):
+                stop = min(n, start + NUMBA_RANGE)
+                part = scratch[: stop - start]
+                sparsify.merge_range_cpu(part, start, base, models, plan)
+                flat[start:stop].copy_(part)
+            return target
+        for start in range(0, n, TORCH_RANGE):
+            stop = min(n, start + TORCH_RANGE)
+            flat[start:stop].copy_(sparsify.merge_range_torch(base, models, plan, start, stop))
+        return target
 
-    def tensors(self, recipe: Recipe, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield ``(name, merged float32 tensor)`` one at a time, in checkpoint order."""
+    def tensors(self, recipe: Recipe, dtype: torch.dtype = torch.float32, progress: bool = False,
+                release: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(name, merged tensor)`` one at a time, in checkpoint order, in ``dtype`` on the engine's device.
+
+        ``release`` gives back each tensor's mapped input pages once it is merged (a one-pass streamed merge)."""
         positions = self._positions(recipe)  # fails before any work
         for slot in tqdm(self.slots, desc="merging", unit="tensor", disable=not progress):
-            merged = self._merge_into(slot, self.plan(recipe, slot, positions), None)
-            yield slot.name, merged.view(self.shapes[slot.name])
+            out = torch.empty(self.shapes[slot.name], dtype=dtype, device=self.device)
+            self._merge_into(slot, self.plan(recipe, slot, positions), out)
+            if release:
+                self.release(slot.name)
+            yield slot.name, out
 
-    def state_dict(self, recipe: Recipe) -> dict[str, torch.Tensor]:
-        return dict(self.tensors(recipe))
+    def state_dict(self, recipe: Recipe, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        return dict(self.tensors(recipe, dtype))
 
     @torch.no_grad()
     def build_into(self, recipe: Recipe, model: torch.nn.Module) -> None:
@@ -172,24 +235,34 @@ class MergeEngine:
         for slot in self.slots:
             target = targets[slot.name]
             data = target.data if isinstance(target, torch.nn.Parameter) else target
+            if not data.is_contiguous():
+                raise MergeoptError(f"the live model's tensor {slot.name} is not contiguous; it cannot be built in place")
             self._merge_into(slot, self.plan(recipe, slot, positions), data)
+
+    def output_dtype(self, recipe: Recipe) -> torch.dtype:
+        """The dtype a recipe's merged model is written in: its out_dtype, else its dtype, else the checkpoints'."""
+        name = getattr(recipe, "out_dtype", None) or recipe.dtype
+        return DTYPES[name] if name else self.stored_dtype()
 
     def save(self, recipe: Recipe, out_dir: str | Path, max_shard_bytes: int = 5 * 1024**3,
              progress: bool = False) -> Path:
-        """Merge into a (sharded) safetensors folder with config and tokenizer that transformers loads."""
-        dtype = DTYPES[recipe.dtype]
-        tokenizer = recipe.tokenizer_source or self.base_path
-        return checkpoint.write_model_folder(out_dir, self.tensors(recipe, progress=progress), self.base_path, dtype,
-                                             max_shard_bytes=max_shard_bytes, tokenizer_folder=tokenizer)
+        """Stream the merge into a (sharded) safetensors folder with config and tokenizer that transformers loads.
 
+        Each tensor is merged, written into its place in its shard file, and its input pages given back: the
+        peak memory is about one tensor, whatever the model's size."""
+        dtype = self.output_dtype(recipe)
+        positions = self._positions(recipe)  # fails before the folder is touched
+        tokenizer = recipe.tokenizer_source if recipe.tokenizer_source not in (None, "base") else self.base_path
+        layout = [(name, self.shapes[name]) for name in self.names]
 
-def _finite(tensor: torch.Tensor, name: str, folder) -> torch.Tensor:
-    """The tensor itself; a NaN or inf in a checkpoint is damage no merge can use, refused before any search."""
-    if not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise MergeoptError(f"tensor {name} of {folder} holds {bad} NaN or infinite value{'s' * (bad > 1)}; the "
-                            "checkpoint is damaged: re-export or re-download that model")
-    return tensor
+        def merged(name: str, out: torch.Tensor) -> None:
+            slot = self._slot_by_name[name]
+            self._merge_into(slot, self.plan(recipe, slot, positions), out)
+            self.release(name)
+
+        return checkpoint.stream_model_folder(out_dir, layout, merged, self.base_path, dtype,
+                                              max_shard_bytes=max_shard_bytes, tokenizer_folder=tokenizer,
+                                              progress=progress)
 
 
 def _scatter(values, rows: list[int], n: int, fill):

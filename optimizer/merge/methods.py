@@ -47,12 +47,12 @@ class TensorSlot:
 
 
 def tensor_plan(recipe: Recipe, slot: TensorSlot, model_positions: list[int], delta_rows=None,
-                dense_l1=None) -> sparsify.TensorPlan:
+                l1_norms=None) -> sparsify.TensorPlan:
     """Resolve a recipe into the kernel's per-model arrays for one tensor.
 
-    ``model_positions`` are the recipe positions of the models whose deltas the engine holds, in the engine's row
-    order; ``delta_rows(m)`` returns the delta of row ``m`` (needed for TIES thresholds and L1 rescale) and
-    ``dense_l1(m)`` its L1 norm (recipe-independent, so the engine caches it).
+    ``model_positions`` are the recipe positions of the models the engine holds, in the engine's row order;
+    ``delta_rows(m)`` returns the float32 delta of row ``m`` (made on demand: TIES magnitude cuts) and
+    ``l1_norms(m, threshold, key)`` the (dense, kept) L1 norms of that delta under a DARE mask (L1 rescale).
     """
     spec = METHODS[recipe.merge_method]
     n = len(model_positions)
@@ -62,6 +62,7 @@ def tensor_plan(recipe: Recipe, slot: TensorSlot, model_positions: list[int], de
     thresholds = np.zeros(n, dtype=np.int64)
     magnitudes = np.zeros(n, dtype=np.float32)
     keys = np.zeros(n, dtype=np.uint64)
+    tie_limits = np.zeros(n, dtype=np.int64)
     glob = recipe.parameters
     for row, pos in enumerate(model_positions):
         scopes = [recipe.models[pos].parameters, glob]
@@ -76,10 +77,9 @@ def tensor_plan(recipe: Recipe, slot: TensorSlot, model_positions: list[int], de
         if not 0.0 <= density <= 1.0:
             raise MergeoptError(f"density of {recipe.models[pos].model} for {slot.name} is {density}; it must be within [0, 1]")
         if spec.sparsification == "magnitude":
-            cut = sparsify.magnitude_threshold(delta_rows(row), density)
-            if cut >= 0:
+            if density < 1.0:
                 modes[row] = sparsify.KEEP_MAGNITUDE
-                magnitudes[row] = cut
+                magnitudes[row], tie_limits[row] = sparsify.magnitude_cut(delta_rows(row).abs(), density)
             continue
         # DARE
         if density >= 1.0:
@@ -92,10 +92,7 @@ def tensor_plan(recipe: Recipe, slot: TensorSlot, model_positions: list[int], de
         if recipe.rescale == "dare":
             scales[row] = sparsify.dare_scale(threshold)
         elif recipe.rescale == "l1" and threshold < sparsify.RANK_LEVELS:
-            delta = delta_rows(row)
-            before = dense_l1(row) if dense_l1 is not None else float(delta.abs().sum())
-            after = (sparsify.kept_l1_cpu(delta, threshold, key) if delta.device.type == "cpu"
-                     else sparsify.kept_l1_torch(delta, threshold, key))
+            before, after = l1_norms(row, threshold, key)
             if before >= 1e-7 and after >= 1e-7:
                 scales[row] = before / after
     normalize = bool(resolve_parameter("normalize", [glob], slot.name, slot.t, default=spec.default_normalize))
@@ -105,5 +102,5 @@ def tensor_plan(recipe: Recipe, slot: TensorSlot, model_positions: list[int], de
         # sum_m w_m * (base + delta_m) = (sum_m w_m) * base + sum_m w_m * delta_m
         base_coef = float(weights.sum())
     return sparsify.TensorPlan(weights=weights, scales=scales, keep_mode=modes, thresholds=thresholds,
-                               magnitudes=magnitudes, keys=keys, consensus=spec.consensus, normalize=normalize,
+                               magnitudes=magnitudes, keys=keys, tie_limits=tie_limits, consensus=spec.consensus, normalize=normalize,
                                lam=lam, base_coef=base_coef)

@@ -20,7 +20,6 @@ other devices (and as the test oracle). Both draw bit-identical masks.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,18 +56,30 @@ def dare_scale(threshold: int) -> float:
     return 0.0 if kept == 0 else RANK_LEVELS / kept
 
 
-def magnitude_threshold(delta: torch.Tensor, density: float) -> float:
-    """|delta| cut-off that keeps the top ``max(1, int(density * n))`` elements (TIES trim; mergekit's k).
+def magnitude_cut(magnitudes: torch.Tensor, density: float) -> tuple[float, int]:
+    """TIES trim of one delta's ``|delta|``: keep exactly ``k = max(1, int(density * n))`` elements (mergekit's k).
 
-    Returns -1 to keep everything and +inf to keep nothing.
+    Returns ``(cut, last_tie)``: an element is kept when ``|d| > cut``, or when ``|d| == cut`` and its index is at
+    most ``last_tie`` (the lowest-index elements tied at the cut fill the quota, so exactly k survive even on bf16
+    checkpoints, where ties are common). ``(-1, n)`` keeps everything, ``(inf, -1)`` nothing.
     """
-    n = delta.numel()
+    flat = magnitudes.reshape(-1)
+    n = flat.numel()
     if density >= 1 or n == 0:
-        return -1.0
+        return -1.0, n
     if density <= 0:
-        return float("inf")
+        return float("inf"), -1
     k = max(1, int(density * n))
-    return float(torch.kthvalue(delta.abs().reshape(-1).float().cpu(), n - k + 1).values)
+    cut_value = torch.kthvalue(flat.float().cpu(), n - k + 1).values
+    cut = float(cut_value)
+    above = int((flat > cut_value).sum())
+    ties = torch.nonzero(flat == cut_value).flatten()
+    return cut, int(ties[k - above - 1])
+
+
+def magnitude_threshold(delta: torch.Tensor, density: float) -> float:
+    """The |delta| cut-off of :func:`magnitude_cut` (-1: keep everything; +inf: keep nothing)."""
+    return magnitude_cut(delta.abs(), density)[0]
 
 
 @dataclass
@@ -76,9 +87,10 @@ class TensorPlan:
     """Everything the kernel needs to merge one tensor, resolved from a recipe.
 
     ``weights[m]`` are the recipe weights (used as TIES divisors), ``scales[m]`` multiply the kept deltas on
-    top of the weights (DARE rescale), ``keep_mode``/``thresholds``/``magnitudes`` choose which elements survive.
-    out = base_coef * base + lam * mix, where mix = sum_m weights[m] * scales[m] * keep_m * delta_m, restricted to
-    the elected sign when ``consensus`` and divided by the (agreeing) weight sum when ``normalize``.
+    top of the weights (DARE rescale), ``keep_mode``/``thresholds``/``magnitudes``/``tie_limits`` choose which
+    elements survive. out = base_coef * base + lam * mix, where mix = sum_m weights[m] * scales[m] * keep_m *
+    delta_m, restricted to the elected sign when ``consensus`` and divided by the (agreeing) weight sum when
+    ``normalize``.
     """
 
     weights: np.ndarray  # float32 (M,)
@@ -91,6 +103,49 @@ class TensorPlan:
     normalize: bool = False
     lam: float = 1.0
     base_coef: float = 1.0
+    # int64 (M,): for KEEP_MAGNITUDE, elements tied at the cut are kept up to this index; None: all ties kept
+    tie_limits: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.tie_limits is None:
+            self.tie_limits = np.full(len(self.weights), np.iinfo(np.int64).max, dtype=np.int64)
+
+    @property
+    def weight_sum(self) -> float:
+        """The divisor of ``normalize`` without consensus (1 when the weights cancel)."""
+        total = float(self.weights.sum())
+        return total if abs(total) >= 1e-8 else 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stored tensors as the kernels read them
+# ---------------------------------------------------------------------------------------------------------
+_HALF_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # as uint16 arrays (float32: two halves)
+F32_NATIVE = 3  # a float32 array read as it is
+STORED_DTYPES = tuple(_HALF_KINDS)  # what the engine keeps as it is; other dtypes are converted to float32 once
+
+
+def bits_view(tensor: torch.Tensor) -> tuple[np.ndarray, int]:
+    """A flat stored CPU tensor's bytes as uint16 (no copy) and its kind code."""
+    if tensor.dtype not in _HALF_KINDS:
+        raise TypeError(f"the merge kernels read float32, bfloat16 and float16 tensors, not {tensor.dtype}")
+    return tensor.reshape(-1).view(torch.int16).numpy().view(np.uint16), _HALF_KINDS[tensor.dtype]
+
+
+def kernel_view(tensor: torch.Tensor) -> tuple[np.ndarray, int]:
+    """A flat stored CPU tensor as the kernels read it (no copy): float32 as it is, half precision as bits."""
+    if tensor.dtype == torch.float32:
+        return tensor.reshape(-1).numpy(), F32_NATIVE
+    return bits_view(tensor)
+
+
+def kernel_views(tensors: list[torch.Tensor]) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """Several stored tensors as one homogeneous tuple for the kernels, and their kind codes."""
+    if len({t.dtype == torch.float32 for t in tensors}) > 1:  # float32 beside half precision: all as uint16
+        views = [bits_view(t) for t in tensors]
+    else:
+        views = [kernel_view(t) for t in tensors]
+    return tuple(v[0] for v in views), np.array([v[1] for v in views], dtype=np.int32)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -98,26 +153,42 @@ class TensorPlan:
 # ---------------------------------------------------------------------------------------------------------
 def numba_kernels():
     """The compiled CPU kernels module (imported on first use; numba caches compiled code on disk)."""
-    os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "mergeopt-numba"))
     from optimizer.merge import kernels
 
     return kernels
 
 
-def merge_flat_cpu(out: torch.Tensor, base: torch.Tensor, deltas: torch.Tensor, plan: TensorPlan) -> None:
-    """Fused merge of one flattened float32 CPU tensor into ``out`` (may alias a live parameter)."""
+def merge_range_cpu(out: torch.Tensor, offset: int, base: torch.Tensor, models: list[torch.Tensor],
+                    plan: TensorPlan) -> None:
+    """Merge elements ``offset .. offset + out.numel()`` of one tensor into ``out`` (a float32 CPU tensor that may
+    be a live parameter). ``base`` and ``models`` are the flat stored tensors (float32, bfloat16 or float16, mapped
+    or resident): the deltas are formed inside the kernel. ``offset`` is a multiple of the kernel's chunk."""
     kernels = numba_kernels()
-    kernel = kernels.merge_parallel if base.numel() >= PARALLEL_MIN_ELEMENTS else kernels.merge_serial
-    weight_sum = float(plan.weights.sum())
-    if abs(weight_sum) < 1e-8:
-        weight_sum = 1.0
-    kernel(out.numpy(), base.numpy(), deltas.numpy(), plan.weights, plan.scales, plan.keep_mode,
-           plan.thresholds, plan.magnitudes, plan.keys, plan.consensus, plan.normalize,
-           np.float32(plan.lam), np.float32(plan.base_coef), np.float32(weight_sum))
+    kernel = kernels.merge_parallel if out.numel() >= PARALLEL_MIN_ELEMENTS else kernels.merge_serial
+    base_bits, base_kind = kernel_view(base)
+    arrays, kinds = kernel_views(models)
+    kernel(out.reshape(-1).numpy(), offset, base_bits, base_kind, arrays, kinds, kernels.F16_TABLE, plan.weights,
+           plan.scales,
+           plan.keep_mode, plan.thresholds, plan.magnitudes, plan.tie_limits, plan.keys, plan.consensus,
+           plan.normalize, np.float32(plan.lam), np.float32(plan.base_coef), np.float32(plan.weight_sum))
 
 
-def kept_l1_cpu(delta: torch.Tensor, threshold: int, key: int) -> float:
-    return float(numba_kernels().kept_l1(delta.numpy(), threshold, np.uint64(key)))
+def delta_l1_cpu(base: torch.Tensor, tuned: torch.Tensor, threshold: int, key: int) -> tuple[float, float]:
+    """(dense, kept) L1 norms of ``tuned - base`` (mergekit's L1 rescale rule), one pass over the stored tensors."""
+    kernels = numba_kernels()
+    base_bits, base_kind = kernel_view(base)
+    bits, kind = kernel_view(tuned)
+    dense, kept = kernels.delta_l1(base_bits, base_kind, bits, kind, kernels.F16_TABLE, base.numel(), threshold,
+                                   np.uint64(key))
+    return float(dense), float(kept)
+
+
+def count_nonfinite(tensor: torch.Tensor) -> int:
+    """NaN and infinite elements of a stored tensor (read in place on CPU)."""
+    if tensor.device.type != "cpu" or tensor.dtype not in _HALF_KINDS:
+        return int((~torch.isfinite(tensor)).sum())
+    bits, kind = bits_view(tensor)
+    return int(numba_kernels().count_nonfinite(bits, kind, tensor.numel()))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -132,9 +203,11 @@ def _lsr(z: torch.Tensor, k: int) -> torch.Tensor:
     return (z >> k) & ((1 << (64 - k)) - 1)
 
 
-def dare_ranks(n: int, key: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 16-bit ranks (as int32) of elements 0..n-1 for one mask key; identical to the CPU kernel's."""
-    blocks = torch.arange((n + 3) // 4, dtype=torch.int64, device=device)
+def dare_ranks(n: int, key: int, device: torch.device | str = "cpu", start: int = 0) -> torch.Tensor:
+    """The 16-bit ranks (as int32) of elements start..start+n-1 for one mask key; identical to the CPU kernel's.
+
+    ``start`` is a multiple of 4 (a hash block holds the ranks of 4 elements)."""
+    blocks = torch.arange(start // 4, (start + n + 3) // 4, dtype=torch.int64, device=device)
     z = blocks * _signed(_GOLDEN) + _signed(key)
     z = (z ^ _lsr(z, 30)) * _signed(_MIX1)
     z = (z ^ _lsr(z, 27)) * _signed(_MIX2)
@@ -144,45 +217,64 @@ def dare_ranks(n: int, key: int, device: torch.device | str = "cpu") -> torch.Te
     return ranks.reshape(-1)[:n].to(torch.int32)
 
 
-def keep_mask(n: int, key: int, threshold: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    return dare_ranks(n, key, device) >= threshold
+def keep_mask(n: int, key: int, threshold: int, device: torch.device | str = "cpu", start: int = 0) -> torch.Tensor:
+    return dare_ranks(n, key, device, start) >= threshold
 
 
-def merge_flat_torch(base: torch.Tensor, deltas: torch.Tensor, plan: TensorPlan) -> torch.Tensor:
-    """Same arithmetic as the CPU kernel with torch ops, on any device; returns a float32 tensor."""
-    n_models, n = deltas.shape
-    device = deltas.device
-    contribs = torch.empty((n_models, n), dtype=torch.float32, device=device)
-    for m in range(n_models):
-        coef = np.float32(plan.weights[m] * plan.scales[m])
-        delta = deltas[m].float()
+def merge_range_torch(base: torch.Tensor, models: list[torch.Tensor], plan: TensorPlan, start: int,
+                      stop: int) -> torch.Tensor:
+    """Elements ``start .. stop`` of the merged tensor, with torch ops on the inputs' device (float32 result).
+
+    The same float32 arithmetic, in the same order, as the CPU kernel: the two agree bit for bit. Callers keep
+    ``stop - start`` bounded (the rank hashing needs int64 temporaries of the range's size)."""
+    device = base.device
+    n = stop - start
+    source = base[start:stop].float()
+    rows = []
+    for m, tuned in enumerate(models):
         mode = int(plan.keep_mode[m])
-        if mode == KEEP_ALL:
-            contribs[m] = delta * float(coef)
-        elif mode == KEEP_RANDOM:
-            kept = keep_mask(n, int(plan.keys[m]), int(plan.thresholds[m]), device)
-            contribs[m] = torch.where(kept, delta * float(coef), torch.zeros((), device=device))
+        if mode == KEEP_NONE:
+            rows.append(torch.zeros(n, dtype=torch.float32, device=device))
+            continue
+        delta = tuned[start:stop].float() - source
+        coef = float(np.float32(plan.weights[m] * plan.scales[m]))
+        row = coef * delta
+        if mode == KEEP_RANDOM:
+            row = row * keep_mask(n, int(plan.keys[m]), int(plan.thresholds[m]), device, start).float()
         elif mode == KEEP_MAGNITUDE:
-            kept = delta.abs() >= float(plan.magnitudes[m])
-            contribs[m] = torch.where(kept, delta * float(coef), torch.zeros((), device=device))
-        else:
-            contribs[m] = 0
-    weights = torch.as_tensor(plan.weights, dtype=torch.float32, device=device).unsqueeze(1)
-    if plan.consensus:
-        positive = contribs.sum(0) >= 0
-        agree = torch.where(positive, contribs > 0, contribs < 0)
-        mix = (contribs * agree).sum(0)
+            cut = float(plan.magnitudes[m])
+            index = torch.arange(start, stop, device=device)
+            kept = (delta.abs() > cut) | ((delta.abs() == cut) & (index <= int(plan.tie_limits[m])))
+            row = row * kept.float()
+        rows.append(row)
+    mix = torch.zeros(n, dtype=torch.float32, device=device)
+    if not plan.consensus:
+        for row in rows:
+            mix += row
         if plan.normalize:
-            divisor = (weights * agree).sum(0)
-            mix = mix / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+            mix = mix / float(np.float32(plan.weight_sum))
     else:
-        mix = contribs.sum(0)
+        total = torch.zeros(n, dtype=torch.float32, device=device)
+        for row in rows:
+            total += row
+        divisor = torch.zeros(n, dtype=torch.float32, device=device)
+        for m, row in enumerate(rows):
+            agree = (((row > 0) & (total >= 0)) | ((row < 0) & (total < 0))).float()
+            mix += row * agree
+            divisor += float(plan.weights[m]) * agree
         if plan.normalize:
-            total = float(plan.weights.sum())
-            mix = mix / (total if abs(total) >= 1e-8 else 1.0)
-    return plan.base_coef * base.float() + plan.lam * mix
+            mix = mix / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    return float(np.float32(plan.base_coef)) * source + float(np.float32(plan.lam)) * mix
 
 
-def kept_l1_torch(delta: torch.Tensor, threshold: int, key: int) -> float:
-    kept = keep_mask(delta.numel(), key, threshold, delta.device)
-    return float(delta.float().abs()[kept].sum())
+def delta_l1_torch(base: torch.Tensor, tuned: torch.Tensor, threshold: int, key: int,
+                   chunk: int = 1 << 22) -> tuple[float, float]:
+    """(dense, kept) L1 norms of ``tuned - base`` on any device, in bounded chunks (float64 sums)."""
+    dense = kept = 0.0
+    n = base.numel()
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        magnitude = (tuned[start:stop].float() - base[start:stop].float()).abs()
+        dense += float(magnitude.double().sum())
+        kept += float((magnitude * keep_mask(stop - start, key, threshold, base.device, start)).double().sum())
+    return dense, kept

@@ -205,7 +205,7 @@ def _objective_values(space: SearchSpace, result: CandidateResult) -> list[float
     return [space.scalarize(values)]
 
 
-def _score_parents(space, study, backend, task_set, progress: bool, lock: StudyLock) -> dict:
+def _score_parents(space, study, backend, task_set, progress: bool, lock: StudyLock, engine: MergeEngine) -> dict:
     if "parents" in study.user_attrs:
         return study.user_attrs["parents"]
     with lock.claim("parents") as mine:  # one of several workers starting together scores them
@@ -213,13 +213,13 @@ def _score_parents(space, study, backend, task_set, progress: bool, lock: StudyL
             return {}
         if "parents" in study.user_attrs:
             return study.user_attrs["parents"]
-        return _score_parents_now(space, study, backend, task_set, progress)
+        return _score_parents_now(space, study, backend, task_set, progress, engine)
 
 
-def _score_parents_now(space, study, backend, task_set, progress: bool) -> dict:
+def _score_parents_now(space, study, backend, task_set, progress: bool, engine: MergeEngine) -> dict:
     parents = {}
-    for label, folder in [("base", space.base_model)] + [(Path(m).name, m) for m in space.models]:
-        backend.load_folder(folder)
+    for index, (label, folder) in enumerate([("base", space.base_model)] + [(Path(m).name, m) for m in space.models]):
+        backend.load_parent(engine, index)  # from the engine's own mapped weights (vLLM: its worker's engine)
         result = evaluate_candidate(backend, task_set)
         parents[label] = {"path": folder, "scores": result.to_dict()}
         if progress:
@@ -240,17 +240,18 @@ def _promote(study: optuna.Study, space: SearchSpace, low_value: float) -> bool:
 
 
 def run_search(space: SearchSpace, run_dir: Path, storage: str | None = None, study_name: str | None = None,
-               device: str | None = None, progress: bool = True, worker_trials: int | None = None) -> SearchResult:
+               device: str | None = None, progress: bool = True, worker_trials: int | None = None,
+               engine_device: str | None = None) -> SearchResult:
     run_dir = Path(run_dir)
     task_sets = _preflight(space)  # bad input is refused before the run folder or the study is touched
     shared = storage is not None and not storage.startswith("sqlite")
     if not shared:
         _check_lock(run_dir)  # before the (long) model loading: a folder in use is said at once
     # the weights themselves (NaN or inf in a checkpoint) are checked as they load, still before the run folder
-    # with vLLM the candidates are built by an engine inside its worker; this one only checks recipes, so it
-    # stays on the CPU (memory-mapped) instead of taking a second copy of the models on the GPU
-    engine = MergeEngine(space.base_model, space.models, device="cpu" if space.backend == "vllm" else device,
-                         progress=progress)
+    # the models stay memory-mapped on the host with engine_device="cpu" while a GPU scores; with vLLM the candidates
+    # are built by an engine inside its worker, and this one only checks recipes: on the host by default
+    engine = MergeEngine(space.base_model, space.models, progress=progress,
+                         device=engine_device or ("cpu" if space.backend == "vllm" else device))
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -300,7 +301,7 @@ def _run(space, run_dir, storage, study_name, device, progress, shared, worker_t
 
     backend = make_backend(space.backend, space.base_model, device=device, dtype=space.dtype)
     result = SearchResult(run_dir=run_dir, study=study)
-    result.parents = _score_parents(space, study, backend, task_set, progress, lock)
+    result.parents = _score_parents(space, study, backend, task_set, progress, lock, engine)
 
     def finished() -> int:
         return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED) if spends_budget(t))
@@ -361,7 +362,7 @@ def _run(space, run_dir, storage, study_name, device, progress, shared, worker_t
     bar.close()
     result.interrupted = result.interrupted or interrupts.pending
     if not result.parents and not result.interrupted:  # another worker had the claim: its scores, or (it died) ours
-        result.parents = _score_parents(space, study, backend, task_set, False, lock)
+        result.parents = _score_parents(space, study, backend, task_set, False, lock, engine)
     optimizer.close()
     result.seconds = {"evaluating": evaluating, **optimizer.seconds}
     return result

@@ -57,10 +57,11 @@ def test_search_on_a_tied_model_records_the_scores_transformers_gives(tmp_path):
     engine = MergeEngine(base, models, device="cpu")
     hf = HFBackend(base, device="cpu")
     task_set = load_task_set(run.space.tasks, limit=run.space.limit, seed=run.space.seed)
-    for label, parent in run.parents.items():
-        hf.load_folder(parent["path"])
+    assert list(run.parents) == ["base"] + [Path(m).name for m in models]
+    for index, parent in enumerate(run.parents.values()):
+        hf.load_parent(engine, index)
         expected = evaluate_candidate(hf, task_set).to_dict()
-        assert {t: s["value"] for t, s in parent["scores"].items()} == {t: s["value"] for t, s in expected.items()}, label
+        assert {t: s["value"] for t, s in parent["scores"].items()} == {t: s["value"] for t, s in expected.items()}, index
     seen = set()
     for record in records:
         result = evaluate_candidate(hf, task_set, engine, run.recipe(record.number))

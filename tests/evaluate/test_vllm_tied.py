@@ -64,8 +64,8 @@ def test_tied_model_scores_as_transformers_on_every_load(tied):
     assert backend.tied_embedding == "model.embed_tokens.weight" and backend.in_worker
     seen = [backend.loglikelihood(REQUESTS)]
     assert_same(hf.loglikelihood(REQUESTS), seen[-1])  # at start: the untied head was given the embedding
-    hf.load_folder(models[1])
-    backend.load_folder(models[1])
+    hf.load_parent(engine, 2)  # the second fine-tune, as the search scores its parents
+    backend.load_parent(engine, 2)
     seen.append(backend.loglikelihood(REQUESTS))
     assert_same(hf.loglikelihood(REQUESTS), seen[-1])
     for recipe in recipes(base, models):

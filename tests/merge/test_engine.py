@@ -97,7 +97,7 @@ def test_sharded_output_loads(tmp_path, llama_family):
         assert torch.equal(loaded.state_dict()[name], tensor)
     # the engine reads sharded folders too
     again = MergeEngine(out, models, device="cpu")
-    assert torch.equal(again.base[engine.names[0]], expected[engine.names[0]].reshape(-1))
+    assert torch.equal(again.stored_weights(0)[engine.names[0]], expected[engine.names[0]].reshape(-1))
 
 
 # ---- homology ------------------------------------------------------------------------------------------
@@ -149,7 +149,7 @@ def test_pickled_weights_are_refused_unless_opted_in(tmp_path, llama_family):
     engine = MergeEngine(base, [pickled], device="cpu", allow_pickle=True)
     direct = MergeEngine(base, [models[0]], device="cpu")
     name = engine.names[3]
-    assert torch.equal(engine.deltas[name], direct.deltas[name])
+    assert torch.equal(engine.delta(name, 0), direct.delta(name, 0))
 
 
 def test_corrupt_and_truncated_files(tmp_path, llama_family):

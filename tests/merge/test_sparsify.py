@@ -7,6 +7,11 @@ import torch
 from optimizer.merge import sparsify
 
 
+def merge_cpu(out, base, deltas, plan):
+    """The fused kernel over fine-tunes stored as base + delta (float32), into ``out``."""
+    sparsify.merge_range_cpu(out, 0, base, [base + d for d in deltas], plan)
+
+
 def dare_plan(n_models, drop_rates, seed=0, name="t", weights=None, consensus=False, normalize=False, rescale=True):
     thresholds = np.array([sparsify.drop_threshold(p) for p in drop_rates], dtype=np.int64)
     return sparsify.TensorPlan(
@@ -32,7 +37,7 @@ def test_cpu_kernel_keeps_the_same_elements_as_the_mask():
     base = torch.zeros(n)
     plan = dare_plan(1, [0.6], seed=3, rescale=False)
     out = torch.empty(n)
-    sparsify.merge_flat_cpu(out, base, delta, plan)
+    merge_cpu(out, base, delta, plan)
     kept = sparsify.keep_mask(n, int(plan.keys[0]), int(plan.thresholds[0]))
     assert torch.equal(out != 0, kept)
     assert torch.equal(out[kept], delta[0][kept])
@@ -47,7 +52,7 @@ def test_dare_is_unbiased_over_masks():
     total = torch.zeros(n, dtype=torch.float64)
     out = torch.empty(n)
     for seed in range(draws):
-        sparsify.merge_flat_cpu(out, base, delta, dare_plan(1, [p], seed=seed))
+        merge_cpu(out, base, delta, dare_plan(1, [p], seed=seed))
         total += out.double() - base.double()
     mean = total / draws
     # each element's estimate has sd |d| sqrt(p / (1 - p) / draws)
@@ -65,11 +70,12 @@ def test_p_zero_is_identity_and_p_one_drops_everything():
     delta = torch.randn(2, n)
     base = torch.randn(n)
     out = torch.empty(n)
-    sparsify.merge_flat_cpu(out, base, delta, dare_plan(2, [0.0, 0.0], weights=[0.3, 0.5]))
-    assert torch.equal(out, base + (np.float32(0.3) * delta[0] + np.float32(0.5) * delta[1]))
+    merge_cpu(out, base, delta, dare_plan(2, [0.0, 0.0], weights=[0.3, 0.5]))
+    stored = [(base + d) - base for d in delta]  # the deltas as the kernel forms them from the stored models
+    assert torch.equal(out, base + (np.float32(0.3) * stored[0] + np.float32(0.5) * stored[1]))
     plan = dare_plan(2, [1.0, 1.0])
     assert plan.scales.tolist() == [0.0, 0.0]
-    sparsify.merge_flat_cpu(out, base, delta, plan)
+    merge_cpu(out, base, delta, plan)
     assert torch.equal(out, base)
 
 
@@ -103,23 +109,35 @@ def test_mask_key_is_stable_across_processes():
 @pytest.mark.parametrize("n", [1_000, 200_003])  # serial and parallel kernels
 def test_cpu_kernel_equals_torch_implementation(consensus, normalize, n):
     torch.manual_seed(1)
-    deltas = torch.randn(3, n)
     base = torch.randn(n)
+    models = [base + torch.randn(n) for _ in range(3)]
     plan = dare_plan(3, [0.2, 0.5, 0.0], seed=9, weights=[0.7, -0.4, 0.5], consensus=consensus, normalize=normalize)
     plan.keep_mode[2] = sparsify.KEEP_MAGNITUDE
     plan.magnitudes[2] = 0.8
     out = torch.empty(n)
-    sparsify.merge_flat_cpu(out, base, deltas, plan)
-    ref = sparsify.merge_flat_torch(base, deltas, plan)
-    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    sparsify.merge_range_cpu(out, 0, base, models, plan)
+    ref = sparsify.merge_range_torch(base, models, plan, 0, n)
+    assert torch.equal(out, ref)  # the same float32 operations in the same order: bit for bit
+    # a range in the middle (both start on a kernel chunk) is the same slice of the whole
+    if n > 8192:
+        part = torch.empty(n - 8192)
+        sparsify.merge_range_cpu(part, 8192, base, models, plan)
+        assert torch.equal(part, out[8192:])
+        assert torch.equal(sparsify.merge_range_torch(base, models, plan, 8192, n), out[8192:])
 
 
-def test_l1_kept_sum_matches_torch():
+def test_l1_norms_match_torch():
     torch.manual_seed(2)
-    delta = torch.randn(123_457)
+    base = torch.randn(123_457)
+    tuned = base + torch.randn(123_457)
     key = sparsify.mask_key(0, 0, "w")
     thr = sparsify.drop_threshold(0.4)
-    assert sparsify.kept_l1_cpu(delta, thr, key) == pytest.approx(sparsify.kept_l1_torch(delta, thr, key), rel=1e-5)
+    dense, kept = sparsify.delta_l1_cpu(base, tuned, thr, key)
+    ref_dense, ref_kept = sparsify.delta_l1_torch(base, tuned, thr, key, chunk=10_000)
+    assert dense == pytest.approx(ref_dense, rel=1e-12) and kept == pytest.approx(ref_kept, rel=1e-12)
+    assert kept == pytest.approx(0.6 * dense, rel=0.01)
+    delta = (tuned - base).double()
+    assert dense == pytest.approx(float(delta.abs().sum()), rel=1e-12)
 
 
 def test_magnitude_threshold_keeps_top_k():
@@ -129,3 +147,46 @@ def test_magnitude_threshold_keeps_top_k():
     assert set(torch.nonzero(delta.abs() >= cut).flatten().tolist()) == {1, 2, 5}
     assert sparsify.magnitude_threshold(delta, 0.01) == 3.0  # at least one element survives
     assert sparsify.magnitude_threshold(delta, 1.0) == -1.0
+
+
+@pytest.mark.parametrize("kernel", ["numba", "torch"])
+def test_ties_trim_keeps_exactly_k_among_massive_ties(kernel):
+    # a bf16-like delta: few distinct magnitudes, so thousands of elements tie at the cut
+    n = 100_003
+    gen = torch.Generator().manual_seed(4)
+    base = torch.zeros(n)
+    tuned = (torch.randint(1, 6, (n,), generator=gen) * torch.sign(torch.randn(n, generator=gen))).float()
+    density = 0.37
+    cut, last_tie = sparsify.magnitude_cut(tuned.abs(), density)
+    plan = dare_plan(1, [0.0])
+    plan.keep_mode[0] = sparsify.KEEP_MAGNITUDE
+    plan.magnitudes[0], plan.tie_limits[0] = cut, last_tie
+    if kernel == "numba":
+        out = torch.empty(n)
+        sparsify.merge_range_cpu(out, 0, base, [tuned], plan)
+    else:
+        out = torch.cat([sparsify.merge_range_torch(base, [tuned], plan, s, min(n, s + 16384))
+                         for s in range(0, n, 16384)])
+    kept = out != 0
+    assert int(kept.sum()) == int(density * n)  # exactly k, not every element tied at the cut
+    assert bool((tuned.abs()[kept] >= cut).all()) and bool((tuned.abs()[~kept] <= cut).all())
+    tied_kept = torch.nonzero(kept & (tuned.abs() == cut)).flatten()
+    assert int(tied_kept.max()) == last_tie and len(tied_kept) == int(tied_kept.max() + 1 - 0) - int(
+        ((tuned.abs() != cut)[: last_tie + 1]).sum())  # the lowest-index ties, with no gap
+
+
+def test_all_half_bit_patterns_widen_exactly():
+    """Every finite bf16 and fp16 value reaches the float32 arithmetic exactly as torch widens it."""
+    bits = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16)
+    for dtype in (torch.bfloat16, torch.float16):
+        values = bits.view(dtype)
+        finite = torch.isfinite(values)
+        values = values[finite].contiguous()
+        plan = dare_plan(1, [0.0])
+        out = torch.empty(values.numel())
+        sparsify.merge_range_cpu(out, 0, torch.zeros(values.numel(), dtype=dtype), [values], plan)
+        # equal as values, subnormals included; only -0 comes out as +0 (base + 0 * ... is +0), no widening matter
+        assert torch.equal(out, values.float()), dtype
+        differ = out.view(torch.int32) != values.float().view(torch.int32)
+        assert values[differ].tolist() == [0.0] and values[differ].view(torch.int16).tolist() == [-(1 << 15)]
+        assert sparsify.count_nonfinite(bits.view(dtype)) == int((~finite).sum())

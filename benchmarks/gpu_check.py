@@ -1,0 +1,206 @@
+"""One table from a CUDA machine: candidate builds against the card's copy bandwidth, bit-identity with the CPU
+engine, and (when vLLM is installed) ten candidates end to end. Run through ``benchmarks/gpu_check.sh``.
+
+1. writes a bf16 synthetic Llama family (base + 3 fine-tunes; ``--size 1b`` ~1.2B or ``3b`` ~2.9B parameters per
+   model) into a scratch folder;
+2. loads it into the merge engine on the GPU (the torch kernel, models resident in bf16) and times ``--builds``
+   dare_ties candidates built into a live bf16 model, against the time the card needs to copy the bytes a build
+   must touch (read 4 models, write 1) at its measured device-to-device bandwidth;
+3. builds the same recipe with the CPU engine (numba, memory-mapped files) for ``--samples`` sampled tensors and
+   counts the bit-identical ones;
+4. with vLLM importable: ten candidates (merge + swap + score on a small generation task) through the vllm backend.
+
+``--dry-run`` runs the same code on the CPU with a tiny family (the torch kernel stands in for CUDA), so the script
+is tested where no GPU is.
+
+example:
+  bash benchmarks/gpu_check.sh                  # on a CUDA machine, <= 8 minutes
+  bash benchmarks/gpu_check.sh --size 3b
+  bash benchmarks/gpu_check.sh --dry-run        # anywhere: tiny family on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+for p in (ROOT, HERE):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+GPU_SIZES = {
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256),
+    "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+               num_key_value_heads=8, vocab_size=128256),
+    "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1024),
+}
+
+
+def copy_bandwidth(device, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in GB/s (bytes read + written per second), median of 5."""
+    import torch
+
+    n = nbytes // 2
+    src = torch.empty(n, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(6):
+        _sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return 2 * nbytes / times[len(times) // 2] / 1e9
+
+
+def _sync(device) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=("1b", "3b"), default="1b", help="family size on the GPU (default 1b)")
+    parser.add_argument("--builds", type=int, default=5, help="timed candidate builds (default 5)")
+    parser.add_argument("--samples", type=int, default=24, help="tensors compared with the CPU engine (default 24)")
+    parser.add_argument("--dry-run", action="store_true", help="tiny family on the CPU: tests the script anywhere")
+    parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the table as JSON here")
+    args = parser.parse_args(argv)
+
+    import torch
+    import transformers
+
+    from bench_merge import write_family
+    from optimizer.merge.engine import MergeEngine
+    from optimizer.recipe import ModelSpec, Recipe
+
+    if args.dry_run:
+        device, size = torch.device("cpu"), "tiny"
+    else:
+        if not torch.cuda.is_available():
+            print("gpu_check: torch sees no CUDA device; run with --dry-run to test the script on a CPU",
+                  file=sys.stderr)
+            return 1
+        device, size = torch.device("cuda:0"), args.size
+    tmp = tempfile.TemporaryDirectory(prefix="mergeopt-gpu-check-") if args.workdir is None else None
+    work = Path(tmp.name) if tmp else args.workdir
+    rows: list[tuple[str, str]] = []
+    t0 = time.perf_counter()
+    config = transformers.LlamaConfig(tie_word_embeddings=False, max_position_embeddings=2048,
+                                      architectures=["LlamaForCausalLM"], **GPU_SIZES[size])
+    base, models = write_family(work / f"family-{size}", config, 3, dtype="bfloat16")
+    rows.append(("device", torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)"))
+    rows.append(("family", f"{size}: base + 3 fine-tunes, bfloat16, written in {time.perf_counter() - t0:.0f} s"))
+
+    recipe = Recipe("dare_ties", [ModelSpec(str(m), {"weight": w, "density": 0.5})
+                                  for m, w in zip(models, (0.5, 0.3, 0.2))], base_model=str(base), seed=0,
+                    dtype="bfloat16")
+    t1 = time.perf_counter()
+    engine = MergeEngine(base, models, device=device, kernel="torch")
+    rows.append(("engine load", f"{time.perf_counter() - t1:.1f} s (4 models resident in bfloat16 on {device})"))
+    params = sum(engine.stored_weights(0)[n].numel() for n in engine.names)
+    with torch.device("meta"):
+        live = transformers.LlamaForCausalLM(config)
+    live = live.to_empty(device=device).to(torch.bfloat16).eval()
+    engine.build_into(recipe, live)  # warm-up
+    _sync(device)
+    times = []
+    for _ in range(args.builds):
+        start = time.perf_counter()
+        engine.build_into(recipe, live)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    build = sorted(times)[len(times) // 2]
+    touched = params * 2 * (4 + 1)  # read base + 3 fine-tunes, write the live model (bf16)
+    bandwidth = copy_bandwidth(device, 1 << 30 if device.type == "cuda" else 1 << 26)
+    floor = touched / (bandwidth * 1e9)
+    rows.append(("parameters", f"{params / 1e6:,.1f}M per model"))
+    rows.append(("build (dare_ties)", f"{build:.3f} s median of {args.builds}"))
+    rows.append(("copy bandwidth", f"{bandwidth:.0f} GB/s (read + write)"))
+    rows.append(("bytes a build touches", f"{touched / 1e9:.1f} GB -> {floor * 1000:.1f} ms at copy bandwidth; "
+                                          f"build = {build / floor:.1f}x that floor"))
+
+    # bit-identity with the CPU engine on sampled tensors
+    cpu = MergeEngine(base, models, device="cpu")
+    names = random.Random(0).sample(engine.names, min(args.samples, len(engine.names)))
+    same = 0
+    state = live.state_dict()
+    positions = cpu._positions(recipe)
+    for name in names:
+        slot = cpu._slot_by_name[name]
+        expected = torch.empty(cpu.shapes[name], dtype=torch.bfloat16)
+        cpu._merge_into(slot, cpu.plan(recipe, slot, positions), expected)
+        same += bool(torch.equal(state[name].cpu(), expected))
+    rows.append(("bit-identical to CPU", f"{same}/{len(names)} sampled tensors"))
+
+    rows.append(("vLLM, 10 candidates", _vllm_candidates(base, models, recipe, work, device)))
+    if args.json:
+        args.json.write_text(json.dumps(dict(rows), indent=2))
+    width = max(len(k) for k, _ in rows)
+    print("| check | result |\n|---|---|")
+    for key, value in rows:
+        print(f"| {key:<{width}} | {value} |")
+    if tmp:
+        tmp.cleanup()
+    elif args.workdir is not None:
+        shutil.rmtree(args.workdir / "vllm-tasks", ignore_errors=True)
+    return 0 if same == len(names) else 1
+
+
+def _vllm_candidates(base, models, recipe, work: Path, device) -> str:
+    """Ten candidates end to end through the vllm backend, or why not."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return "skipped: vLLM is not installed"
+    if device.type != "cuda":
+        return "skipped: the dry run does not start vLLM"
+    from optimizer.evaluate.scoring import evaluate_candidate, make_backend
+    from optimizer.evaluate.tasks import load_task_set
+    from optimizer.merge.engine import MergeEngine
+    from optimizer.zoo.tokenizer import save_tokenizer
+
+    for folder in [base, *models]:
+        save_tokenizer(folder)
+    tasks = work / "vllm-tasks"
+    tasks.mkdir(exist_ok=True)
+    (tasks / "gen.jsonl").write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "target": str(2 * i)}) + "\n"
+                                             for i in range(32)))
+    (tasks / "tasks.yaml").write_text("tasks:\n  - {name: gen, path: gen.jsonl, max_new_tokens: 4}\n")
+    task_set = load_task_set(str(tasks / "tasks.yaml"))
+    engine = MergeEngine.for_recipe(recipe, device="cpu", verify=False)
+    backend = make_backend("vllm", base, device=str(device), dtype="bfloat16")
+    try:
+        evaluate_candidate(backend, task_set, engine, recipe)  # warm-up
+        swap = score = 0.0
+        start = time.perf_counter()
+        for _ in range(10):
+            result = evaluate_candidate(backend, task_set, engine, recipe)
+            swap += result.seconds.get("swap", 0.0)
+            score += result.seconds.get("score", 0.0)
+        total = time.perf_counter() - start
+    finally:
+        close = getattr(backend, "close", None)
+        if close:
+            close()
+    return f"{total:.1f} s ({total / 10:.2f} s per candidate; merge + swap {swap / total:.0%} of it)"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
