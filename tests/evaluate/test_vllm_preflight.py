@@ -15,7 +15,8 @@ def test_a_search_on_vllm_without_vllm_is_refused_before_the_run_folder(search_s
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vLLM is installed here")
     space = write_space(search_setup, "no-vllm", backend="vllm")
-    done = subprocess.run([sys.executable, "-m", "optimizer.cli", "search", str(space), "--run-dir", str(tmp_path / "run")],
+    done = subprocess.run([sys.executable, "-m", "optimizer.cli", "search", str(space), "--run-dir", str(tmp_path / "run"),
+                           "--quiet"],
                           capture_output=True, text=True)
     assert done.returncode != 0 and "the vllm backend needs vLLM" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
