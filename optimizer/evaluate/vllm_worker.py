@@ -19,6 +19,7 @@ Method names carry a ``mergeopt_`` prefix: vLLM refuses an extension whose attri
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -78,7 +79,24 @@ class MergeWorker:
         self._mergeopt_reload(folder_tensors(folder), tied_embedding)
 
     def _mergeopt_reload(self, weights: Iterable, tied_embedding: str | None) -> None:
+        quiet_rotary_caches()
         self.model_runner.reload_weights(weights_iterator=with_output_head(weights, tied_embedding))
+
+
+class _RotaryCacheNotice(logging.Filter):
+    """Drops one line of vLLM's layerwise reload: it warns about every layer that no checkpoint tensor fed, and a
+    rotary embedding's cos/sin cache is computed, never stored, so it keeps that cache (rightly) and says so on every
+    reload of every candidate. Any other layer left unloaded is still reported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == "%s: Failed to load weights" and record.args
+                    and str(record.args[0]).endswith("RotaryEmbedding"))
+
+
+def quiet_rotary_caches() -> None:
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _RotaryCacheNotice) for f in logger.filters):
+        logger.addFilter(_RotaryCacheNotice())
 
 
 def with_output_head(weights: Iterable, tied_embedding: str | None) -> Iterator:
