@@ -105,7 +105,7 @@ def timed(backend, task_set, engine, candidates) -> list[dict]:
         result = evaluate_candidate(backend, task_set, engine, recipe)
         assert not result.failed, result.error
         rows.append({"wall": time.perf_counter() - start, "swap": result.seconds["swap"],
-                     "worker_build": getattr(backend, "last_build_seconds", None),
+                     "worker_build": getattr(backend, "last_build", None),
                      "scores": {t: s.value for t, s in result.scores.items()}})
     return rows
 
@@ -142,7 +142,9 @@ def run(folder: Path, n: int, items: int) -> None:
         wall = statistics.median(r["wall"] for r in rows)
         extra = ""
         if rows[0]["worker_build"] is not None:
-            extra = f" (in the worker: {statistics.median(r['worker_build'] for r in rows):.3f})"
+            merge = statistics.median(r["worker_build"]["merge_seconds"] for r in rows)
+            total = statistics.median(r["worker_build"]["seconds"] for r in rows)
+            extra = f" (in the worker: merge {merge:.3f} + vLLM loader {total - merge:.3f})"
         print(f"| {label} | {swap:.3f}{extra} | {wall:.2f} | {100 * swap / wall:.1f}% |")
     reference = [r["scores"] for r in results["hf (transformers)"]]
     for label, rows in results.items():

@@ -134,7 +134,7 @@ class VLLMBackend:
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self._engine_models = None  # (base, models) the workers' merge engine holds
-        self.last_build_seconds = None  # merge + reload inside the worker, for the last candidate
+        self.last_build = None  # the last candidate's seconds inside the worker: {"seconds", "merge_seconds"}
         if self.tied_embedding is not None and not all(self.llm.collective_rpc("mergeopt_has_output_head")):
             self.close()
             raise MergeoptError(f"vLLM's class for {model_path} keeps its output head tied to the input embedding even "
@@ -174,10 +174,10 @@ class VLLMBackend:
         self._load_engine(engine)
         results = self.llm.collective_rpc("mergeopt_build", args=(recipe.to_dict(),))
         self.llm.reset_prefix_cache()
-        errors = [error for _, error in results if error]
+        errors = [r["error"] for r in results if r["error"]]
         if errors:
             raise MergeoptError(errors[0])
-        self.last_build_seconds = max(seconds for seconds, _ in results)
+        self.last_build = max(results, key=lambda r: r["seconds"])
 
     def load_parent(self, engine, index: int) -> None:
         """Load one of the engine's input models as it is (0: the base), from the worker engine's mapped weights."""
