@@ -135,7 +135,7 @@ def run(folder: Path, n: int, items: int) -> None:
 
     print(f"SmolLM2-135M-Instruct (tied) + 2 perturbed siblings, float32, {n} candidates, "
           f"{len(task_set.names)} tasks x {items} items, torch threads {torch.get_num_threads()}")
-    print(f"| path | merge + swap, s (median) | candidate wall, s (median) | merge + swap share |")
+    print("| path | merge + swap, s (median) | candidate wall, s (median) | merge + swap share |")
     print("|---|---|---|---|")
     for label, rows in results.items():
         swap = statistics.median(r["swap"] for r in rows)
