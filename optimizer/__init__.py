@@ -5,7 +5,7 @@ from optimizer.recipe import ModelSpec, Recipe
 
 __all__ = ["MergeoptError", "ModelSpec", "Recipe", "Run", "load_run"]
 __version__ = "0.1.0"
-_LAZY = {"load_run": "optimizer.report", "Run": "optimizer.report"}  # pandas/optuna load only when asked for
+_LAZY = {"load_run": "optimizer.run", "Run": "optimizer.run"}  # pandas/optuna load only when asked for
 
 
 def __getattr__(name: str):

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
 import time
 from pathlib import Path
 
 from optimizer.errors import MergeoptError
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 EXAMPLES = {
     "zoo": """examples:
@@ -56,6 +60,9 @@ def _size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from optimizer.evaluate.scoring import BACKENDS
+    from optimizer.search.optimizers import OPTIMIZERS
+
     parser = argparse.ArgumentParser(
         prog="mergeopt",
         description="Search DARE / task-arithmetic merge recipes for homologous language models.",
@@ -80,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--seed", type=int, default=0, help="training seed for --rebuild (default 0)")
 
     merge = command("merge", "Merge the models of a recipe YAML into a safetensors model folder.")
+    from optimizer.merge.methods import methods_help
+
+    merge.description = (f"{merge.description}\n\nAny mergekit configuration: forms the fused engine does not run go "
+                         f"through mergekit (pip install mergekit).\nmerge methods and their parameters:\n"
+                         f"{methods_help()}")
     merge.add_argument("recipe", type=Path, help="recipe YAML (mergekit format, optional mergeopt: block)")
     merge.add_argument("--out", type=Path, required=True, help="output model folder")
     merge.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
@@ -94,21 +106,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=None, help="seed of the subsets (default: the task set's, else 0)")
     ev.add_argument("--holdout", action="store_true",
                     help="score the items the (--limit, --seed) subset leaves out: a search's held-out check")
-    ev.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="inference engine (default hf)")
+    ev.add_argument("--backend", choices=tuple(BACKENDS), default="hf", help="inference engine (default hf)")
     ev.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     ev.add_argument("--batch-size", type=int, default=64, help="generation batch size of the hf backend")
     ev.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
     ev.add_argument("--allow-pickle", action="store_true", help="also load pickled .bin weights (weights_only=True)")
+    ev.add_argument("--dtype", choices=DTYPES, default=None,
+                    help="scoring dtype (default: the recipe's or run's own, the one it was searched in; "
+                         "float32 for a model folder)")
     se = command("search", "Search merge recipes: ask -> merge -> score -> tell, recorded in an Optuna study.")
     se.add_argument("space", type=Path, help="search-space YAML (see search_spaces/)")
     se.add_argument("--run-dir", type=Path, default=None, help="run folder (default runs/<space name>)")
     se.add_argument("--trials", type=int, default=None, help="total trials of the study (overrides budget.trials)")
     se.add_argument("--minutes", type=float, default=None, help="time budget of this invocation")
-    se.add_argument("--optimizer", default=None, help="cma | tpe | nsga2 | random (overrides the space)")
+    se.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default=None, help="overrides the space's optimizer: "
+                    + "; ".join(f"{name}: {spec.summary}" for name, spec in OPTIMIZERS.items()))
     se.add_argument("--seed", type=int, default=None, help="sampler and DARE mask seed (overrides the space)")
     se.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite in the run folder)")
     se.add_argument("--study", default=None, help="study name in the storage (default: the space's name)")
-    se.add_argument("--backend", choices=("hf", "vllm"), default=None, help="inference engine (overrides the space)")
+    se.add_argument("--backend", choices=tuple(BACKENDS), default=None, help="inference engine (overrides the space)")
     se.add_argument("--device", default=None, help="cpu, cuda or cuda:N (one worker per device)")
     se.add_argument("--quiet", action="store_true", help="no progress output")
     se.add_argument("--engine-device", default=None,
@@ -166,6 +182,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     overrides = {"trials": args.trials, "minutes": args.minutes, "optimizer": args.optimizer, "seed": args.seed,
                  "backend": args.backend}
     space = load_space(args.space, overrides)
+    if args.threads is None and space.threads is not None:  # the space's own thread count, unless --threads
+        configure_threads(space.threads)
     run_dir = args.run_dir or Path("runs") / space.name
     if not _search_plan(space, args):
         return 0
@@ -215,7 +233,8 @@ def _search_plan(space, args: argparse.Namespace) -> bool:
 
 def _search_report(run_dir: Path, storage: str | None, study: str | None) -> None:
     """The HTML report at the end of a search; a report that cannot be drawn never fails the search."""
-    from optimizer.report import load_run, write_html
+    from optimizer.report import write_html
+    from optimizer.run import load_run
 
     try:
         path = write_html(load_run(run_dir, storage=storage, study_name=study))
@@ -237,7 +256,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from optimizer.export import export_run
-    from optimizer.report import load_run, summarize, write_html
+    from optimizer.report import summarize, write_html
+    from optimizer.run import load_run
 
     # export first, so the report's links (pareto/*.yaml) and trials.csv match the study as it is now
     export_run(args.run, storage=args.storage, study_name=args.study)
@@ -258,28 +278,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise MergeoptError("--limit must be a positive number of items")
     if args.holdout and args.limit is None:
         raise MergeoptError("--holdout needs the --limit the search used (its subset is what is held out from)")
-    task_set = load_task_set(args.tasks, limit=args.limit, seed=args.seed, holdout=args.holdout)
     target = args.target
-    engine = recipe = None
-    extra = {"batch_size": args.batch_size} if args.backend == "hf" else {}
-    if target.endswith((".yaml", ".yml")):
+    run_record = Path(target) / "space.yaml"
+    if run_record.is_file():  # a run folder: its best recipe, as `mergeopt export` wrote it
+        target = str(Path(target) / "best.yaml")
+        if not Path(target).is_file():
+            raise MergeoptError(f"{args.target} has no best.yaml yet; run 'mergeopt export {args.target}' first")
+    recipe = Recipe.load(target) if target.endswith((".yaml", ".yml")) else None
+    folder = None
+    if recipe is None:
+        folder = zoo_path(target) if target.startswith("zoo:") else target
+        if not Path(folder).is_dir():
+            raise MergeoptError(f"{target} is neither a model folder, a run folder nor a recipe YAML")
+        from optimizer.merge.checkpoint import weight_files
+
+        weight_files(folder, allow_pickle=args.allow_pickle)  # the pickle policy of merge and search, before loading
+    # before loading anything (a folder is scored as it is: nothing reloaded, so nothing to refuse for its head)
+    check_backend(args.backend, folder if recipe is None else recipe.base_model or recipe.models[0].model,
+                  swaps=recipe is not None)
+    # a recipe records the dtype its search scored in: the same dtype gives the same scores
+    # a recipe is scored in the dtype its search used; a plain mergekit file without one, and a folder, in float32
+    dtype = args.dtype or (recipe.dtype if recipe is not None else None) or "float32"
+    task_set = load_task_set(args.tasks, limit=args.limit, seed=args.seed, holdout=args.holdout)
+    extra = {"batch_size": args.batch_size} if args.backend == "hf" else {"swaps": recipe is not None}
+    engine = None
+    if recipe is not None:
         from optimizer.merge.engine import MergeEngine
 
-        recipe = Recipe.load(target)
-        check_backend(args.backend, recipe.base_model or recipe.models[0].model)
         # with vLLM the worker builds the candidate; this engine only checks the recipe, on the CPU
         engine = MergeEngine.for_recipe(recipe, device="cpu" if args.backend == "vllm" else args.device,
                                         allow_pickle=args.allow_pickle)
-        backend = make_backend(args.backend, engine.base_path, device=args.device, **extra)
-    else:
-        folder = zoo_path(target) if target.startswith("zoo:") else target
-        if not Path(folder).is_dir():
-            raise MergeoptError(f"{target} is neither a model folder nor a recipe YAML")
-        check_backend(args.backend, folder, swaps=False)  # scored as it is: nothing will be reloaded
-        if args.backend == "vllm":
-            extra["swaps"] = False
-        backend = make_backend(args.backend, folder, device=args.device, **extra)
-    result = evaluate_candidate(backend, task_set, engine, recipe, progress=not args.json)
+        folder = engine.base_path
+    with contextlib.closing(make_backend(args.backend, folder, device=args.device, dtype=dtype, **extra)) as backend:
+        result = evaluate_candidate(backend, task_set, engine, recipe, progress=not args.json)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -313,12 +344,31 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from optimizer.merge.engine import MergeEngine
-    from optimizer.recipe import Recipe
+    from optimizer.merge import mergekit_fallback
+    from optimizer.recipe import Recipe, read_yaml_file
 
+    root = args.recipe.parent
+    data, reason = mergekit_fallback.route(read_yaml_file(args.recipe, "recipe file"), root)
+    start = time.perf_counter()
+    if reason is not None:  # a form only mergekit runs: checked here, then merged by mergekit itself
+        if not mergekit_fallback.available():
+            raise MergeoptError(f"{args.recipe}: {reason} needs mergekit, which is not installed: "
+                                f"{mergekit_fallback.INSTALL_HINT}")
+        config = mergekit_fallback.prepare(data, root, allow_pickle=args.allow_pickle)
+        print(f"mergeopt merge: {reason} is not in the fused engine; merging through mergekit", file=sys.stderr)
+        if args.plan:
+            return 0
+        seed = (data.get("mergeopt") or {}).get("seed", 0)
+        out = mergekit_fallback.merge(config, args.out, seed=seed, device=args.device, shard_size=args.shard_size)
+        print(f"merged with mergekit ({data['merge_method']}) into {out.resolve()} "
+              f"({time.perf_counter() - start:.1f}s)", file=sys.stderr)
+        print(out.resolve())
+        return 0
+    from optimizer.merge.engine import MergeEngine
     from optimizer.merge.memory import plan_memory
 
-    recipe = Recipe.load(args.recipe)
+    recipe = Recipe.from_dict(data, source=str(args.recipe))
+    recipe.resolve_paths(root)
     base = recipe.base_model or recipe.models[0].model
     device = args.device or ("cuda" if _cuda() else "cpu")
     plan = plan_memory(base, [m.model for _, m in recipe.delta_models()], engine_device=device, backend=None,
@@ -338,6 +388,33 @@ def cmd_merge(args: argparse.Namespace) -> int:
           f"(load {loaded - start:.1f}s, merge+write {done - loaded:.1f}s)", file=sys.stderr)
     print(out.resolve())
     return 0
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Log lines to whatever sys.stderr is when they are written (tests and tools may swap it)."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def configure_output(args: argparse.Namespace) -> None:
+    """The process-wide settings a command line owns (library modules set none): log format and levels."""
+    import warnings
+
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("mergeopt")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if args.debug else logging.INFO)
+    logger.propagate = False
+    logging.getLogger("optuna").setLevel(logging.WARNING)  # Optuna's per-trial INFO lines would drown the progress
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    warnings.filterwarnings("ignore", message="Could not import matplotlib.pyplot")
 
 
 def default_threads() -> int:
@@ -370,11 +447,12 @@ def configure_threads(threads: int | None) -> int:
     else:
         import numba
 
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
     os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "mergeopt-numba"))
-    import torch
+    if "torch" in sys.modules:  # otherwise torch sizes its pool from OMP_NUM_THREADS when it loads (report and
+        import torch            # export never load it)
 
-    torch.set_num_threads(n)
+        torch.set_num_threads(n)
     return n
 
 
@@ -388,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    configure_output(args)
     try:
         configure_threads(getattr(args, "threads", None))
         return COMMANDS[args.command](args)
@@ -404,6 +483,13 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except Exception as exc:  # the last resort: a bug or an unforeseen failure is still one line without --debug
+        if args.debug:
+            raise
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"mergeopt {args.command}: error: {type(exc).__name__}: {text} (unexpected; rerun with --debug for "
+              "the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

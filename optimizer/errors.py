@@ -1,5 +1,88 @@
-"""The one exception type users see: its message is a single line naming the problem and the fix."""
+"""The exceptions of mergeopt: one for the user (a single line naming the problem and the fix), and the typed
+failures of one candidate (the run records them and goes on)."""
+
+from __future__ import annotations
 
 
 class MergeoptError(Exception):
     """A problem with the user's input or environment, reported as one clear line (no traceback)."""
+
+
+class CandidateFailure(RuntimeError):
+    """Building or scoring one candidate went wrong: the candidate fails, the run goes on.
+
+    ``kind`` names the failure in the study (``failure_kind``) and decides when repeated failures stop a run.
+    """
+
+    kind = "error"
+
+
+class CandidateOutOfMemory(CandidateFailure):
+    """The device ran out of memory for this candidate (a smaller batch or another device may fit it)."""
+
+    kind = "oom"
+
+
+class NonFiniteOutput(CandidateFailure):
+    """The candidate's outputs (logits, a metric) are NaN or infinite: a broken merge, not a broken setup."""
+
+    kind = "nan"
+
+
+def failure_kind(exc: BaseException) -> str:
+    """The kind of a candidate's failure, by the exception's type: ``oom``, ``nan`` or the type's name."""
+    if isinstance(exc, CandidateFailure):
+        return exc.kind
+    # torch.OutOfMemoryError (and its CUDA alias) without importing torch here: matched by class, not by message
+    if any(cls.__name__ == "OutOfMemoryError" for cls in type(exc).__mro__):
+        return CandidateOutOfMemory.kind
+    return type(exc).__name__
+
+
+def did_you_mean(word: str, known: list[str] | tuple[str, ...]) -> str:
+    """`` (did you mean 'density'?)`` for a near miss of a known name, else nothing."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def schema_error(exc, source: str, allowed: dict[str, list[str]], hints: dict[str, str] | None = None
+                 ) -> MergeoptError:
+    """Today's one-line message for the first error of a pydantic ``ValidationError``.
+
+    ``allowed`` maps a location ("" for the top level, "bounds", "objectives[]") to the names accepted there, for
+    unknown keys ("densty: did you mean density?"); ``hints`` maps a top-level key to what it expects.
+    """
+    error = exc.errors()[0]
+    loc = error["loc"]
+    parts: list[str] = []
+    for part in loc:
+        if isinstance(part, int):
+            parts[-1] = f"{parts[-1]}[{part}]" if parts else f"[{part}]"
+        else:
+            parts.append(str(part))
+    where = ".".join(parts)
+    kind, message, given = error["type"], error["msg"], error.get("input")
+    if kind == "extra_forbidden":
+        key = str(loc[-1])
+        parent = ".".join(str(p) for p in loc[:-1] if not isinstance(p, int))
+        parent_key = parent + ("[]" if any(isinstance(p, int) for p in loc[:-1]) else "")
+        names = allowed.get(parent_key, [])
+        if not parent:
+            return MergeoptError(f"{source}: unknown key {key!r}{did_you_mean(key, names)}; allowed keys: "
+                                 f"{', '.join(names)}")
+        where = ".".join(parts[:-1])
+        return MergeoptError(f"{source}: {where}: unknown entry {key!r}{did_you_mean(key, names)}; allowed: "
+                             f"{', '.join(names)}")
+    if kind == "missing":
+        text = "is missing"
+    elif kind in ("value_error", "assertion_error"):
+        text = message.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        if text.startswith("."):  # a validator of a mapping naming the sub-key at fault: ".name: ..."
+            key, _, text = text[1:].partition(": ")
+            where = f"{where}.{key}"
+    else:
+        text = f"{message[0].lower()}{message[1:]}, got {given!r}"
+    hint = (hints or {}).get(str(loc[0]) if loc else "", "")
+    return MergeoptError(f"{source}: {where}: {text}" + (f" (expected {hint})" if hint else ""))

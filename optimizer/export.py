@@ -50,7 +50,7 @@ def _write(path: Path, text: str) -> None:
 
 def export_run(run_dir: str | Path, storage: str | None = None, study_name: str | None = None,
                materialize: bool = False, device: str | None = None, progress: bool = False) -> ExportResult:
-    from optimizer.report import comparable, front_trials, open_run, trials_table
+    from optimizer.run import comparable, front_trials, open_run, trials_table
 
     run_dir = Path(run_dir)
     space, study = open_run(run_dir, storage, study_name)

@@ -36,6 +36,7 @@ mergekit file verbatim. The search space speaks in drop rates and converts.
 from __future__ import annotations
 
 import copy
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,13 +44,19 @@ from typing import Any
 import yaml
 
 from optimizer.errors import MergeoptError
+from optimizer.merge.methods import METHODS, check_parameters, method_spec
 
-METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 RESCALE_RULES = ("dare", "l1", "none")
+# Arithmetic and written dtypes a recipe may name; None (no `dtype:`) keeps the checkpoint's dtype, as mergekit does.
 DTYPES = ("float32", "float16", "bfloat16")
-# Keys of the mergekit top level this recipe understands; anything else is refused, not ignored.
+# tokenizer_source words that are not model references (mergekit's meaning).
+TOKENIZER_WORDS = ("base", "union")
+# Keys of the mergekit top level the fused engine understands; anything else is refused, not ignored.
+# `name` is read by mergekit-multi and ignored by mergekit-yaml, so it is accepted and ignored here too.
 _TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source", "mergeopt",
-             "out_dtype", "chat_template"}
+             "out_dtype", "chat_template", "name"}
+# mergekit forms the fused engine does not run; `mergeopt merge` hands them to mergekit.
+MERGEKIT_ONLY_KEYS = ("slices", "modules", "tokenizer")
 _MERGEOPT_KEYS = {"seed", "rescale", "trial", "scores", "objectives", "study"}
 
 
@@ -67,33 +74,73 @@ class Recipe:
     models: list[ModelSpec]
     base_model: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
-    dtype: str = "float32"
-    tokenizer_source: str | None = None
+    # mergekit's meanings: dtype is the arithmetic dtype (None: the checkpoint's), out_dtype the written one
+    # (None: dtype, else the checkpoint's).
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None  # "base" | "union" | a model reference | None (the base's files)
+    chat_template: str | None = None  # a Jinja template, a template name mergekit ships, or "auto"
     seed: int = 0
     rescale: str = "dare"
     # Provenance written by the search (trial number, scores, ...). Never read by the merge.
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.merge_method not in METHODS:
-            raise MergeoptError(
-                f"merge_method {self.merge_method!r} is not supported; use one of {', '.join(METHODS)}")
+        spec = method_spec(self.merge_method)
+        if not spec.in_engine:
+            raise MergeoptError(f"merge_method {self.merge_method} runs through mergekit, not the fused engine; "
+                                "'mergeopt merge' does that (pip install mergekit)")
         if self.rescale not in RESCALE_RULES:
             raise MergeoptError(f"mergeopt.rescale {self.rescale!r} is not valid; use one of {', '.join(RESCALE_RULES)}")
-        if self.dtype not in DTYPES:
-            raise MergeoptError(f"dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        for key in ("dtype", "out_dtype"):
+            value = getattr(self, key)
+            if value is not None and value not in DTYPES:
+                raise MergeoptError(f"{key} {value!r} is not supported; use one of {', '.join(DTYPES)}")
         if not self.models:
             raise MergeoptError("the recipe lists no models; add at least one entry under 'models:'")
-        if self.merge_method != "linear" and self.base_model is None:
+        if spec.base == "required" and self.base_model is None:
             raise MergeoptError(f"merge_method {self.merge_method} needs a base_model")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise MergeoptError(f"mergeopt.seed must be an integer, got {self.seed!r}")
+        # Every value checked now, before any model is read: unknown names, types, ranges, missing weights.
+        self.parameters = check_parameters(spec, self.parameters, "parameters")
+        for i, m in enumerate(self.models):
+            m.parameters = check_parameters(spec, m.parameters, f"models[{i}].parameters")
+        for i, m in self.delta_models():
+            if "weight" in {p.name for p in spec.parameters} and "weight" not in m.parameters \
+                    and "weight" not in self.parameters:
+                raise MergeoptError(f"models[{i}] ({m.model}) has no weight; give it parameters.weight "
+                                    "or set a global parameters.weight")
+        others = len(self.delta_models())
+        if others < spec.min_models or (spec.max_models is not None and others > spec.max_models):
+            want = (f"exactly {spec.min_models}" if spec.min_models == spec.max_models
+                    else f"at least {spec.min_models}" if spec.max_models is None else f"at most {spec.max_models}")
+            raise MergeoptError(f"merge_method {self.merge_method} takes {want} model{'s' * (want[-1] != '1')} "
+                                f"besides the base, got {others}")
+        if self.linear_base_is_input and "weight" not in self.parameters:
+            raise MergeoptError(f"linear: base_model {self.base_model} is not under models, so it is averaged in "
+                                "(as mergekit does) and needs a weight: set parameters.weight, list it under "
+                                "models, or drop base_model")
+        if spec.whole_weights:
+            _refuse_zero_weight_sums(self)
+        if spec.sparsification == "della":
+            _refuse_della_bounds(self, spec)
+        from optimizer.merge.side_files import check_chat_template
+
+        check_chat_template(self.chat_template)
 
     # ---- which models carry a delta -------------------------------------------------------------
     @property
     def uses_base(self) -> bool:
-        """Task-arithmetic methods merge deltas against the base; linear merges whole weights."""
-        return self.merge_method != "linear"
+        """Task-arithmetic methods merge deltas against the base; linear merges whole weights (and nuslerp does
+        without a base_model)."""
+        return not METHODS[self.merge_method].whole_weights and self.base_model is not None
+
+    @property
+    def linear_base_is_input(self) -> bool:
+        """linear with a base_model not under ``models``: mergekit adds the base as one more averaged input."""
+        return (METHODS[self.merge_method].whole_weights and self.base_model is not None
+                and not any(_same_path(m.model, self.base_model) for m in self.models))
 
     def delta_models(self) -> list[tuple[int, ModelSpec]]:
         """(position, spec) of the models whose parameters take part in the merge.
@@ -105,25 +152,48 @@ class Recipe:
             return list(enumerate(self.models))
         return [(i, m) for i, m in enumerate(self.models) if not _same_path(m.model, self.base_model)]
 
+    @property
+    def written_dtype(self) -> str | None:
+        """The dtype of the written weights (mergekit: out_dtype, else dtype); None keeps the checkpoint's."""
+        return self.out_dtype or self.dtype
+
+    def tokenizer_folder(self) -> str | None:
+        """The folder whose tokenizer files go next to the merged weights (None: the engine's base).
+
+        ``base`` is the base model (the first model without one). ``union`` of identical tokenizers is that same
+        tokenizer (mergekit builds the union vocabulary, which for homologous models is the base's); a union of
+        different tokenizers permutes embedding rows, which only mergekit does.
+        """
+        source = self.tokenizer_source
+        if source is None:
+            return None
+        base = self.base_model or self.models[0].model
+        if source == "base":
+            return base
+        if source == "union":
+            differing = first_differing_tokenizer(base, [m.model for m in self.models])
+            if differing is not None:
+                raise MergeoptError(f"tokenizer_source: union of different tokenizers ({differing} differs from "
+                                    f"{base}); 'mergeopt merge' runs such a recipe through mergekit")
+            return base
+        return source
+
     # ---- YAML -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"merge_method": self.merge_method}
-        # linear merges whole weights: a base_model mergekit would treat as one more input (needing a weight),
-        # so it is written only when it is one of the models.
-        if self.base_model is not None and (self.uses_base or any(_same_path(m.model, self.base_model)
-                                                                  for m in self.models)):
+        if self.base_model is not None:
             out["base_model"] = self.base_model
         out["models"] = [{"model": m.model, **({"parameters": copy.deepcopy(m.parameters)} if m.parameters else {})}
                          for m in self.models]
         params = copy.deepcopy(self.parameters)
-        if self.merge_method.startswith("dare"):
+        if METHODS[self.merge_method].sparsification == "random":
             # mergekit's own switch; its rule is always L1, ours is in the mergeopt block.
             params["rescale"] = self.rescale != "none"
         if params:
             out["parameters"] = params
-        out["dtype"] = self.dtype
-        if self.tokenizer_source is not None:
-            out["tokenizer_source"] = self.tokenizer_source
+        for key in ("dtype", "out_dtype", "tokenizer_source", "chat_template"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         block: dict[str, Any] = {"seed": self.seed, "rescale": self.rescale}
         block.update(copy.deepcopy(self.info))
         out["mergeopt"] = block
@@ -141,11 +211,15 @@ class Recipe:
     def from_dict(cls, data: Any, source: str = "recipe") -> Recipe:
         if not isinstance(data, dict):
             raise MergeoptError(f"{source}: expected a mapping with merge_method and models, got {type(data).__name__}")
-        unknown = set(data) - _TOP_KEYS
-        if "slices" in data:
-            raise MergeoptError(f"{source}: 'slices' recipes are not supported; list whole models under 'models:'")
+        reason = mergekit_only_reason(data)
+        if reason is not None:
+            raise MergeoptError(f"{source}: {reason} runs through mergekit, not the fused engine; "
+                                "'mergeopt merge' does that (pip install mergekit)")
+        unknown = sorted(set(data) - _TOP_KEYS)
         if unknown:
-            raise MergeoptError(f"{source}: unknown key {sorted(unknown)[0]!r}; allowed: {', '.join(sorted(_TOP_KEYS))}")
+            near = difflib.get_close_matches(str(unknown[0]), sorted(_TOP_KEYS), n=1, cutoff=0.6)
+            hint = f"did you mean {near[0]}?" if near else f"allowed: {', '.join(sorted(_TOP_KEYS))}"
+            raise MergeoptError(f"{source}: unknown key {unknown[0]!r}; {hint}")
         for key in ("merge_method", "models"):
             if key not in data:
                 raise MergeoptError(f"{source}: missing key {key!r}")
@@ -160,12 +234,11 @@ class Recipe:
             params = entry.get("parameters") or {}
             if not isinstance(params, dict):
                 raise MergeoptError(f"{source}: models[{i}].parameters must be a mapping")
-            for name, value in params.items():
-                _check_setting(value, f"{source}: models[{i}].parameters.{name}")
             models.append(ModelSpec(model=str(entry["model"]), parameters=dict(params)))
-        params = dict(data.get("parameters") or {})
-        for name, value in params.items():
-            _check_setting(value, f"{source}: parameters.{name}")
+        params = data.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise MergeoptError(f"{source}: parameters must be a mapping")
+        params = dict(params)
         block = data.get("mergeopt") or {}
         if not isinstance(block, dict):
             raise MergeoptError(f"{source}: 'mergeopt' must be a mapping")
@@ -173,49 +246,187 @@ class Recipe:
         if bad:
             raise MergeoptError(f"{source}: unknown key mergeopt.{sorted(bad)[0]}; allowed: {', '.join(sorted(_MERGEOPT_KEYS))}")
         method = data["merge_method"]
-        mergekit_rescale = params.pop("rescale", True)
-        if "rescale" in block:
-            rescale = block["rescale"]
-        elif str(method).startswith("dare"):
-            # A plain mergekit file: reproduce mergekit's rule.
-            rescale = "l1" if mergekit_rescale else "none"
+        spec = method_spec(method)
+        if spec.sparsification == "random":
+            # DARE: mergekit's `rescale` switch becomes the mergeopt rule (its L1 rule for a plain mergekit file).
+            mergekit_rescale = check_parameters(spec, {"rescale": params.pop("rescale", True)}, "parameters")["rescale"]
+            rescale = block.get("rescale", "l1" if mergekit_rescale else "none")
         else:
-            rescale = "dare"
+            rescale = block.get("rescale", "dare")
         info = {k: v for k, v in block.items() if k not in ("seed", "rescale")}
-        return cls(
-            merge_method=method,
-            models=models,
-            base_model=None if data.get("base_model") is None else str(data["base_model"]),
-            parameters=params,
-            dtype=data.get("dtype") or data.get("out_dtype") or "float32",
-            tokenizer_source=data.get("tokenizer_source"),
-            seed=block.get("seed", 0),
-            rescale=rescale,
-            info=info,
-        )
+        chat_template = data.get("chat_template")
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise MergeoptError(f"{source}: chat_template must be a string (a Jinja template, a name, or auto)")
+        try:
+            return cls(
+                merge_method=method,
+                models=models,
+                base_model=None if data.get("base_model") is None else str(data["base_model"]),
+                parameters=params,
+                dtype=data.get("dtype"),
+                out_dtype=data.get("out_dtype"),
+                tokenizer_source=None if data.get("tokenizer_source") is None else str(data["tokenizer_source"]),
+                chat_template=chat_template,
+                seed=block.get("seed", 0),
+                rescale=rescale,
+                info=info,
+            )
+        except MergeoptError as exc:
+            raise MergeoptError(f"{source}: {exc}") from None
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
         path = Path(path)
-        recipe = cls.from_dict(read_yaml_file(path, "recipe file"), source=str(path))
+        data = read_yaml_file(path, "recipe file")
+        if isinstance(data, dict) and data.get("slices") is not None:
+            data = fold_full_range_slices(data, path.parent)
+        recipe = cls.from_dict(data, source=str(path))
         recipe.resolve_paths(path.parent)
         return recipe
 
     def resolve_paths(self, root: Path) -> None:
-        """Resolve ``zoo:NAME`` references, and relative paths against the recipe's folder when they exist there."""
-
-        def fix(p: str | None) -> str | None:
-            if p is not None and p.startswith("zoo:"):
-                return zoo_path(p)
-            if p is None or Path(p).is_absolute():
-                return p
-            candidate = (root / p)
-            return str(candidate.resolve()) if candidate.exists() else p
-
-        self.base_model = fix(self.base_model)
-        self.tokenizer_source = fix(self.tokenizer_source)
+        """Resolve ``zoo:NAME`` and hub ids (``org/name[@revision]``, from the local Hugging Face cache), and
+        relative paths against the recipe's folder when they exist there."""
+        if self.base_model is not None:
+            self.base_model = resolve_reference(self.base_model, root)
+        if self.tokenizer_source is not None and self.tokenizer_source not in TOKENIZER_WORDS:
+            self.tokenizer_source = resolve_reference(self.tokenizer_source, root)
         for m in self.models:
-            m.model = fix(m.model)  # type: ignore[assignment]
+            m.model = resolve_reference(m.model, root)
+
+
+def resolve_reference(reference: str, root: Path | None = None) -> str:
+    """A model reference as a local folder: ``zoo:NAME``; a path (relative: the recipe's folder first, then the
+    current one); or a Hugging Face id ``org/name[@revision]`` found in the local cache."""
+    if reference.startswith("zoo:"):
+        return zoo_path(reference)
+    path = Path(reference).expanduser()
+    if path.is_absolute():
+        return str(path)
+    if root is not None and (root / path).exists():
+        return str((root / path).resolve())
+    if path.exists():
+        return reference
+    from optimizer.merge import hub
+
+    if hub.looks_like_hub_id(reference):
+        return hub.resolve(reference)
+    return reference
+
+
+def mergekit_only_reason(data: dict) -> str | None:
+    """Why a mergekit configuration needs mergekit itself (None: the fused engine runs it)."""
+    method = data.get("merge_method")
+    if method in METHODS and not METHODS[method].in_engine:
+        return f"merge_method {method}"
+    for key in MERGEKIT_ONLY_KEYS:
+        if data.get(key) is not None:
+            return {"slices": "a 'slices:' recipe (not one full-range slice per model)",
+                    "modules": "a 'modules:' recipe", "tokenizer": "a 'tokenizer:' block"}[key]
+    return None
+
+
+def fold_full_range_slices(data: dict, root: Path | None = None) -> dict:
+    """One output slice whose sources each cover all their layers means the same as ``models:``; returned in that
+    form. Anything else (several slices, partial ranges, slice-level base or residual weight, parameters that both
+    the slice and the top level set) is returned unchanged, for mergekit."""
+    slices = data.get("slices")
+    if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], dict):
+        return data
+    out_slice = slices[0]
+    sources = out_slice.get("sources")
+    if set(out_slice) - {"sources", "parameters"} or not isinstance(sources, list) or not sources:
+        return data
+    slice_params = out_slice.get("parameters") or {}
+    top_params = data.get("parameters") or {}
+    if not isinstance(slice_params, dict) or not isinstance(top_params, dict) or set(slice_params) & set(top_params):
+        return data
+    models = []
+    for src in sources:
+        if not isinstance(src, dict) or set(src) - {"model", "layer_range", "parameters"} or "model" not in src:
+            return data
+        layer_range = src.get("layer_range")
+        layers = _layer_count(str(src["model"]), root)
+        if layers is None or not isinstance(layer_range, list) or list(layer_range) != [0, layers]:
+            return data
+        models.append({"model": src["model"], **({"parameters": src["parameters"]} if src.get("parameters") else {})})
+    folded = {k: v for k, v in data.items() if k != "slices"}
+    folded["models"] = models
+    if slice_params:
+        folded["parameters"] = {**top_params, **slice_params}
+    return folded
+
+
+def _layer_count(reference: str, root: Path | None) -> int | None:
+    import json
+
+    try:
+        folder = resolve_reference(reference, root)
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (MergeoptError, OSError, ValueError):
+        return None
+    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        value = config.get(key) or (config.get("text_config") or {}).get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def first_differing_tokenizer(reference: str, others: list[str]) -> str | None:
+    """The first folder whose tokenizer files differ from the reference's (None: all identical)."""
+    names = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+             "special_tokens_map.json")
+
+    def files(folder: str) -> dict[str, bytes]:
+        return {n: (Path(folder) / n).read_bytes() for n in names if (Path(folder) / n).is_file()}
+
+    ref = files(reference)
+    for other in others:
+        if files(other) != ref:
+            return other
+    return None
+
+
+def _refuse_della_bounds(recipe: Recipe, spec) -> None:
+    """DELLA keeps elements with probabilities density +/- epsilon, which must stay within (0, 1) (mergekit stops
+    mid-merge otherwise); checked now for numbers (gradients and filters are checked per tensor as they merge)."""
+    for i, m in recipe.delta_models():
+        density = m.parameters.get("density", recipe.parameters.get("density", 1.0))
+        epsilon = m.parameters.get("epsilon", recipe.parameters.get("epsilon", spec.parameter("epsilon").default))
+        if _is_number(density) and _is_number(epsilon) and 0 < density < 1 \
+                and (density + epsilon >= 1 or density - epsilon <= 0):
+            raise MergeoptError(f"models[{i}]: density {density:g} +/- epsilon {epsilon:g} must stay within (0, 1) "
+                                f"for {recipe.merge_method}; lower epsilon")
+
+
+def _refuse_zero_weight_sums(recipe: Recipe) -> None:
+    """linear with normalize divides by the weight sum: a zero sum has no defined result (mergekit writes inf/NaN).
+
+    Checked now on the values the settings can take: every gradient knot, and each filter as a tensor name.
+    """
+    settings = [m.parameters.get("weight", recipe.parameters.get("weight")) for _, m in recipe.delta_models()]
+    if recipe.linear_base_is_input:
+        settings.append(recipe.parameters["weight"])
+    probes_t, probes_name = {0.0, 1.0}, {""}
+    for s in settings + [recipe.parameters.get("normalize")]:
+        for cond in (s if isinstance(s, list) and s and isinstance(s[0], dict) else [{"value": s}]):
+            if cond.get("filter"):
+                probes_name.add(str(cond["filter"]))
+            value = cond["value"]
+            if isinstance(value, list) and len(value) > 1:
+                probes_t.update(i / (len(value) - 1) for i in range(len(value)))
+    for name in sorted(probes_name):
+        for t in sorted(probes_t):
+            if not resolve_parameter("normalize", [recipe.parameters], name, t, default=True):
+                continue
+            values = [resolve_setting(s, name, t) for s in settings if s is not None]
+            if None in values or len(values) != len(settings):
+                continue
+            total = sum(values)
+            if abs(total) < 1e-8:
+                where = f" for tensors matching {name!r}" if name else ""
+                raise MergeoptError(f"linear weights sum to {total:g}{where}; a normalized average needs a non-zero "
+                                    "sum (set normalize: false or change the weights)")
 
 
 def read_yaml_file(path: Path, kind: str) -> Any:
@@ -247,21 +458,6 @@ def _same_path(a: str | None, b: str | None) -> bool:
     return a == b or Path(a).resolve() == Path(b).resolve()
 
 
-def _check_setting(value: Any, where: str) -> None:
-    if _is_number(value) or isinstance(value, (bool, str)):
-        return
-    if isinstance(value, list) and value:
-        if all(_is_number(v) for v in value):
-            return
-        if all(isinstance(v, dict) and "value" in v and set(v) <= {"filter", "value"} for v in value):
-            for cond in value:
-                _check_setting(cond["value"], where)
-            return
-    raise MergeoptError(
-        f"{where}: expected a number, a list of numbers (a gradient over depth) or a list of "
-        f"{{filter, value}} conditions, got {value!r}")
-
-
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -279,6 +475,9 @@ def resolve_setting(setting: Any, tensor_name: str, t: float) -> Any:
     if isinstance(setting, list):
         if not setting:
             return None
+        if all(_is_number(v) or isinstance(v, (bool, str)) for v in setting) and \
+                not all(_is_number(v) for v in setting):
+            return setting[int(t * (len(setting) - 1))]  # booleans and words are picked, not interpolated
         if all(_is_number(v) for v in setting):
             scaled = t * (len(setting) - 1)
             i0 = int(scaled)

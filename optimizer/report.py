@@ -18,176 +18,23 @@ import io
 import math
 import os
 import warnings
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
-import yaml
 from optuna.trial import TrialState
 
 from optimizer.errors import MergeoptError
 from optimizer.files import write_atomic
 from optimizer.recipe import Recipe, resolve_parameter
+from optimizer.run import Run, comparable, front_trials, load_run, open_run, param_name, signed, trials_table
 from optimizer.search.optimizers import spends_budget
-from optimizer.search.pareto import hypervolume, non_dominated
+from optimizer.search.pareto import hypervolume
+from optimizer.space import model_labels
+
+__all__ = ["Run", "comparable", "front_trials", "load_run", "open_run", "trials_table", "summarize", "write_html"]
 
 MIN_IMPORTANCE_TRIALS = 8  # fewer full-fidelity trials make any importance estimate noise
 TOP_GENES = 15  # genes shown on the importance plot
-
-
-# ---- the study as tables --------------------------------------------------------------------------
-def open_run(run_dir: str | Path, storage: str | None = None, study_name: str | None = None):
-    """(space, study) of a run folder; clear errors when the folder or its study is not there."""
-    from optimizer.search.loop import open_study
-    from optimizer.space import load_space
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "space.yaml").is_file():
-        raise MergeoptError(f"{run_dir} is not a run folder (no space.yaml); run 'mergeopt search' first")
-    space = load_space(run_dir / "space.yaml")
-    if storage is None and not (run_dir / "study.db").is_file():
-        raise MergeoptError(f"{run_dir} has no study.db; pass the --storage the search used")
-    try:
-        study = open_study(space, run_dir, storage, study_name, create=False)
-    except KeyError:
-        raise MergeoptError(f"no study named {study_name or space.name!r} in the run's storage") from None
-    return space, study
-
-
-def comparable(trial) -> bool:
-    """A completed, full-fidelity trial with scores: the ones the front and the curves are made of."""
-    return (trial.state == TrialState.COMPLETE and trial.user_attrs.get("fidelity") == "full"
-            and bool(trial.user_attrs.get("scores")) and trial.user_attrs.get("scalarized") is not None)
-
-
-def _signed(space, scores: dict) -> list[float] | None:
-    """Objective vector with every objective turned to 'larger is better'; None when one is missing."""
-    out = []
-    for o in space.objectives:
-        value = (scores.get(o.task) or {}).get("value")
-        if value is None or not math.isfinite(value):
-            return None
-        out.append(value if o.direction == "maximize" else -value)
-    return out
-
-
-def front_trials(trials, space) -> list:
-    """The non-dominated comparable trials, best scalarized first (the recipes ``mergeopt export`` writes)."""
-    pool = [t for t in trials if comparable(t) and _signed(space, t.user_attrs["scores"]) is not None]
-    ids = non_dominated([_signed(space, t.user_attrs["scores"]) for t in pool])
-    return sorted((pool[i] for i in ids), key=lambda t: (-t.user_attrs["scalarized"], t.number))
-
-
-def _param_name(gene_name: str, param: str) -> str:
-    # gene names abbreviate the parameter ("w.adder.g0"); tables spell it out ("weight.adder.g0")
-    return param + gene_name[1:]
-
-
-def trials_table(study, space=None, trials=None):
-    """All trials as one flat pandas table, one row per trial; ``trials.csv`` is this table.
-
-    Columns: trial, state, fidelity, on_front, scalarized, error, lost; per task ``<task>``, ``<task>_stderr``,
-    ``<task>_n``, ``<task>_error``; the study's values ``objective_<i>``; with the space, each gene in parameter
-    units (``weight.<model>[.<module>][.g<k>]``, ``drop_rate...``), and always the raw unit-cube genome
-    (``gene.<name>``); ``low_scalarized`` (the low-fidelity screen), seed, ``seconds_<phase>``, started,
-    duration_s.
-    """
-    import pandas as pd
-
-    from optimizer.space import recipe_value
-
-    trials = study.get_trials(deepcopy=False) if trials is None else trials
-    genes = {g.name: g for g in space.genes()} if space is not None else {}
-    front = {t.number for t in front_trials(trials, space)} if space is not None else set()
-    rows = []
-    for t in trials:
-        attrs = t.user_attrs
-        row: dict[str, Any] = {"trial": t.number, "state": t.state.name, "fidelity": attrs.get("fidelity"),
-                               "on_front": t.number in front, "scalarized": attrs.get("scalarized"),
-                               "error": attrs.get("error"), "lost": bool(attrs.get("lost", False))}
-        for task, s in (attrs.get("scores") or {}).items():
-            row[task] = s.get("value")
-            row[f"{task}_stderr"] = s.get("stderr")
-            row[f"{task}_n"] = s.get("n")
-            row[f"{task}_error"] = s.get("error")
-        for i, v in enumerate(t.values or []):
-            row[f"objective_{i}"] = v
-        for name, unit in t.params.items():
-            if name in genes:
-                # rounded as the recipe rounds them: the value that was built and scored
-                row[_param_name(name, genes[name].param)] = recipe_value(genes[name].value(unit))
-        for name, unit in t.params.items():
-            row[f"gene.{name}"] = unit
-        row["low_scalarized"] = attrs.get("low_value")
-        row["seed"] = attrs.get("seed")
-        for k, v in (attrs.get("seconds") or {}).items():
-            row[f"seconds_{k}"] = v
-        row["started"] = t.datetime_start.isoformat() if t.datetime_start else None
-        row["duration_s"] = t.duration.total_seconds() if t.duration else None
-        rows.append(row)
-    return pd.DataFrame(rows, columns=_column_order(rows))
-
-
-def _column_order(rows: list[dict]) -> list[str]:
-    seen: dict[str, None] = {}
-    for row in rows:
-        for key in row:
-            seen.setdefault(key, None)
-    return list(seen) or ["trial", "state", "fidelity", "on_front", "scalarized", "error", "lost"]
-
-
-@dataclass
-class Run:
-    """A run folder read back: ``trials`` (= trials.csv), ``front`` (= pareto/), the parents' scores, the space."""
-
-    path: Path
-    space: Any  # SearchSpace
-    study: Any  # optuna.Study
-    trials: Any  # pandas.DataFrame, one row per trial
-    front: Any  # pandas.DataFrame, the front's rows of ``trials`` plus ``file``, best scalarized first
-    parents: dict = field(default_factory=dict)  # label -> {"path", "scores": {task: {metric, value, ...}}}
-    records: list = field(default_factory=list, repr=False)  # the study's FrozenTrials when it was read
-
-    @property
-    def tasks(self) -> list[str]:
-        return [o.task for o in self.space.objectives]
-
-    def recipe(self, trial: int) -> Recipe:
-        """The exact recipe a trial built and scored."""
-        record = next(t for t in self.records if t.number == trial)
-        return Recipe.from_dict(yaml.safe_load(record.user_attrs["recipe"]),
-                                source=f"trial {trial}")
-
-    def comparable_trials(self) -> list:
-        return [t for t in self.records if comparable(t)
-                and _signed(self.space, t.user_attrs["scores"]) is not None]
-
-    def reference_point(self) -> list[float]:
-        """Hypervolume reference: the worst signed score seen per objective, parents included."""
-        points = [_signed(self.space, t.user_attrs["scores"]) for t in self.comparable_trials()]
-        points += [p for p in (_signed(self.space, info.get("scores") or {}) for info in self.parents.values()) if p]
-        if not points:
-            return [0.0] * len(self.space.objectives)
-        return [min(p[i] for p in points) for i in range(len(self.space.objectives))]
-
-    def hypervolume(self) -> float:
-        points = [_signed(self.space, t.user_attrs["scores"]) for t in self.comparable_trials()]
-        return hypervolume(points, self.reference_point()) if points else 0.0
-
-
-def load_run(path: str | Path, storage: str | None = None, study_name: str | None = None) -> Run:
-    """Read a run folder (and its study) into pandas tables. ``storage``/``study_name`` as given to the search."""
-    space, study = open_run(path, storage, study_name)
-    records = study.get_trials(deepcopy=False)
-    table = trials_table(study, space, records)
-    front_numbers = [t.number for t in front_trials(records, space)]
-    if len(table):
-        front = table.set_index("trial").loc[front_numbers].reset_index()
-    else:
-        front = table.copy()
-    front["file"] = [f"pareto/trial-{n:04d}.yaml" for n in front_numbers]
-    return Run(Path(path), space, study, table, front, dict(study.user_attrs.get("parents") or {}), records)
 
 
 # ---- numbers for the summary and the plots ---------------------------------------------------------
@@ -201,7 +48,7 @@ def best_per_task(run: Run) -> list[dict]:
         parents = [(label, ((info.get("scores") or {}).get(o.task) or {}).get("value"))
                    for label, info in run.parents.items()]
         parents = [(label, v) for label, v in parents if v is not None]
-        parent = pick(parents, key=lambda p: p[1], default=(None, None))
+        parent = pick(parents, key=lambda p: float(p[1] or 0.0), default=(None, None))
         out.append({"task": o.task, "direction": o.direction,
                     "trial": best.number if best else None,
                     "value": best.user_attrs["scores"][o.task]["value"] if best else None,
@@ -215,7 +62,7 @@ def budget(run: Run) -> dict:
     starts = [t.datetime_start for t in trials if t.datetime_start]
     ends = [t.datetime_complete for t in trials if t.datetime_complete]
     return {
-        "planned": run.space.trials,
+        "planned": run.planned_trials,
         "finished": sum(1 for t in trials if spends_budget(t)),
         "complete": sum(1 for t in trials if t.state == TrialState.COMPLETE),
         "failed": sum(1 for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("lost")),
@@ -239,7 +86,7 @@ def progress_curves(run: Run) -> dict:
     volume = None
     best: dict[str, float | None] = {k: None for k in ["scalarized"] + [o.task for o in space.objectives]}
     for i, t in enumerate(finished, 1):
-        if comparable(t) and (vector := _signed(space, t.user_attrs["scores"])) is not None:
+        if comparable(t) and (vector := signed(space, t.user_attrs["scores"])) is not None:
             points.append(vector)
             volume = hypervolume(points, reference)  # only changes when a point is added
             for o in space.objectives:
@@ -264,10 +111,11 @@ def layer_values(recipe: Recipe, space) -> dict[str, dict[str, list[float]]]:
     n = max(1, space.num_layers)
     modules = space.modules or [None]
     out: dict[str, dict[str, list[float]]] = {"weight": {}, "drop_rate": {}}
+    labels = dict(zip(space.models, model_labels(space.models)))
     for spec in recipe.models:
         if recipe.uses_base and spec.model == recipe.base_model:
             continue
-        label = Path(spec.model).name or spec.model
+        label = labels.get(spec.model, Path(spec.model).name or spec.model)
         scopes = [spec.parameters, recipe.parameters]
         for module in modules:
             column = label if module is None else f"{label} {module}"
@@ -304,7 +152,7 @@ def param_importances(run: Run) -> tuple[dict[str, dict[str, float]], str]:
     try:
         import sklearn  # noqa: F401
 
-        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+        evaluator: optuna.importance.BaseImportanceEvaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
         method = "fANOVA (Optuna's FanovaImportanceEvaluator, seed 0)"
     except ImportError:
         evaluator = optuna.importance.PedAnovaImportanceEvaluator()
@@ -332,7 +180,7 @@ def param_importances(run: Run) -> tuple[dict[str, dict[str, float]], str]:
         except Exception as exc:  # an evaluator's own limit (e.g. too few trials per quantile) is a note, not a crash
             notes.append(f"{name}: {type(exc).__name__}: {exc}")
             continue
-        result[name] = {(_param_name(k, genes[k].param) if k in genes else k): float(v) for k, v in imp.items()}
+        result[name] = {(param_name(k, genes[k].param) if k in genes else k): float(v) for k, v in imp.items()}
     note = f"{method} on {len(trials)} completed full-fidelity trials"
     if notes:
         note += "; skipped " + "; ".join(notes)
@@ -445,7 +293,8 @@ def plot_front(run: Run) -> bytes | None:
         if len(tasks) == 2 and fx:
             # the 2-D front as a staircase between its points (signed so both axes grow to the better side)
             pts = sorted(zip(fx, fy), key=lambda p: -_sign(run, x) * p[0])
-            stair_x, stair_y = [], []
+            stair_x: list[float] = []
+            stair_y: list[float] = []
             for a, b in pts:
                 if stair_x:
                     stair_x.append(a)

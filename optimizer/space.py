@@ -22,27 +22,32 @@ import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 
-from optimizer.errors import MergeoptError
-from optimizer.merge.methods import METHODS
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from optimizer.errors import MergeoptError, did_you_mean, schema_error
 from optimizer.recipe import ModelSpec, Recipe, read_yaml_file, zoo_path
+from optimizer.evaluate.scoring import BACKENDS
+from optimizer.search.optimizers import OPTIMIZERS
 
-OPTIMIZERS = ("cma", "tpe", "nsga2", "random")
 DIRECTIONS = ("maximize", "minimize")
+DTYPES = ("float32", "bfloat16", "float16")
 _KEYS = {
     "name": "a name for the run (default: the file's stem)",
     "base_model": "the base model folder or zoo:NAME",
     "models": "the fine-tuned models (folders or zoo:NAME)",
-    "merge_method": "|".join(METHODS),
+    "merge_method": "dare_ties | dare_linear | ties | task_arithmetic | breadcrumbs | breadcrumbs_ties | della | "
+                    "della_linear (the registry's SEARCHABLE_METHODS)",
     "granularity": "global | per_model | per_layer | {layer_groups: K} | {gradient: K}",
     "modules": "a list of tensor-name substrings that get their own values, e.g. [self_attn, mlp]",
     "bounds": "{weight: [lo, hi], drop_rate: [lo, hi]}",
-    "fixed": "recipe parameters held constant, e.g. {normalize: false, lambda: 1.0}",
+    "fixed": "recipe parameters held constant, e.g. {normalize: false, lambda: 1.0} (the method's own, checked "
+             "against the merge-method registry)",
     "objectives": "a list of {task, metric, direction}",
     "scalarization": "task weights for single-objective optimisers, e.g. {add: 1, sort: 2}",
-    "optimizer": "{name: cma|tpe|nsga2|random, ...settings}",
+    "optimizer": "{name: " + "|".join(OPTIMIZERS) + ", ...settings}",
     "budget": "{trials: N, minutes: M}",
     "seed": "an integer: sampler seed and DARE mask seed",
     "tasks": "the task set: zoo, a task-set YAML or lm-eval task names",
@@ -50,9 +55,11 @@ _KEYS = {
     "fidelity": "{low: N, promote: F}: score every candidate on N items first, promote the top F to the full subset",
     "backend": "hf | vllm",
     "dtype": "float32 | bfloat16 | float16",
+    "threads": "CPU threads for torch, numba and BLAS together (--threads overrides; default: the free cores)",
+    "resolved": "written by mergeopt search into a run's space.yaml (what the space resolved to); ignored on input",
 }
-_OPTIMIZER_SETTINGS = {"cma": {"popsize", "sigma0"}, "tpe": {"n_startup_trials"}, "nsga2": {"population_size"},
-                       "random": set()}
+# the parts of a run's configuration that a resume may change: the budget (it may grow a run) and the thread count
+BUDGET_KEYS = ("budget", "threads")
 
 
 @dataclass(frozen=True)
@@ -107,13 +114,51 @@ class SearchSpace:
     fidelity_promote: float = 0.5
     backend: str = "hf"
     dtype: str = "float32"
+    threads: int | None = None  # CPU threads (a machine setting: a resume may change it)
     num_layers: int = 1
-    source: dict[str, Any] = field(default_factory=dict)
+    uses_drop_rate: bool = True  # the method sparsifies at random (DARE): drop rates are genes
+    source: dict[str, Any] = field(default_factory=dict)  # the YAML as written (before CLI overrides)
+
+    # ---- the run's record -------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """The effective configuration: the YAML with the CLI overrides applied, in canonical form.
+
+        It parses back into the same space (``parse_space``), so a run folder's ``space.yaml`` re-runs as it is.
+        """
+        granularity: Any = self.granularity
+        if self.granularity == "per_layer":
+            granularity = "per_layer"
+        elif self.granularity in ("layer_groups", "gradient"):
+            granularity = {self.granularity: self.groups}
+        config: dict[str, Any] = {
+            "name": self.name, "base_model": self.base_model, "models": list(self.models),
+            "merge_method": self.merge_method, "granularity": granularity, "modules": list(self.modules),
+            "bounds": {"weight": list(self.weight_bounds), "drop_rate": list(self.drop_bounds)},
+            "fixed": copy.deepcopy(self.fixed),
+            "objectives": [{"task": o.task, "direction": o.direction, **({"metric": o.metric} if o.metric else {})}
+                           for o in self.objectives],
+            "scalarization": dict(self.scalarization),
+            "optimizer": {"name": self.optimizer, **self.optimizer_settings},
+            "budget": {"trials": self.trials, **({"minutes": self.minutes} if self.minutes else {})},
+            "seed": self.seed, "tasks": self.tasks, "limit": self.limit,
+            "backend": self.backend, "dtype": self.dtype,
+        }
+        if self.threads is not None:
+            config["threads"] = self.threads
+        if self.fidelity_low is not None:
+            config["fidelity"] = {"low": self.fidelity_low, "promote": self.fidelity_promote}
+        return config
+
+    def facts(self) -> dict[str, Any]:
+        """What the configuration resolved to on disk: needed to read the run back without its model folders."""
+        return {"num_layers": self.num_layers, "uses_drop_rate": self.uses_drop_rate,
+                "model_labels": model_labels(self.models), "genes": [g.name for g in self.genes()]}
+
+    def identity(self) -> dict[str, Any]:
+        """What a resume must not change: the configuration but its budget."""
+        return {k: v for k, v in self.config().items() if k not in BUDGET_KEYS}
 
     # ---- genome -----------------------------------------------------------------------------------
-    @property
-    def uses_drop_rate(self) -> bool:
-        return METHODS[self.merge_method].sparsification is not None
 
     def genes(self) -> list[Gene]:
         params = [("weight", self.weight_bounds)]
@@ -121,12 +166,13 @@ class SearchSpace:
             params.append(("drop_rate", self.drop_bounds))
         model_ids = [-1] if self.granularity == "global" else list(range(len(self.models)))
         module_ids = list(range(len(self.modules))) or [-1]
+        labels = model_labels(self.models)
         genes = []
         for param, (low, high) in params:
             for m in model_ids:
                 for mod in module_ids:
                     for g in range(self.groups):
-                        label = "all" if m < 0 else _short(self.models[m])
+                        label = "all" if m < 0 else labels[m]
                         parts = [param[0], label] + ([self.modules[mod]] if mod >= 0 else []) + (
                             [f"g{g}"] if self.groups > 1 else [])
                         genes.append(Gene(".".join(parts), param, m, mod, g, low, high))
@@ -189,7 +235,7 @@ class SearchSpace:
     # ---- objectives ---------------------------------------------------------------------------------
     @property
     def multi_objective(self) -> bool:
-        return len(self.objectives) > 1 and self.optimizer in ("nsga2", "tpe", "random")
+        return len(self.objectives) > 1 and OPTIMIZERS[self.optimizer].multi_objective
 
     def scalarize(self, values: dict[str, float]) -> float:
         """Weighted mean of the objectives (signs turned so that larger is better)."""
@@ -202,8 +248,26 @@ class SearchSpace:
         return total / weight_sum
 
 
-def _short(path: str) -> str:
-    return Path(path).name or path
+def model_labels(paths: list[str]) -> list[str]:
+    """Short unique names of models: the folder's name, or as many trailing path parts as tell them apart.
+
+    ``.../math/checkpoint-1000`` and ``.../code/checkpoint-1000`` become ``math/checkpoint-1000`` and
+    ``code/checkpoint-1000`` (genes named after them must never be shared by two models).
+    """
+    parts = [[p for p in Path(path).parts if p not in ("/", "")] or [path] for path in paths]
+    labels = []
+    for i, own in enumerate(parts):
+        label = own[-1]  # also for a folder listed twice (no suffix tells the copies apart)
+        for k in range(1, len(own) + 1):
+            suffix = "/".join(own[-k:])
+            if all("/".join(other[-k:]) != suffix for j, other in enumerate(parts) if j != i):
+                label = suffix
+                break
+        labels.append(label)
+    if len(set(labels)) < len(labels):  # the same folder listed twice: number the copies
+        labels = [f"{label}#{labels[:i].count(label)}" if labels.count(label) > 1 else label
+                  for i, label in enumerate(labels)]
+    return labels
 
 
 def recipe_value(v: float) -> float:
@@ -212,21 +276,166 @@ def recipe_value(v: float) -> float:
 
 
 def _fail(source: str, key: str, problem: str) -> MergeoptError:
-    hint = _KEYS.get(key.split(".")[0], "")
+    hint = _KEYS.get(key.split(".")[0].split("[")[0], "")
     return MergeoptError(f"{source}: {key}: {problem}" + (f" (expected {hint})" if hint else ""))
 
 
-def _bounds(data: dict, key: str, default: tuple[float, float], lo: float, hi: float, source: str):
-    value = data.get(key, list(default))
-    if (not isinstance(value, (list, tuple)) or len(value) != 2
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
-        raise _fail(source, f"bounds.{key}", f"must be [low, high], got {value!r}")
-    low, high = float(value[0]), float(value[1])
-    if low > high:
-        raise _fail(source, f"bounds.{key}", f"low {low} is above high {high}")
-    if low < lo or high > hi or not (math.isfinite(low) and math.isfinite(high)):
-        raise _fail(source, f"bounds.{key}", f"must lie within [{lo}, {hi}], got [{low}, {high}]")
-    return low, high
+# ---- the declared schema (pydantic): structure, types and ranges; messages are the one-liners users see ---------
+def _integer(minimum: int | None):
+    def check(value: Any) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or (minimum is not None and value < minimum):
+            raise ValueError(f"must be {'a positive integer' if minimum == 1 else 'an integer'}, got {value!r}")
+        return value
+    return BeforeValidator(check)
+
+
+def _positive_number(value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or not math.isfinite(value):
+        raise ValueError(f"must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _non_negative_number(value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or not math.isfinite(value):
+        raise ValueError(f"must be a non-negative number, got {value!r}")
+    return float(value)
+
+
+def _text(what: str):
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"must be {what}, got {value!r}")
+        return value
+    return BeforeValidator(check)
+
+
+def _one_of(names: tuple[str, ...] | list[str], what: str = ""):
+    def check(value: Any) -> str:
+        if value not in names:
+            raise ValueError(f"{value!r} is not {what or ' or '.join(names)}")
+        return value
+    return BeforeValidator(check)
+
+
+PositiveInt = Annotated[int, _integer(1)]
+Integer = Annotated[int, _integer(None)]
+PositiveNumber = Annotated[float, BeforeValidator(_positive_number)]
+NonNegativeNumber = Annotated[float, BeforeValidator(_non_negative_number)]
+ModelRef = Annotated[str, _text("a model folder or zoo:NAME")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+def _bound_pair(lo: float, hi: float):
+    def check(value: Any) -> tuple[float, float]:
+        if (not isinstance(value, (list, tuple)) or len(value) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            raise ValueError(f"must be [low, high], got {value!r}")
+        low, high = float(value[0]), float(value[1])
+        if low > high:
+            raise ValueError(f"low {low} is above high {high}")
+        if low < lo or high > hi or not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError(f"must lie within [{float(lo)}, {float(hi)}], got [{low}, {high}]")
+        return low, high
+    return BeforeValidator(check)
+
+
+class BoundsConfig(_Strict):
+    weight: Annotated[tuple[float, float], _bound_pair(-2.0, 3.0)] = (0.0, 1.0)
+    drop_rate: Annotated[tuple[float, float], _bound_pair(0.0, 0.99)] = (0.0, 0.9)
+
+
+def _objective(value: Any) -> Any:
+    return {"task": value} if isinstance(value, str) else value
+
+
+class ObjectiveConfig(_Strict):
+    task: Annotated[str, _text("a task name")]
+    metric: str | None = None
+    direction: Annotated[str, _one_of(DIRECTIONS, "maximize or minimize")] = "maximize"
+
+
+def _optimizer(value: Any) -> Any:
+    value = {"name": value} if isinstance(value, str) else value
+    if not isinstance(value, dict) or value.get("name") not in OPTIMIZERS:
+        name = value.get("name") if isinstance(value, dict) else value
+        raise ValueError(f".name: {name!r} is not one of {', '.join(OPTIMIZERS)}")  # ".key": a sub-key's error
+    return value
+
+
+def _granularity(value: Any) -> Any:
+    if value in ("global", "per_model", "per_layer"):
+        return value
+    if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in ("layer_groups", "gradient"):
+        kind, k = next(iter(value.items()))
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f".{kind}: must be a positive integer, got {k!r}")
+        return value
+    raise ValueError(f"{value!r} is not valid")
+
+
+class BudgetConfig(_Strict):
+    trials: PositiveInt | None = None
+    minutes: PositiveNumber | None = None
+
+
+class FidelityConfig(_Strict):
+    low: PositiveInt
+    promote: Annotated[float, BeforeValidator(lambda v: _fraction(v))] = 0.5
+
+
+def _fraction(value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
+        raise ValueError(f"must be a fraction in (0, 1], got {value!r}")
+    return float(value)
+
+
+class SpaceConfig(_Strict):
+    """A search-space YAML as declared: every key, its type and range (cross-checks follow in parse_space)."""
+
+    name: str | None = None
+    base_model: ModelRef
+    models: Annotated[list[ModelRef], Field(min_length=1)]
+    merge_method: Annotated[str, _text("a merge method")] = "dare_ties"
+    granularity: Annotated[Any, BeforeValidator(_granularity)] = "per_model"
+    modules: list[Annotated[str, _text("a tensor-name substring")]] | None = None
+    bounds: BoundsConfig | None = None
+    fixed: dict[str, Any] | None = None  # checked against the merge-method registry in parse_space
+    objectives: Annotated[list[Annotated[ObjectiveConfig, BeforeValidator(_objective)]], Field(min_length=1)]
+    scalarization: dict[str, NonNegativeNumber] | None = None
+    optimizer: Annotated[dict[str, Any], BeforeValidator(_optimizer)] = {"name": "cma"}
+    budget: BudgetConfig | None = None
+    seed: Integer = 0
+    tasks: Annotated[str, _text("zoo, a task-set YAML or lm-eval task names")] = "zoo"
+    limit: PositiveInt | None = 100
+    fidelity: FidelityConfig | None = None
+    backend: Annotated[str, _one_of(tuple(BACKENDS))] = "hf"
+    dtype: Annotated[str, _one_of(DTYPES, "float32, bfloat16 or float16")] = "float32"
+    threads: PositiveInt | None = None
+    resolved: dict[str, Any] | None = None  # a run's record (space.yaml): ignored on input
+
+
+_ALLOWED = {"": [k for k in _KEYS if k != "resolved"], "bounds": list(BoundsConfig.model_fields),
+            "objectives[]": list(ObjectiveConfig.model_fields),
+            "budget": list(BudgetConfig.model_fields), "fidelity": list(FidelityConfig.model_fields)}
+_MESSAGES = {"too_short": "must be a non-empty list", "list_type": "must be a list", "dict_type": "must be a mapping",
+             "model_type": "must be a mapping"}
+
+
+def validate_config(data: Any, source: str) -> SpaceConfig:
+    """The declared schema applied, with one-line messages (unknown keys get the nearest known name)."""
+    if not isinstance(data, dict):
+        raise MergeoptError(f"{source}: a search space is a mapping of keys: {', '.join(_KEYS)}")
+    try:
+        return SpaceConfig.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        if first["type"] in _MESSAGES:
+            where = ".".join(str(p) for p in first["loc"])
+            raise _fail(source, where, f"{_MESSAGES[first['type']]}, got {first.get('input')!r}") from None
+        raise schema_error(exc, source, _ALLOWED, _KEYS) from None
 
 
 def load_space(path: str | Path, overrides: dict[str, Any] | None = None, resolve_models: bool = True) -> SearchSpace:
@@ -237,17 +446,18 @@ def load_space(path: str | Path, overrides: dict[str, Any] | None = None, resolv
 
 
 def parse_space(data: Any, source: str = "space", root: Path = Path("."), default_name: str = "search",
-                overrides: dict[str, Any] | None = None, resolve_models: bool = True) -> SearchSpace:
-    if not isinstance(data, dict):
-        raise MergeoptError(f"{source}: a search space is a mapping of keys: {', '.join(_KEYS)}")
-    unknown = sorted(set(data) - set(_KEYS))
-    if unknown:
-        raise MergeoptError(f"{source}: unknown key {unknown[0]!r}; allowed keys: {', '.join(_KEYS)}")
-    raw = copy.deepcopy(data)
+                overrides: dict[str, Any] | None = None, resolve_models: bool = True,
+                facts: dict[str, Any] | None = None) -> SearchSpace:
+    """A validated SearchSpace: the declared schema first (every value checked before any model is looked at),
+    then the cross-checks that need the registries or several keys. ``facts`` (a run's record,
+    :meth:`SearchSpace.facts`) replace every look at the disk: the models are neither resolved nor opened
+    (reading a run needs no model folder, and no torch)."""
+    if facts is not None:
+        resolve_models = False
+    config = validate_config(data, source)
+    raw = copy.deepcopy({k: v for k, v in data.items() if k != "resolved"})
 
-    def model_ref(value: Any, key: str) -> str:
-        if not isinstance(value, str) or not value:
-            raise _fail(source, key, f"must be a model folder or zoo:NAME, got {value!r}")
+    def model_ref(value: str, key: str) -> str:
         if not resolve_models:
             return value
         if value.startswith("zoo:"):
@@ -259,126 +469,79 @@ def parse_space(data: Any, source: str = "space", root: Path = Path("."), defaul
             raise _fail(source, key, f"model folder {value} does not exist")
         return str(candidate.resolve())
 
-    for key in ("base_model", "models", "objectives"):
-        if key not in data:
-            raise _fail(source, key, "is missing")
-    base = model_ref(data["base_model"], "base_model")
-    if not isinstance(data["models"], list) or not data["models"]:
-        raise _fail(source, "models", "must be a non-empty list")
-    models = [model_ref(m, f"models[{i}]") for i, m in enumerate(data["models"])]
+    method = config.merge_method
+    if facts is None:
+        # torch: not needed to read a recorded run
+        from optimizer.merge.methods import METHODS, SEARCHABLE_METHODS, check_parameters
 
-    method = data.get("merge_method", "dare_ties")
-    if method not in METHODS or METHODS[method].whole_weights:
-        raise _fail(source, "merge_method", f"{method!r} cannot be searched; use one of "
-                    f"{', '.join(m for m in METHODS if not METHODS[m].whole_weights)}")
+        if method not in SEARCHABLE_METHODS:
+            raise _fail(source, "merge_method", f"{method!r} cannot be searched; use one of "
+                        f"{', '.join(SEARCHABLE_METHODS)}{did_you_mean(method, list(SEARCHABLE_METHODS))}")
+        uses_drop_rate = METHODS[method].sparsification is not None  # DARE, TIES trim, breadcrumbs, DELLA
+    else:
+        uses_drop_rate = bool(facts["uses_drop_rate"])
 
     granularity, groups, interpolate = "per_model", 1, False
-    g = data.get("granularity", "per_model")
+    g = config.granularity
     if g in ("global", "per_model"):
         granularity = g
     elif g == "per_layer":
         granularity, groups = "per_layer", -1
-    elif isinstance(g, dict) and len(g) == 1 and next(iter(g)) in ("layer_groups", "gradient"):
-        kind, k = next(iter(g.items()))
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise _fail(source, f"granularity.{kind}", f"must be a positive integer, got {k!r}")
-        granularity, groups, interpolate = kind, k, kind == "gradient"
     else:
-        raise _fail(source, "granularity", f"{g!r} is not valid")
+        kind, k = next(iter(g.items()))
+        granularity, groups, interpolate = kind, k, kind == "gradient"
 
-    modules = data.get("modules") or []
-    if not isinstance(modules, list) or not all(isinstance(m, str) and m for m in modules):
-        raise _fail(source, "modules", f"must be a list of tensor-name substrings, got {modules!r}")
-
-    bounds = data.get("bounds") or {}
-    if not isinstance(bounds, dict) or set(bounds) - {"weight", "drop_rate"}:
-        bad = sorted(set(bounds) - {"weight", "drop_rate"}) if isinstance(bounds, dict) else [bounds]
-        raise _fail(source, "bounds", f"unknown entry {bad[0]!r}; allowed: weight, drop_rate")
-    weight_bounds = _bounds(bounds, "weight", (0.0, 1.0), -2.0, 3.0, source)
-    drop_bounds = _bounds(bounds, "drop_rate", (0.0, 0.9), 0.0, 0.99, source)
-
-    fixed = data.get("fixed") or {}
-    if not isinstance(fixed, dict) or set(fixed) - {"normalize", "lambda", "int8_mask"}:
-        raise _fail(source, "fixed", "allowed entries: normalize, lambda, int8_mask")
-
-    objectives = []
-    if not isinstance(data["objectives"], list) or not data["objectives"]:
-        raise _fail(source, "objectives", "must be a non-empty list")
-    for i, obj in enumerate(data["objectives"]):
-        if isinstance(obj, str):
-            obj = {"task": obj}
-        if not isinstance(obj, dict) or "task" not in obj or set(obj) - {"task", "metric", "direction"}:
-            raise _fail(source, f"objectives[{i}]", f"must be {{task, metric, direction}}, got {obj!r}")
-        direction = obj.get("direction", "maximize")
-        if direction not in DIRECTIONS:
-            raise _fail(source, f"objectives[{i}].direction", f"{direction!r} is not maximize or minimize")
-        objectives.append(Objective(str(obj["task"]), direction, obj.get("metric")))
-
-    scalarization = data.get("scalarization") or {}
-    if not isinstance(scalarization, dict):
-        raise _fail(source, "scalarization", "must map task names to weights")
-    for task, w in scalarization.items():
+    bounds = config.bounds or BoundsConfig()
+    fixed = dict(config.fixed or {})
+    if facts is None:
+        settable = [p.name for p in METHODS[method].parameters if p.name not in ("weight", "density")]
+        unknown = sorted(set(fixed) - set(settable))
+        if unknown:
+            raise _fail(source, f"fixed.{unknown[0]}", f"is not a parameter of {method}"
+                        f"{did_you_mean(unknown[0], settable)}; allowed: {', '.join(settable) or 'none'}")
+        fixed = check_parameters(METHODS[method], fixed, f"{source}: fixed")  # types and ranges now
+    objectives = [Objective(o.task, o.direction, o.metric) for o in config.objectives]
+    scalarization = config.scalarization or {}
+    for task in scalarization:
         if task not in {o.task for o in objectives}:
             raise _fail(source, f"scalarization.{task}", "names no objective")
-        if not isinstance(w, (int, float)) or w < 0:
-            raise _fail(source, f"scalarization.{task}", f"must be a non-negative number, got {w!r}")
 
-    opt = data.get("optimizer", {"name": "cma"})
-    if isinstance(opt, str):
-        opt = {"name": opt}
-    if not isinstance(opt, dict) or opt.get("name") not in OPTIMIZERS:
-        raise _fail(source, "optimizer.name", f"{(opt or {}).get('name') if isinstance(opt, dict) else opt!r} is "
-                    f"not one of {', '.join(OPTIMIZERS)}")
+    opt = config.optimizer
     settings = {k: v for k, v in opt.items() if k != "name"}
-    bad = sorted(set(settings) - _OPTIMIZER_SETTINGS[opt["name"]])
+    allowed = OPTIMIZERS[opt["name"]].settings
+    bad = sorted(set(settings) - set(allowed))
     if bad:
-        raise _fail(source, f"optimizer.{bad[0]}", f"is not a setting of {opt['name']}; allowed: "
-                    f"{', '.join(sorted(_OPTIMIZER_SETTINGS[opt['name']])) or 'none'}")
+        raise _fail(source, f"optimizer.{bad[0]}", f"is not a setting of {opt['name']}"
+                    f"{did_you_mean(bad[0], list(allowed))}; allowed: {', '.join(sorted(allowed)) or 'none'}")
 
-    budget = data.get("budget") or {"trials": 50}
-    if not isinstance(budget, dict) or set(budget) - {"trials", "minutes"} or not budget:
-        raise _fail(source, "budget", f"must be {{trials: N, minutes: M}}, got {budget!r}")
-    trials = budget.get("trials", 10**9)
-    if not isinstance(trials, int) or trials < 1:
-        raise _fail(source, "budget.trials", f"must be a positive integer, got {trials!r}")
-    minutes = budget.get("minutes")
-    if minutes is not None and (not isinstance(minutes, (int, float)) or minutes <= 0):
-        raise _fail(source, "budget.minutes", f"must be a positive number, got {minutes!r}")
-
-    seed = data.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise _fail(source, "seed", f"must be an integer, got {seed!r}")
-    limit = data.get("limit", 100)
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise _fail(source, "limit", f"must be a positive integer, got {limit!r}")
-    fidelity = data.get("fidelity")
+    budget = config.budget
+    trials = 50 if budget is None else (budget.trials or 10**9)
+    minutes = budget.minutes if budget is not None else None
+    limit = config.limit
     low, promote = None, 0.5
-    if fidelity is not None:
-        if not isinstance(fidelity, dict) or set(fidelity) - {"low", "promote"} or "low" not in fidelity:
-            raise _fail(source, "fidelity", f"must be {{low: N, promote: F}}, got {fidelity!r}")
-        low, promote = fidelity["low"], fidelity.get("promote", 0.5)
-        if not isinstance(low, int) or low < 1 or (limit is not None and low >= limit):
+    if config.fidelity is not None:
+        low, promote = config.fidelity.low, config.fidelity.promote
+        if limit is not None and low >= limit:
             raise _fail(source, "fidelity.low", f"must be a positive integer below limit ({limit}), got {low!r}")
-        if not isinstance(promote, (int, float)) or not 0 < promote <= 1:
-            raise _fail(source, "fidelity.promote", f"must be a fraction in (0, 1], got {promote!r}")
-    tasks = data.get("tasks", "zoo")
-    if isinstance(tasks, str) and tasks != "zoo" and tasks.endswith((".yaml", ".yml", ".jsonl")):
+    tasks = config.tasks
+    if tasks != "zoo" and tasks.endswith((".yaml", ".yml", ".jsonl")):
         candidate = root / tasks
         tasks = str(candidate.resolve()) if candidate.exists() else tasks
-    backend = data.get("backend", "hf")
-    if backend not in ("hf", "vllm"):
-        raise _fail(source, "backend", f"{backend!r} is not hf or vllm")
-    dtype = data.get("dtype", "float32")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise _fail(source, "dtype", f"{dtype!r} is not float32, bfloat16 or float16")
+    base = model_ref(config.base_model, "base_model")
+    models = [model_ref(m, f"models[{i}]") for i, m in enumerate(config.models)]
+    modules = config.modules or []
+    weight_bounds, drop_bounds = bounds.weight, bounds.drop_rate
+    seed, backend, dtype = config.seed, config.backend, config.dtype
+    data = {"name": config.name} if config.name is not None else {}
 
     space = SearchSpace(
         name=str(data.get("name", default_name)), base_model=base, models=models, merge_method=method,
         granularity=granularity, groups=groups, interpolate=interpolate, modules=list(modules),
         weight_bounds=weight_bounds, drop_bounds=drop_bounds, fixed=dict(fixed), objectives=objectives,
-        scalarization={k: float(v) for k, v in scalarization.items()}, optimizer=opt["name"],
+        scalarization=dict(scalarization), optimizer=opt["name"],
         optimizer_settings=settings, trials=trials, minutes=minutes, seed=seed, tasks=str(tasks), limit=limit,
-        fidelity_low=low, fidelity_promote=float(promote), backend=backend, dtype=dtype, source=raw)
+        fidelity_low=low, fidelity_promote=float(promote), backend=backend, dtype=dtype, threads=config.threads,
+        uses_drop_rate=uses_drop_rate, source=raw)
     for key, value in (overrides or {}).items():
         if value is None:
             continue
@@ -388,7 +551,9 @@ def parse_space(data: Any, source: str = "space", root: Path = Path("."), defaul
             if value != space.optimizer:
                 space.optimizer_settings = {}
         setattr(space, key, value)
-    if resolve_models:
+    if facts is not None:
+        space.num_layers = int(facts["num_layers"])
+    elif resolve_models:
         from optimizer.merge.checkpoint import num_layers, read_config
 
         space.num_layers = num_layers(read_config(base))

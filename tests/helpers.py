@@ -79,3 +79,22 @@ def write_space(root: Path, name: str, **overrides) -> Path:
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(space, sort_keys=False))
     return path
+
+
+def run_cli(*args, env: dict | None = None, timeout: float = 300, cwd=None):
+    """The `mergeopt` command line as a user runs it: a subprocess; returns the CompletedProcess (text mode)."""
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "optimizer.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, **(env or {})), cwd=cwd)
+
+
+def assert_one_line_error(proc, *fragments: str) -> None:
+    """A refusal as the CLI promises it: non-zero exit, one line on stderr naming the problem, no traceback."""
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    for fragment in fragments:
+        assert fragment in proc.stderr, proc.stderr

@@ -1,28 +1,44 @@
 """The `mergeopt` command line, run as a user runs it (a subprocess)."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 import transformers
+from helpers import assert_one_line_error, run_cli
 
+from optimizer.cli import COMMANDS
 from optimizer.merge.engine import MergeEngine
 from optimizer.recipe import ModelSpec, Recipe
 
 
 def mergeopt(*args, check=False):
-    proc = subprocess.run([sys.executable, "-m", "optimizer.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+    proc = run_cli(*args)
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
 
 
-@pytest.mark.parametrize("command", ["zoo", "merge"])
+@pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_command_has_help_with_an_example(command):
     proc = mergeopt(command, "--help", check=True)
     assert "examples:" in proc.stdout and f"mergeopt {command}" in proc.stdout
+
+
+def test_the_top_level_help_lists_every_command():
+    proc = mergeopt("--help", check=True)
+    assert all(command in proc.stdout for command in COMMANDS)
+
+
+def test_an_unexpected_failure_is_one_line_without_debug(tmp_path):
+    """The last-resort handler: a run whose study.db is not a database (a bug or damage no check foresaw)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "space.yaml").write_text("name: x\nbase_model: /m0\nmodels: [/m1]\nobjectives: [a]\n"
+                                    "resolved: {num_layers: 2, uses_drop_rate: true}\n")
+    (run / "study.db").write_bytes(b"this is not an SQLite database" * 100)
+    proc = mergeopt("report", run)
+    assert_one_line_error(proc, "mergeopt report: error:", "--debug")
+    proc = mergeopt("--debug", "report", run)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 
 def test_merge_writes_the_model_the_engine_builds(tmp_path, llama_family):

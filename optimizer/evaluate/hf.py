@@ -8,18 +8,15 @@ no state dict, no reload. Generation is batched greedy decoding with a KV cache
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from optimizer.errors import MergeoptError
+from optimizer.errors import CandidateOutOfMemory, MergeoptError, NonFiniteOutput
 from optimizer.evaluate.generation import greedy_generate
 from optimizer.evaluate.tasks import GenerationRequest, LoglikelihoodRequest, cut_at_stop
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class CandidateFailure(RuntimeError):
-    """Scoring one candidate went wrong (NaN logits, out of memory): the candidate fails, the run goes on."""
 
 
 class HFBackend:
@@ -38,12 +35,19 @@ class HFBackend:
             read_config(model_path)  # a missing config or one that needs custom code: one clear line
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=trust_remote_code)
-            self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                self.model_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code).to(self.device).eval()
+            model: Any = transformers.AutoModelForCausalLM.from_pretrained(
+                self.model_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+            self.model: Any = model.to(self.device).eval()
         except (OSError, ValueError) as exc:
             raise MergeoptError(f"cannot load {model_path} with transformers ({str(exc).splitlines()[0]})") from None
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    def close(self) -> None:
+        """Let go of the model (the memory returns when the last reference does)."""
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # ---- weights ------------------------------------------------------------------------------------
     def swap(self, engine, recipe) -> None:
@@ -97,7 +101,7 @@ class HFBackend:
                 mask[j, :len(s)] = 1
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
             if not torch.isfinite(logits).all():
-                raise CandidateFailure("the model produced NaN or infinite logits")
+                raise NonFiniteOutput("the model produced NaN or infinite logits")
             logprobs = torch.log_softmax(logits, dim=-1)
             for j, i in enumerate(rows):
                 n_ctx, cont = len(contexts[i]), continuations[i]
@@ -114,4 +118,4 @@ class HFBackend:
         except torch.OutOfMemoryError:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            raise CandidateFailure("out of memory while scoring") from None
+            raise CandidateOutOfMemory("out of memory while scoring") from None

@@ -2,28 +2,50 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import time
 import traceback
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from optimizer.errors import MergeoptError
-from optimizer.evaluate.tasks import Score, TaskSet
+from optimizer.errors import MergeoptError, NonFiniteOutput, failure_kind
+from optimizer.evaluate.tasks import GenerationRequest, LoglikelihoodRequest, Score, TaskSet
 
-BACKENDS = ("hf", "vllm")
+class Backend(Protocol):
+    """An inference engine loaded once per run; candidates are swapped into it. Use it as a context manager
+    (``contextlib.closing(make_backend(...))``) so its engine is shut down however the command ends."""
+
+    name: str
+
+    def swap(self, engine: Any, recipe: Any) -> None:
+        """Build ``recipe`` with the merge ``engine`` into the live weights."""
+
+    def load_state(self, tensors: Iterable[tuple[str, Any]]) -> None:
+        """Copy ``(name, tensor)`` pairs into the live weights (a parent model as it is)."""
+
+    def generate(self, requests: list[GenerationRequest]) -> list[str]:
+        """Greedy completions, one per request."""
+
+    def loglikelihood(self, requests: list[LoglikelihoodRequest]) -> list[tuple[float, bool]]:
+        """(log-likelihood of the continuation, whether it is the greedy one), one per request."""
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory."""
 
 
-def make_backend(name: str, model_path, device: str | None = None, dtype: str = "float32", **kwargs):
+# the registry of backends: name -> "module:class" (imported on use: vLLM is heavy and optional)
+BACKENDS = {"hf": "optimizer.evaluate.hf:HFBackend", "vllm": "optimizer.evaluate.vllm:VLLMBackend"}
+
+
+def make_backend(name: str, model_path, device: str | None = None, dtype: str = "float32", **kwargs) -> Backend:
     """The live inference engine of a run, loaded once from the base model's folder."""
-    if name == "hf":
-        from optimizer.evaluate.hf import HFBackend
-
-        return HFBackend(model_path, device=device, dtype=dtype, **kwargs)
-    if name == "vllm":
-        from optimizer.evaluate.vllm import VLLMBackend
-
-        return VLLMBackend(model_path, device=device, dtype=dtype, **kwargs)
-    raise MergeoptError(f"backend {name!r} is not one of {', '.join(BACKENDS)}")
+    if name not in BACKENDS:
+        raise MergeoptError(f"backend {name!r} is not one of {', '.join(BACKENDS)}")
+    module, _, cls = BACKENDS[name].partition(":")
+    backend_class = getattr(importlib.import_module(module), cls)
+    return backend_class(model_path, device=device, dtype=dtype, **kwargs)
 
 
 def check_backend(name: str, model_path, swaps: bool = True) -> None:
@@ -39,6 +61,7 @@ class CandidateResult:
     scores: dict[str, Score]
     seconds: dict[str, float] = field(default_factory=dict)  # "swap", "score"
     error: str | None = None
+    kind: str | None = None  # the first failure's kind (errors.failure_kind): "oom", "nan", an exception's type
 
     @property
     def failed(self) -> bool:
@@ -48,11 +71,13 @@ class CandidateResult:
         return {name: s.to_dict() for name, s in self.scores.items()}
 
 
-def score(backend, task_set: TaskSet, progress: bool = False) -> dict[str, Score]:
-    """Per-task scores; a task whose scoring raises gets a failed Score with the reason."""
+def score(backend, task_set: TaskSet, progress: bool = False, kinds: dict[str, str] | None = None
+          ) -> dict[str, Score]:
+    """Per-task scores; a task whose scoring raises gets a failed Score with the reason (its kind in ``kinds``)."""
     from tqdm import tqdm
 
     results: dict[str, Score] = {}
+    kinds = {} if kinds is None else kinds
     for task in tqdm(task_set.tasks, desc="scoring", unit="task", disable=not progress, leave=False):
         try:
             generated = backend.generate(task.generation) if task.generation else []
@@ -60,10 +85,12 @@ def score(backend, task_set: TaskSet, progress: bool = False) -> dict[str, Score
             result = task.finish(generated, likelihoods)
             if result.value is None or not math.isfinite(result.value):
                 result = Score(task.metric, None, None, result.n, error="the metric is not a finite number")
+                kinds[task.spec.name] = NonFiniteOutput.kind
         except MergeoptError:
             raise
         except Exception as exc:  # one bad candidate must not end the run
             result = Score(task.metric, None, None, 0, error=_reason(exc))
+            kinds[task.spec.name] = failure_kind(exc)
         results[task.spec.name] = result
     return results
 
@@ -78,12 +105,15 @@ def evaluate_candidate(backend, task_set: TaskSet, engine=None, recipe=None, pro
         except MergeoptError:
             raise
         except Exception as exc:
-            return CandidateResult({}, {"swap": time.perf_counter() - start}, error=_reason(exc))
+            return CandidateResult({}, {"swap": time.perf_counter() - start}, error=_reason(exc),
+                                   kind=failure_kind(exc))
     seconds["swap"] = time.perf_counter() - start
-    scores = score(backend, task_set, progress=progress)
+    kinds: dict[str, str] = {}
+    scores = score(backend, task_set, progress=progress, kinds=kinds)
     seconds["score"] = time.perf_counter() - start - seconds["swap"]
     errors = [f"{name}: {s.error}" for name, s in scores.items() if s.error]
-    return CandidateResult(scores, seconds, error="; ".join(errors) or None)
+    kind = next((kinds[name] for name, s in scores.items() if s.error and name in kinds), None)
+    return CandidateResult(scores, seconds, error="; ".join(errors) or None, kind=kind if errors else None)
 
 
 def _reason(exc: BaseException) -> str:

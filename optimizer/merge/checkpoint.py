@@ -19,7 +19,7 @@ from safetensors import safe_open
 try:
     from safetensors import SafetensorError as SafetensorsError
 except ImportError:  # older releases
-    SafetensorsError = Exception
+    SafetensorsError = Exception  # type: ignore[misc,assignment]
 from safetensors.torch import save_file
 
 from optimizer.errors import MergeoptError
@@ -78,8 +78,7 @@ def num_layers(config: dict, tensor_names: list[str] | None = None) -> int:
         value = config.get(key) or (config.get("text_config") or {}).get(key)
         if isinstance(value, int) and value > 0:
             return value
-    indices = [layer_index(n) for n in tensor_names or []]
-    indices = [i for i in indices if i is not None]
+    indices = [i for i in (layer_index(n) for n in tensor_names or []) if i is not None]
     return max(indices) + 1 if indices else 1
 
 
@@ -162,10 +161,7 @@ class TensorEntry:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return _numel(self.shape)
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
@@ -483,9 +479,11 @@ def _finish_folder(out_dir: Path, shards: list[tuple[str, list[str]]], total_byt
     elif index.exists():
         index.unlink()
 
-    for side_source, names in ((Path(source_folder), ("config.json", "generation_config.json")),
-                               (Path(tokenizer_folder or source_folder), SIDE_FILES[2:])):
-        for fname in names:
+    sources: tuple[tuple[Path, tuple[str, ...]], ...] = (
+        (Path(source_folder), ("config.json", "generation_config.json")),
+        (Path(tokenizer_folder or source_folder), SIDE_FILES[2:]))
+    for side_source, files in sources:
+        for fname in files:
             if (side_source / fname).is_file():
                 shutil.copyfile(side_source / fname, out_dir / fname)
     config_path = out_dir / "config.json"

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from optimizer.errors import MergeoptError
-from optimizer.merge import checkpoint, sparsify
+from optimizer.merge import checkpoint, sparsify, torch_methods
 from optimizer.merge.methods import METHODS, TensorSlot, tensor_plan
 from optimizer.recipe import Recipe
 
@@ -144,7 +144,7 @@ class MergeEngine:
         """For each engine row, the recipe position of that model (None: the recipe leaves it out)."""
         if recipe.merge_method not in METHODS:
             raise MergeoptError(f"unknown merge method {recipe.merge_method}")
-        if recipe.uses_base and _key(recipe.base_model) != self.base_path:
+        if recipe.uses_base and recipe.base_model is not None and _key(recipe.base_model) != self.base_path:
             raise MergeoptError(f"recipe base_model {recipe.base_model} is not the engine's base {self.base_path}")
         positions: list[int | None] = [None] * len(self.model_paths)
         for pos, spec in recipe.delta_models():
@@ -155,11 +155,14 @@ class MergeEngine:
             positions[row] = pos
         return positions
 
-    def plan(self, recipe: Recipe, slot: TensorSlot, positions: list[int | None] | None = None) -> sparsify.TensorPlan:
+    def plan(self, recipe: Recipe, slot: TensorSlot,
+             positions: list[int | None] | None = None) -> sparsify.TensorPlan | torch_methods.TorchPlan:
         """The kernel's arrays for one tensor; ``positions`` (from :meth:`_positions`) saves re-matching paths."""
         positions = self._positions(recipe) if positions is None else positions
+        if METHODS[recipe.merge_method].engine == "torch":  # a torch function per tensor (issue 14)
+            return torch_methods.TorchPlan(recipe, slot.name, slot.t, tuple(self.shapes[slot.name]), positions)
         active = [row for row, pos in enumerate(positions) if pos is not None]
-        sub = tensor_plan(recipe, slot, [positions[r] for r in active],
+        sub = tensor_plan(recipe, slot, [p for p in positions if p is not None],
                           delta_rows=lambda i: self.delta(slot.name, active[i]),
                           l1_norms=lambda i, threshold, key: self._l1_norms(slot.name, active[i], threshold, key))
         if len(active) == len(positions):
@@ -186,11 +189,15 @@ class MergeEngine:
         return self._l1.setdefault((name, row), dense), kept
 
     # ---- building ---------------------------------------------------------------------------------------
-    def _merge_into(self, slot: TensorSlot, plan: sparsify.TensorPlan, target: torch.Tensor) -> torch.Tensor:
+    def _merge_into(self, slot: TensorSlot, plan: sparsify.TensorPlan | torch_methods.TorchPlan,
+                    target: torch.Tensor) -> torch.Tensor:
         """Merge one tensor into ``target`` (any dtype and device, viewed flat); returns ``target``."""
         self._check_inputs(slot.name)
         base, models = self.inputs(slot.name)
         flat = target.view(-1)
+        if isinstance(plan, torch_methods.TorchPlan):
+            flat.copy_(plan.merge(base, models))
+            return target
         n = flat.numel()
         if self.kernel == "numba":
             if flat.dtype == torch.float32 and flat.device.type == "cpu":
@@ -252,7 +259,7 @@ class MergeEngine:
         peak memory is about one tensor, whatever the model's size."""
         dtype = self.output_dtype(recipe)
         positions = self._positions(recipe)  # fails before the folder is touched
-        tokenizer = recipe.tokenizer_source if recipe.tokenizer_source not in (None, "base") else self.base_path
+        tokenizer = recipe.tokenizer_folder() or self.base_path  # base / union / a model (issue 14)
         layout = [(name, self.shapes[name]) for name in self.names]
 
         def merged(name: str, out: torch.Tensor) -> None:
@@ -260,9 +267,13 @@ class MergeEngine:
             self._merge_into(slot, self.plan(recipe, slot, positions), out)
             self.release(name)
 
-        return checkpoint.stream_model_folder(out_dir, layout, merged, self.base_path, dtype,
-                                              max_shard_bytes=max_shard_bytes, tokenizer_folder=tokenizer,
-                                              progress=progress)
+        out = checkpoint.stream_model_folder(out_dir, layout, merged, self.base_path, dtype,
+                                             max_shard_bytes=max_shard_bytes, tokenizer_folder=tokenizer,
+                                             progress=progress)
+        from optimizer.merge.side_files import write_chat_template  # the recipe's chat_template (issue 14)
+
+        write_chat_template(recipe, out)
+        return out
 
 
 def _scatter(values, rows: list[int], n: int, fill):

@@ -1,41 +1,291 @@
-"""The merge methods: one generic delta-merge routine configured into named methods.
+"""The merge-method registry, and the fused engine's plan for the methods it runs.
 
-Every method computes ``out = base_coef * base + lambda * mix(deltas)``; they differ only in how each delta is
+Every merge method mergekit 0.1.5 knows is declared here once: its parameters (name, type, default or required,
+range, scope) and how mergeopt runs it (``engine``: ``fused`` in the numba/torch kernels, else ``mergekit``, handed
+to mergekit's own Python API). Recipe validation (:func:`check_parameters`), the CLI help and the README's method
+table all read :data:`METHODS`; adding a method touches this table only.
+
+The fused methods compute ``out = base_coef * base + lambda * mix(deltas)``; they differ only in how each delta is
 sparsified (none / DARE random drop / TIES magnitude trim), whether a sign consensus is elected (TIES), and
-whether the mix is divided by the weight sum. Defaults follow mergekit 0.1.5 so a recipe means the same thing
-to both tools.
+whether the mix is divided by the weight sum. Defaults follow mergekit 0.1.5 so a recipe means the same thing to
+both tools.
 """
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from optimizer.errors import MergeoptError
-from optimizer.merge import sparsify
-from optimizer.recipe import Recipe, resolve_parameter
+
+if TYPE_CHECKING:
+    from optimizer.merge import sparsify
+    from optimizer.recipe import Recipe
+
+REQUIRED = object()  # a parameter default meaning "the recipe must give it"
+
+# Scopes, in mergekit's words: shared (one value, from the recipe's global parameters), per_model (each model but
+# the base), per_input (each model, the base included).
+SHARED, PER_MODEL, PER_INPUT = "shared", "per_model", "per_input"
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One parameter a method reads: its type, default (or REQUIRED), closed range and scope."""
+
+    name: str
+    kind: type  # float | bool | int
+    scope: str
+    default: Any = REQUIRED
+    low: float | None = None
+    high: float | None = None
+    help: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def coerce(self, value: Any, where: str) -> Any:
+        """The value as this parameter's type, or one line naming the bad value (``weight: abc``)."""
+        if self.kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, (int, float)) and value in (0, 1):
+                return bool(value)
+            if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+                return _BOOL_WORDS[value.strip().lower()]
+            raise MergeoptError(f"{where}: {value!r} is not true or false")
+        if isinstance(value, bool):
+            raise MergeoptError(f"{where}: {value!r} is not a number")
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise MergeoptError(f"{where}: {value!r} is not a number") from None
+        if not isinstance(value, (int, float)):
+            raise MergeoptError(f"{where}: {value!r} is not a number")
+        if self.kind is int:
+            if float(value) != int(value):
+                raise MergeoptError(f"{where}: {value!r} is not a whole number")
+            value = int(value)
+        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+            raise MergeoptError(f"{where}: {value} is outside [{_fmt(self.low)}, {_fmt(self.high)}]")
+        return value
+
+    def describe(self) -> str:
+        default = "required" if self.required else f"default {self.default}"
+        bounds = "" if self.low is None and self.high is None else f", in [{_fmt(self.low)}, {_fmt(self.high)}]"
+        return f"{self.name} ({self.kind.__name__}, {self.scope}, {default}{bounds})"
+
+
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def _fmt(bound: float | None) -> str:
+    return "-inf" if bound is None else f"{bound:g}"
 
 
 @dataclass(frozen=True)
 class MethodSpec:
+    """A merge method: its parameters and inputs as mergekit declares them, and how mergeopt runs it."""
+
     name: str
-    sparsification: str | None  # None | "random" (DARE) | "magnitude" (TIES trim)
-    consensus: bool
-    default_normalize: bool
-    whole_weights: bool = False  # linear: merge full weights, not deltas against a base
+    parameters: tuple[Parameter, ...]
+    base: str  # "required" | "optional" | "ignored": does the method read base_model
+    engine: str  # "fused": mergeopt's numba/torch kernels (searchable); "torch": mergeopt's engine through
+    # optimizer/merge/torch_methods.py (one torch function per tensor); "mergekit": handed to mergekit's Python API
+    min_models: int = 1  # models besides the base (every input when the method ignores the base), as mergekit counts
+    max_models: int | None = None
+    # None | "random" (DARE) | "magnitude" (TIES trim) | "outliers" (breadcrumbs) | "della": a search space gives the
+    # sparsifying methods a drop-rate gene; the fused kernel runs "random" and "magnitude"
+    sparsification: str | None = None
+    consensus: bool = False  # fused only: TIES sign election
+    whole_weights: bool = False  # linear: merges full weights, not deltas against a base
+    summary: str = ""
+
+    @property
+    def default_normalize(self) -> bool:
+        return bool(self.parameter("normalize").default) if self.has("normalize") else False
+
+    def has(self, name: str) -> bool:
+        return any(p.name == name for p in self.parameters)
+
+    def parameter(self, name: str) -> Parameter:
+        for p in self.parameters:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    @property
+    def fused(self) -> bool:
+        return self.engine == "fused"
+
+    @property
+    def in_engine(self) -> bool:
+        """mergeopt's engine builds it (fused kernel or torch path): in memory, into a live model, no mergekit."""
+        return self.engine in ("fused", "torch")
 
 
-METHODS: dict[str, MethodSpec] = {
-    m.name: m
-    for m in (
-        MethodSpec("linear", None, False, default_normalize=True, whole_weights=True),
-        MethodSpec("task_arithmetic", None, False, default_normalize=False),
-        MethodSpec("ties", "magnitude", True, default_normalize=True),
-        MethodSpec("dare_linear", "random", False, default_normalize=False),
-        MethodSpec("dare_ties", "random", True, default_normalize=False),
-    )
-}
+def _task_arithmetic_family(extra: tuple[Parameter, ...] = (), normalize: bool = False,
+                            rescale: bool = False) -> tuple[Parameter, ...]:
+    """mergekit's generalized task arithmetic parameters (task_arithmetic, ties, dare_*, breadcrumbs*, della*)."""
+    return (
+        Parameter("weight", float, PER_MODEL, help="scale of the model's delta (fine-tuned minus base)"),
+        Parameter("density", float, PER_MODEL, 1.0, 0.0, 1.0, "kept fraction of the delta (1 - drop rate)"),
+        Parameter("normalize", bool, SHARED, normalize, help="divide the mixed delta by the sum of the weights"),
+        Parameter("rescale", bool, SHARED, rescale, help="rescale a sparsified delta to the dense delta's L1 norm"),
+        Parameter("lambda", float, SHARED, 1.0, help="scale of the mixed delta"),
+        Parameter("int8_mask", bool, SHARED, False, help="store sign masks as int8 (memory only, same result)"),
+    ) + extra
+
+
+_GAMMA = Parameter("gamma", float, PER_MODEL, 0.01, 0.0, 1.0, "fraction of the largest-magnitude elements dropped")
+_EPSILON = Parameter("epsilon", float, PER_MODEL, 0.15, 0.0, 1.0, "spread of DELLA's keep probabilities")
+_T = Parameter("t", float, SHARED, help="interpolation factor from the base (0) to the other model (1)")
+_WEIGHT_ALL = Parameter("weight", float, PER_INPUT, help="weight of each model in the average")
+
+METHODS: dict[str, MethodSpec] = {m.name: m for m in (
+    # fused: mergeopt's kernels; searchable
+    MethodSpec("linear", (_WEIGHT_ALL, Parameter("normalize", bool, SHARED, True)), "ignored", "fused",
+               whole_weights=True, summary="weighted average of whole weights"),
+    MethodSpec("task_arithmetic", _task_arithmetic_family(), "required", "fused",
+               summary="base + lambda * sum of weighted deltas"),
+    MethodSpec("ties", _task_arithmetic_family(normalize=True), "required", "fused", sparsification="magnitude",
+               consensus=True, summary="magnitude trim, sign election, disjoint mean"),
+    MethodSpec("dare_linear", _task_arithmetic_family(rescale=True), "required", "fused", sparsification="random",
+               summary="random drop (DARE) of each delta, weighted sum"),
+    MethodSpec("dare_ties", _task_arithmetic_family(rescale=True), "required", "fused", sparsification="random",
+               consensus=True, summary="random drop (DARE), sign election"),
+    # mergeopt's engine, torch path (optimizer/merge/torch_methods.py)
+    MethodSpec("breadcrumbs", _task_arithmetic_family((_GAMMA,)), "required", "torch", sparsification="outliers",
+               summary="drops the smallest and the largest-magnitude elements of each delta"),
+    MethodSpec("breadcrumbs_ties", _task_arithmetic_family((_GAMMA,)), "required", "torch", sparsification="outliers",
+               summary="breadcrumbs with sign election"),
+    MethodSpec("della", _task_arithmetic_family((_EPSILON,), normalize=True, rescale=True), "required", "torch",
+               sparsification="della",
+               summary="magnitude-ranked random drop (DELLA), sign election"),
+    MethodSpec("della_linear", _task_arithmetic_family((_EPSILON,), rescale=True), "required", "torch",
+               sparsification="della",
+               summary="magnitude-ranked random drop (DELLA), weighted sum"),
+    MethodSpec("slerp", (_T,), "required", "torch", min_models=1, max_models=1,
+               summary="spherical interpolation between the base and one model"),
+    MethodSpec("nuslerp", (Parameter("weight", float, PER_MODEL),
+                           Parameter("nuslerp_row_wise", bool, SHARED, False),
+                           Parameter("nuslerp_flatten", bool, SHARED, True)), "optional", "torch",
+               min_models=2, max_models=2,
+               summary="spherical interpolation of two models (or two deltas against a base)"),
+    # through mergekit
+    MethodSpec("multislerp", (Parameter("weight", float, PER_MODEL),
+                              Parameter("normalize_weights", bool, SHARED, True),
+                              Parameter("eps", float, SHARED, 1e-8, 0.0)), "optional", "mergekit",
+               summary="spherical barycentre of several models"),
+    MethodSpec("karcher", (Parameter("max_iter", int, SHARED, 10, 1), Parameter("tol", float, SHARED, 1e-5, 0.0)),
+               "ignored", "mergekit", summary="Riemannian (Karcher) mean"),
+    MethodSpec("model_stock", (Parameter("filter_wise", bool, SHARED, False),), "required", "torch",
+               min_models=2, summary="interpolation towards the base by the angle between deltas"),
+    MethodSpec("nearswap", (Parameter("t", float, SHARED, low=0.0),), "required", "mergekit", min_models=1,
+               max_models=1, summary="takes the other model's elements where they are near the base's"),
+    MethodSpec("arcee_fusion", (), "required", "mergekit", min_models=1, max_models=1,
+               summary="dynamic thresholded fusion of two models"),
+    MethodSpec("sce", (Parameter("select_topk", float, SHARED, 1.0, 0.0, 1.0),
+                       Parameter("int8_mask", bool, SHARED, False)), "required", "mergekit",
+               summary="select, calculate, erase (variance-selected deltas)"),
+    MethodSpec("ram", (Parameter("epsilon", float, SHARED, 1e-5, 0.0),), "required", "mergekit",
+               summary="reinforced agent merging"),
+    MethodSpec("ramplus_tl", (Parameter("r", float, SHARED, 0.1), Parameter("alpha", float, SHARED, 0.2),
+                              Parameter("epsilon", float, SHARED, 1e-5, 0.0)), "required", "mergekit",
+               summary="reinforced agent merging plus"),
+    MethodSpec("passthrough", (Parameter("scale", float, PER_INPUT, None),), "ignored", "mergekit", max_models=1,
+               summary="copies one model's tensors (layer stacking with slices:)"),
+)}
+
+FUSED_METHODS = tuple(name for name, spec in METHODS.items() if spec.fused)
+# Methods a search space may vary: built by mergeopt's engine (in memory), with per-model weight and density genes.
+SEARCHABLE_METHODS = tuple(name for name, spec in METHODS.items()
+                           if spec.in_engine and spec.has("weight") and spec.has("density"))
+# Every parameter name some method reads: mergekit ignores a known name the chosen method does not read (lambda on
+# linear), so such a name is kept and ignored here too; a name no method knows is a typo and refused.
+KNOWN_PARAMETERS = frozenset(p.name for spec in METHODS.values() for p in spec.parameters)
+
+
+def method_spec(name: Any) -> MethodSpec:
+    """The method's declaration, or one line listing the known methods (with the nearest one)."""
+    if name in METHODS:
+        return METHODS[name]
+    return _refuse_name(f"merge_method {name!r}", str(name), METHODS, "is not a merge method")
+
+
+def _refuse_name(what: str, name: str, known, verb: str):
+    near = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    hint = f"did you mean {near[0]}?" if near else f"use one of {', '.join(sorted(known))}"
+    raise MergeoptError(f"{what} {verb}; {hint}")
+
+
+def check_parameters(spec: MethodSpec, params: dict[str, Any], where: str) -> dict[str, Any]:
+    """Parameters with every scalar coerced to its declared type and range-checked, at parse time.
+
+    A name no method knows is refused with the nearest known name (``densty``: did you mean density?); a name
+    another method reads is kept and ignored, as mergekit does. Returns a copy of ``params``.
+    """
+    if not isinstance(params, dict):
+        raise MergeoptError(f"{where} must be a mapping of parameter names to values")
+    out = {}
+    for name, setting in params.items():
+        name = str(name)
+        if not spec.has(name):
+            if name not in KNOWN_PARAMETERS:
+                own = [p.name for p in spec.parameters] or list(KNOWN_PARAMETERS)
+                near = (difflib.get_close_matches(name, own, n=1, cutoff=0.6)
+                        or difflib.get_close_matches(name, list(KNOWN_PARAMETERS), n=1, cutoff=0.6))
+                hint = f"did you mean {near[0]}?" if near else (
+                    f"{spec.name} reads {', '.join(p.name for p in spec.parameters) or 'no parameters'}")
+                raise MergeoptError(f"{where}.{name}: unknown parameter; {hint}")
+            out[name] = setting
+            continue
+        out[name] = _coerce_setting(spec.parameter(name), setting, f"{where}.{name}")
+    return out
+
+
+def _coerce_setting(param: Parameter, setting: Any, where: str) -> Any:
+    """mergekit's setting forms: a scalar, a gradient (list of scalars), or {filter, value} condition(s)."""
+    if param.default is None and setting is None:
+        return None
+    if isinstance(setting, dict):
+        return _coerce_setting(param, [setting], where)[0] if _is_condition(setting) else _bad_form(where, setting)
+    if isinstance(setting, list):
+        if not setting:
+            _bad_form(where, setting)
+        if all(_is_condition(c) for c in setting):
+            return [{**({"filter": c["filter"]} if "filter" in c else {}),
+                     "value": _coerce_setting(param, c["value"], where)} for c in setting]
+        if any(isinstance(c, (dict, list)) for c in setting):
+            _bad_form(where, setting)
+        return [param.coerce(v, f"{where}[{i}]") for i, v in enumerate(setting)]
+    if setting is None:
+        _bad_form(where, setting)
+    return param.coerce(setting, where)
+
+
+def _is_condition(value: Any) -> bool:
+    return isinstance(value, dict) and "value" in value and set(value) <= {"filter", "value"}
+
+
+def _bad_form(where: str, value: Any):
+    raise MergeoptError(f"{where}: expected a number, a list of numbers (a gradient over depth) or a list of "
+                        f"{{filter, value}} conditions, got {value!r}")
+
+
+def methods_help() -> str:
+    """One line per method for the CLI help and the docs, read from the registry."""
+    lines = []
+    for spec in METHODS.values():
+        runner = _runner(spec, "through mergekit")
+        params = ", ".join(p.name for p in spec.parameters) or "no parameters"
+        lines.append(f"  {spec.name:<17} {runner:<23} {params}")
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -54,7 +304,13 @@ def tensor_plan(recipe: Recipe, slot: TensorSlot, model_positions: list[int], de
     ``delta_rows(m)`` returns the float32 delta of row ``m`` (made on demand: TIES magnitude cuts) and
     ``l1_norms(m, threshold, key)`` the (dense, kept) L1 norms of that delta under a DARE mask (L1 rescale).
     """
+    from optimizer.merge import sparsify
+    from optimizer.recipe import resolve_parameter
+
     spec = METHODS[recipe.merge_method]
+    if not spec.fused:
+        raise MergeoptError(f"merge_method {spec.name} does not run in the fused engine; "
+                            "'mergeopt merge' hands such a recipe to mergekit")
     n = len(model_positions)
     weights = np.zeros(n, dtype=np.float32)
     scales = np.ones(n, dtype=np.float32)
@@ -64,6 +320,8 @@ def tensor_plan(recipe: Recipe, slot: TensorSlot, model_positions: list[int], de
     keys = np.zeros(n, dtype=np.uint64)
     tie_limits = np.zeros(n, dtype=np.int64)
     glob = recipe.parameters
+    rescale_l1 = spec.sparsification == "magnitude" and bool(
+        resolve_parameter("rescale", [glob], slot.name, slot.t, default=False))
     for row, pos in enumerate(model_positions):
         scopes = [recipe.models[pos].parameters, glob]
         weight = resolve_parameter("weight", scopes, slot.name, slot.t)
@@ -80,6 +338,8 @@ def tensor_plan(recipe: Recipe, slot: TensorSlot, model_positions: list[int], de
             if density < 1.0:
                 modes[row] = sparsify.KEEP_MAGNITUDE
                 magnitudes[row], tie_limits[row] = sparsify.magnitude_cut(delta_rows(row).abs(), density)
+                if rescale_l1:  # mergekit's rescale: the trimmed delta keeps the dense delta's L1 norm
+                    scales[row] = _trimmed_l1_scale(delta_rows(row), density)
             continue
         # DARE
         if density >= 1.0:
@@ -96,11 +356,61 @@ def tensor_plan(recipe: Recipe, slot: TensorSlot, model_positions: list[int], de
             if before >= 1e-7 and after >= 1e-7:
                 scales[row] = before / after
     normalize = bool(resolve_parameter("normalize", [glob], slot.name, slot.t, default=spec.default_normalize))
-    lam = float(resolve_parameter("lambda", [glob], slot.name, slot.t, default=1.0))
+    lam = float(resolve_parameter("lambda", [glob], slot.name, slot.t, default=1.0)) if spec.has("lambda") else 1.0
     base_coef = 1.0
-    if spec.whole_weights and not normalize:
-        # sum_m w_m * (base + delta_m) = (sum_m w_m) * base + sum_m w_m * delta_m
-        base_coef = float(weights.sum())
+    if spec.whole_weights:
+        # linear: out = sum_i w_i x_i (/ sum_i w_i). The engine holds x_m = base + delta_m, so the base's own
+        # coefficient is the weight sum; a base_model outside `models` is one more input with delta 0, weighted
+        # by the global weight (mergekit averages it in the same way).
+        base_weight = 0.0
+        if recipe.linear_base_is_input:
+            base_weight = float(resolve_parameter("weight", [glob], slot.name, slot.t, default=0.0))
+        total = float(weights.sum(dtype=np.float64)) + base_weight
+        if normalize:
+            if abs(total) < 1e-8:
+                raise MergeoptError(f"linear weights sum to {total:g} for tensor {slot.name}; a normalized average "
+                                    "needs a non-zero sum (set normalize: false or change the weights)")
+            weights = (weights / np.float32(total)).astype(np.float32)
+            normalize = False
+        else:
+            base_coef = total
     return sparsify.TensorPlan(weights=weights, scales=scales, keep_mode=modes, thresholds=thresholds,
                                magnitudes=magnitudes, keys=keys, tie_limits=tie_limits, consensus=spec.consensus, normalize=normalize,
                                lam=lam, base_coef=base_coef)
+
+
+def _trimmed_l1_scale(delta, density: float) -> float:
+    """dense L1 / L1 of the top-k elements, k = max(1, int(density * n)); 1 when either is below 1e-7."""
+    import torch
+
+    flat = delta.reshape(-1).abs().float()
+    k = max(1, int(density * flat.numel()))
+    before = float(flat.sum())
+    after = float(torch.topk(flat, k, sorted=False).values.sum())
+    return before / after if before >= 1e-7 and after >= 1e-7 else 1.0
+
+
+def methods_markdown() -> str:
+    """The README's method table, generated from the registry (a test keeps the README equal to it)."""
+    rows = ["| method | runs | parameters (default; `*` per model) | what it does |", "| --- | --- | --- | --- |"]
+    for spec in METHODS.values():
+        runner = _runner(spec, "mergekit")
+        params = ", ".join(f"`{p.name}`{'*' if p.scope != SHARED else ''}{_markdown_default(p)}"
+                           for p in spec.parameters) or "none"
+        rows.append(f"| `{spec.name}` | {runner} | {params} | {spec.summary} |")
+    return "\n".join(rows)
+
+
+def _runner(spec: MethodSpec, mergekit_word: str) -> str:
+    word = {"fused": "fused", "torch": "torch path"}.get(spec.engine, mergekit_word)
+    return f"{word}, searchable" if spec.name in SEARCHABLE_METHODS else word
+
+
+def _markdown_default(p: Parameter) -> str:
+    if p.required:
+        return " (required)"
+    if p.default is None:
+        return ""
+    default = str(p.default).lower() if isinstance(p.default, bool) else f"{p.default:g}"
+    bounds = f", in [{_fmt(p.low)}, {_fmt(p.high)}]" if p.low is not None and p.high is not None else ""
+    return f" ({default}{bounds})"

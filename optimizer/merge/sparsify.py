@@ -244,7 +244,8 @@ def merge_range_torch(base: torch.Tensor, models: list[torch.Tensor], plan: Tens
         elif mode == KEEP_MAGNITUDE:
             cut = float(plan.magnitudes[m])
             index = torch.arange(start, stop, device=device)
-            kept = (delta.abs() > cut) | ((delta.abs() == cut) & (index <= int(plan.tie_limits[m])))
+            last_tie = int(plan.tie_limits[m]) if plan.tie_limits is not None else stop
+            kept = (delta.abs() > cut) | ((delta.abs() == cut) & (index <= last_tie))
             row = row * kept.float()
         rows.append(row)
     mix = torch.zeros(n, dtype=torch.float32, device=device)

@@ -79,7 +79,7 @@ class _FaultyBackend:
     def swap(self, engine, recipe) -> None:
         note = f"(injected by {ENV} at trial {self._number})"
         if self._kind.startswith("slow"):
-            time.sleep(_seconds(self._kind))
+            time.sleep(_seconds(self._kind) or 0.0)
             return self._backend.swap(engine, recipe)
         if self._kind == "oom":
             raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB {note}")

@@ -15,35 +15,36 @@ values, recipe YAML, fidelity, timings and state. Re-running the same command co
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
-import re
 import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import optuna
 import yaml
 from optuna.trial import TrialState
 
-from optimizer.errors import MergeoptError
+from optimizer.errors import MergeoptError, NonFiniteOutput
 from optimizer.evaluate.scoring import CandidateResult, check_backend, evaluate_candidate, make_backend
 from optimizer.evaluate.tasks import load_task_set
-from optimizer.files import temporary_path, write_atomic
+from optimizer.files import write_atomic
 from optimizer.merge.engine import MergeEngine
-from optimizer.search import faults
+from optimizer.run import RECORD_ATTR, SPACE_FILE, check_same_run, read_record, record_of, record_text
+from optimizer.search import faults, study_store
 from optimizer.search.interrupts import Interrupts
 from optimizer.search.optimizers import FINISHED, make_optimizer, make_sampler, spends_budget
+from optimizer.search.study_store import storage_url
 from optimizer.search.workers import (Coordinated, StudyLock, heartbeat_settings, join_study, stale_trials,
                                       worker_id)
-from optimizer.space import SearchSpace
+from optimizer.space import SearchSpace, model_labels
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-warnings.filterwarnings("ignore", message="Could not import matplotlib.pyplot")
 MAX_SAME_FAILURES = 3
+log = logging.getLogger("mergeopt")
 
 
 @dataclass
@@ -57,32 +58,26 @@ class SearchResult:
     seconds: dict = field(default_factory=dict)  # this worker's time: evaluating, coordination (lock), waiting
 
 
-def storage_url(run_dir: Path, storage: str | None) -> str:
-    return storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
-
-
 def open_study(space: SearchSpace, run_dir: Path, storage: str | None = None, study_name: str | None = None,
-               create: bool = True, lock: StudyLock | None = None) -> optuna.Study:
+               lock: StudyLock | None = None) -> optuna.Study:
+    """The run's study, created when new; its record checked (a resume may only grow the budget) and updated."""
     url = storage_url(run_dir, storage)
     local = url.startswith("sqlite")
     # Shared databases get heartbeats so trials of a dead worker are detected; a local run folder uses its lock.
-    interval, grace = heartbeat_settings() if not local else (None, None)
-    heartbeat = {} if local else {"heartbeat_interval": interval, "grace_period": grace}
-    directions = ([o.direction for o in space.objectives] if space.multi_objective else ["maximize"])
-    sampler = make_sampler(space.optimizer, space.seed, space.optimizer_settings, space.multi_objective)
+    directions: list[Any] = [o.direction for o in space.objectives] if space.multi_objective else ["maximize"]
+    sampler = make_sampler(space.optimizer, space.seed, space.optimizer_settings)
     name = study_name or space.name
     # workers starting together must not race creating the tables and the study (lock: see search/workers.py)
     with lock() if lock is not None else contextlib.nullcontext():
-        if local and create:
-            _create_sqlite_whole(url)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            rdb = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if local else {},
-                                             **heartbeat)
-        if not create:
-            return optuna.load_study(study_name=name, storage=rdb, sampler=sampler)
+        if local:
+            study_store.create_sqlite_whole(url)
+        rdb = study_store.open_storage(url, None if local else heartbeat_settings())
         study = optuna.create_study(study_name=name, storage=rdb, directions=directions, sampler=sampler,
                                     load_if_exists=True)
+        recorded = study.user_attrs.get(RECORD_ATTR)
+        if recorded is not None:
+            check_same_run(recorded["config"], space, f"study {name!r}")
+        study.set_user_attr(RECORD_ATTR, record_of(space))  # the budget as this command sets it
         existing = len(study.get_trials(deepcopy=False))
         if not existing and study.metric_names is None:  # optuna-dashboard labels the objectives by these
             with warnings.catch_warnings():
@@ -91,54 +86,35 @@ def open_study(space: SearchSpace, run_dir: Path, storage: str | None = None, st
                                        else ["scalarized"])
         worker = 0
         if lock is not None and lock.shared:  # same space for all; a number per worker, so draws differ
-            worker = join_study(study, space.source)
+            worker = join_study(study, space.identity())
     if existing or worker:
         # A resumed run (or another worker) must not replay the random draws of the first one: the sampler's
         # seed moves on with the study, deterministically.
         study.sampler = make_sampler(space.optimizer, space.seed + 7919 * existing + 104729 * worker,
-                                     space.optimizer_settings, space.multi_objective)
+                                     space.optimizer_settings)
     return study
 
 
-def _create_sqlite_whole(url: str) -> None:
-    """A new SQLite study database appears with its tables already made.
-
-    Optuna creates the tables of a new database one statement at a time; a reader opening the file meanwhile
-    (`mergeopt report`, optuna-dashboard, a script polling the run) makes the missing tables itself, and the two
-    creators then collide ("table ... already exists"). So the tables are made in a private file that is linked into
-    place only if no database is there yet; a reader finds no file or a whole schema.
-    """
-    if not url.startswith("sqlite:///"):
+def check_resume(space: SearchSpace, run_dir: Path) -> None:
+    """Before anything is loaded: a run folder holding another run (not just a bigger budget) is refused."""
+    path = run_dir / SPACE_FILE
+    if not path.is_file():
         return
-    path = Path(url.removeprefix("sqlite:///"))
-    if path.name in ("", ":memory:") or path.exists():
+    record = read_record(run_dir)
+    if record is not None:
+        check_same_run(record["config"], space, str(run_dir))
         return
-    tmp = temporary_path(path)
-    try:
-        storage = optuna.storages.RDBStorage(f"sqlite:///{tmp}")
-        storage.engine.dispose()
-        os.link(tmp, path)  # never replaces a database another process made first
-    except FileExistsError:
-        pass
-    except OSError:  # a file system without hard links: a rename, unless a database appeared meanwhile
-        if not path.exists():
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    old = yaml.safe_load(path.read_text()) or {}  # a run recorded before records: its YAML as written
+    new = space.source
+    changed = sorted(k for k in set(old) | set(new) if k != "budget" and old.get(k) != new.get(k))
+    if changed:
+        raise MergeoptError(f"{run_dir} holds a run of a different search space (key {changed[0]!r} differs); "
+                            "use another --run-dir or restore the original space file")
 
 
-def _save_space(space: SearchSpace, run_dir: Path) -> None:
-    """Keep the space next to its study; refuse to continue a run with a different space."""
-    path = run_dir / "space.yaml"
-    text = yaml.safe_dump(space.source, sort_keys=False)
-    if path.exists():  # written whole (write_atomic below), so a worker starting beside another reads all or nothing
-        old = yaml.safe_load(path.read_text())
-        if old != space.source:
-            changed = sorted(k for k in set(old) | set(space.source) if old.get(k) != space.source.get(k))
-            raise MergeoptError(f"{run_dir} holds a run of a different search space (key {changed[0]!r} differs); "
-                                "use another --run-dir or restore the original space file")
-        return
-    write_atomic(path, text)
+def _save_record(space: SearchSpace, run_dir: Path) -> None:
+    """The run's record next to its study (written whole: a worker starting beside another reads all or nothing)."""
+    write_atomic(run_dir / SPACE_FILE, record_text(space))
 
 
 def _take_lock(run_dir: Path, shared: bool) -> Path | None:
@@ -187,18 +163,15 @@ def recover_stale(study: optuna.Study, optimizer, shared: bool) -> list:
 
 def _mark_lost(study: optuna.Study, optimizer, trials: list, reason: str) -> None:
     """Candidates that were never scored to the end: FAIL with ``lost`` (no budget spent), then re-queued."""
-    for t in trials:
-        study._storage.set_trial_user_attr(t._trial_id, "error", reason)
-        study._storage.set_trial_user_attr(t._trial_id, "lost", True)
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    study_store.fail_as_lost(study, trials, reason)
     optimizer.recover(study, trials)  # even with none: CMA repairs bookkeeping a kill cut between two writes
 
 
 def _objective_values(space: SearchSpace, result: CandidateResult) -> list[float] | None:
     if result.failed:
         return None
-    values = {name: s.value for name, s in result.scores.items()}
-    if any(values.get(o.task) is None or not math.isfinite(values[o.task]) for o in space.objectives):
+    values = {name: s.value for name, s in result.scores.items() if s.value is not None}
+    if any(o.task not in values or not math.isfinite(values[o.task]) for o in space.objectives):
         return None
     if space.multi_objective:
         return [values[o.task] for o in space.objectives]
@@ -218,13 +191,14 @@ def _score_parents(space, study, backend, task_set, progress: bool, lock: StudyL
 
 def _score_parents_now(space, study, backend, task_set, progress: bool, engine: MergeEngine) -> dict:
     parents = {}
-    for index, (label, folder) in enumerate([("base", space.base_model)] + [(Path(m).name, m) for m in space.models]):
+    labels = ["base", *model_labels(space.models)]
+    for index, (label, folder) in enumerate(zip(labels, [space.base_model, *space.models])):
         backend.load_parent(engine, index)  # from the engine's own mapped weights (vLLM: its worker's engine)
         result = evaluate_candidate(backend, task_set)
         parents[label] = {"path": folder, "scores": result.to_dict()}
         if progress:
             shown = ", ".join(f"{t} {s.value:.3f}" for t, s in result.scores.items() if s.value is not None)
-            print(f"  parent {label:<12} {shown}", file=sys.stderr)
+            log.info("  parent %-12s %s", label, shown)
     study.set_user_attr("parents", parents)
     return parents
 
@@ -245,8 +219,9 @@ def run_search(space: SearchSpace, run_dir: Path, storage: str | None = None, st
     run_dir = Path(run_dir)
     task_sets = _preflight(space)  # bad input is refused before the run folder or the study is touched
     shared = storage is not None and not storage.startswith("sqlite")
+    check_resume(space, run_dir)  # before the (long) model loading: another run in this folder is said at once
     if not shared:
-        _check_lock(run_dir)  # before the (long) model loading: a folder in use is said at once
+        _check_lock(run_dir)
     # the weights themselves (NaN or inf in a checkpoint) are checked as they load, still before the run folder
     # the models stay memory-mapped on the host with engine_device="cpu" while a GPU scores; with vLLM the candidates
     # are built by an engine inside its worker, and this one only checks recipes: on the host by default
@@ -259,12 +234,31 @@ def run_search(space: SearchSpace, run_dir: Path, storage: str | None = None, st
     lock = _take_lock(run_dir, shared)
     interrupts = Interrupts()
     try:
-        return _run(space, run_dir, storage, study_name, device, progress, shared, worker_trials, task_sets, engine,
-                    interrupts)
+        with _worker_prefix(worker_id(device) if shared else None):
+            return _run(space, run_dir, storage, study_name, device, progress, shared, worker_trials, task_sets,
+                        engine, interrupts)
     finally:
         interrupts.restore()
         if lock is not None and lock.exists() and lock.read_text().strip() == str(os.getpid()):
             lock.unlink()
+
+
+@contextlib.contextmanager
+def _worker_prefix(worker: str | None):
+    """With several workers on one study, each of this worker's log lines starts with its id."""
+    if worker is None:
+        yield
+        return
+
+    def prefix(record: logging.LogRecord) -> bool:
+        record.msg = f"[{worker}] {record.msg}"
+        return True
+
+    log.addFilter(prefix)
+    try:
+        yield
+    finally:
+        log.removeFilter(prefix)
 
 
 def _preflight(space: SearchSpace):
@@ -284,9 +278,8 @@ def _preflight(space: SearchSpace):
 
 def _run(space, run_dir, storage, study_name, device, progress, shared, worker_trials, task_sets, engine,
          interrupts) -> SearchResult:
-    from tqdm import tqdm
 
-    _save_space(space, run_dir)
+    _save_record(space, run_dir)
     task_set, low_set = task_sets
     lock = StudyLock(storage_url(run_dir, storage), study_name or space.name)
     study = open_study(space, run_dir, storage, study_name, lock=lock)
@@ -297,9 +290,19 @@ def _run(space, run_dir, storage, study_name, device, progress, shared, worker_t
     # ask/tell under the study lock, a heartbeat while scoring, stale trials of dead workers failed and re-queued
     optimizer = Coordinated(inner, lock, lambda s: recover_stale(s, inner, shared), worker_id(device))
     if stale and progress:
-        print(f"resuming: {len(stale)} unfinished trial(s) of a stopped run marked failed", file=sys.stderr)
+        log.info("resuming: %d unfinished trial(s) of a stopped run marked failed", len(stale))
 
-    backend = make_backend(space.backend, space.base_model, device=device, dtype=space.dtype)
+    # closed however the search ends, so an inference engine (vLLM's worker processes) is always shut down
+    with contextlib.closing(make_backend(space.backend, space.base_model, device=device, dtype=space.dtype)) as backend:
+        return _search(space, run_dir, study, optimizer, lock, backend, engine, task_set, low_set, progress,
+                       worker_trials, interrupts)
+
+
+def _search(space, run_dir, study, optimizer, lock, backend, engine, task_set, low_set, progress, worker_trials,
+            interrupts) -> SearchResult:
+    """The loop itself: ask a candidate, build and score it, tell its values; until the budget or time is spent."""
+    from tqdm import tqdm
+
     result = SearchResult(run_dir=run_dir, study=study)
     result.parents = _score_parents(space, study, backend, task_set, progress, lock, engine)
 
@@ -328,22 +331,20 @@ def _run(space, run_dir, storage, study_name, device, progress, shared, worker_t
         except KeyboardInterrupt:
             # not the candidate's fault: recorded as lost (it does not spend the budget) and queued again
             with interrupts.deferred(), lock():
-                _mark_lost(study, optimizer, [study._storage.get_trial(trial._trial_id)], "interrupted")
+                _mark_lost(study, optimizer, [study_store.frozen(study, trial)], "interrupted")
             result.interrupted = True
             break
         except optuna.exceptions.UpdateFinishedTrialError:
             # another worker took this trial for dead (no heartbeat for the grace period) and queued it again
             optimizer.tell(study, trial, None)  # a no-op tell (skip_if_finished) that stops its heartbeat
             if progress:
-                print(f"trial {trial.number} was failed as stale by another worker; moving on", file=sys.stderr)
+                log.info("trial %d was failed as stale by another worker; moving on", trial.number)
             continue
         finally:
             evaluating += time.perf_counter() - evaluate_start
         reason = trial.user_attrs.get("error", "unknown") if values is None else None
-        kind = _failure_kind(reason) if reason is not None else None
+        kind = str(trial.user_attrs.get("failure_kind", "unknown")) if values is None else ""
         with interrupts.deferred():
-            if kind is not None:
-                trial.set_user_attr("failure_kind", kind)
             optimizer.tell(study, trial, values)
         result.new_trials += 1
         bar.update(1)
@@ -368,24 +369,11 @@ def _run(space, run_dir, storage, study_name, device, progress, shared, worker_t
     return result
 
 
-def _failure_kind(reason: str) -> str:
-    """What went wrong, whichever task it surfaced in: "oom", "nan", or the exception's type."""
-    lowered = reason.lower()
-    if "out of memory" in lowered or "outofmemory" in lowered:
-        return "oom"
-    if re.search(r"\bnan\b|finite", lowered):
-        return "nan"
-    for part in re.split(r"[;:]\s*", reason):  # "task: Type: message at file:line; task: ..."
-        if re.fullmatch(r"[A-Za-z_][\w.]*(Error|Exception|Failure)", part.strip()):
-            return part.strip()
-    return reason.split(";")[0].split(" at ")[0].strip()
-
-
 def _best_value(study: optuna.Study, space: SearchSpace) -> float | None:
     if space.multi_objective:
         return None
     values = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-              if t.user_attrs.get("fidelity") == "full"]
+              if t.user_attrs.get("fidelity") == "full" and t.value is not None]
     return max(values) if values else None
 
 
@@ -423,6 +411,7 @@ def _record(trial, space, result: CandidateResult, fidelity: str, timings: dict)
     values = _objective_values(space, result)
     if values is None:
         trial.set_user_attr("error", result.error or "an objective has no finite score")
+        trial.set_user_attr("failure_kind", result.kind or NonFiniteOutput.kind)
     else:
         trial.set_user_attr("scalarized", space.scalarize({n: s.value for n, s in result.scores.items()}))
     return values

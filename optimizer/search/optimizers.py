@@ -18,9 +18,12 @@ from __future__ import annotations
 import base64
 import math
 import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import optuna
-from optuna.distributions import FloatDistribution
+from optuna.distributions import BaseDistribution, FloatDistribution
 from optuna.trial import TrialState
 
 FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
@@ -31,19 +34,61 @@ def spends_budget(trial: optuna.trial.FrozenTrial) -> bool:
     return trial.state in FINISHED and not trial.user_attrs.get("lost")
 
 
-def distributions(gene_names: list[str]) -> dict[str, FloatDistribution]:
+def distributions(gene_names: list[str]) -> dict[str, BaseDistribution]:
     return {name: FloatDistribution(0.0, 1.0) for name in gene_names}
 
 
-def make_sampler(name: str, seed: int, settings: dict, multi_objective: bool) -> optuna.samplers.BaseSampler:
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=int(settings.get("n_startup_trials", 10)),
-                                          multivariate=True, constant_liar=True)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=int(settings.get("population_size", 16)))
-    if name in ("random", "cma"):  # cma enqueues every trial's params; the sampler never draws
-        return optuna.samplers.RandomSampler(seed=seed)
-    raise ValueError(name)
+class Optimizer(Protocol):
+    """What the search loop needs of an optimiser; every candidate is a trial of the study."""
+
+    def ask(self, study: optuna.Study) -> optuna.Trial | None:
+        """The next candidate (its params are the genome), or None when it must wait for other workers."""
+
+    def tell(self, study: optuna.Study, trial: optuna.Trial, values: list[float] | None) -> None:
+        """Record a candidate's objective values (None: it failed)."""
+
+    def recover(self, study: optuna.Study, stale: list[optuna.trial.FrozenTrial]) -> None:
+        """Trials a dead worker left unfinished are already failed; queue their candidates again if needed."""
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One optimiser of the registry: adding an optimiser is adding one entry to OPTIMIZERS."""
+
+    name: str
+    summary: str
+    settings: dict[str, Any]  # the optimizer: block's settings and their defaults
+    multi_objective: bool  # optimises several objectives jointly (else their weighted mean)
+    sampler: Callable[[int, dict[str, Any]], optuna.samplers.BaseSampler]  # (seed, settings)
+    build: Callable[[list[str], int, dict[str, Any]], Optimizer]  # (gene names, seed, settings)
+
+
+def _enqueued_only(seed: int, settings: dict[str, Any]) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.RandomSampler(seed=seed)  # cma enqueues every trial's params; the sampler never draws
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
+    OptimizerSpec("cma", "CMA-ES (pycma) on the weighted mean of the objectives", {"popsize": None, "sigma0": 0.25},
+                  False, _enqueued_only,
+                  lambda genes, seed, s: CMAOptimizer(genes, seed, popsize=s.get("popsize"),
+                                                      sigma0=float(s.get("sigma0", 0.25)))),
+    OptimizerSpec("tpe", "Optuna's multivariate TPE (constant liar for candidates in flight)",
+                  {"n_startup_trials": 10}, True,
+                  lambda seed, s: optuna.samplers.TPESampler(seed=seed, n_startup_trials=int(s.get(
+                      "n_startup_trials", 10)), multivariate=True, constant_liar=True),
+                  lambda genes, seed, s: OptunaOptimizer(genes)),
+    OptimizerSpec("nsga2", "Optuna's NSGA-II", {"population_size": 16}, True,
+                  lambda seed, s: optuna.samplers.NSGAIISampler(seed=seed, population_size=int(s.get(
+                      "population_size", 16))),
+                  lambda genes, seed, s: OptunaOptimizer(genes)),
+    OptimizerSpec("random", "uniform random sampling", {}, True,
+                  lambda seed, s: optuna.samplers.RandomSampler(seed=seed),
+                  lambda genes, seed, s: OptunaOptimizer(genes)),
+)}
+
+
+def make_sampler(name: str, seed: int, settings: dict) -> optuna.samplers.BaseSampler:
+    return OPTIMIZERS[name].sampler(seed, settings)
 
 
 class OptunaOptimizer:
@@ -185,7 +230,8 @@ class CMAOptimizer:
             complete = [t for t in copies if t.state == TrialState.COMPLETE and t.value is not None
                         and math.isfinite(t.value)]
             if complete:
-                fitness.append(-complete[0].value if maximize else complete[0].value)
+                value = float(complete[0].value)  # type: ignore[arg-type]  # complete: a finite value
+                fitness.append(-value if maximize else value)
             elif (scored := [t for t in copies if not t.user_attrs.get("lost")]) and all(
                     t.state in FINISHED for t in scored):
                 fitness.append(None)  # failed: gets the generation's worst fitness below
@@ -208,7 +254,5 @@ class CMAOptimizer:
         self._maybe_update(study)
 
 
-def make_optimizer(name: str, gene_names: list[str], seed: int, settings: dict):
-    if name == "cma":
-        return CMAOptimizer(gene_names, seed, popsize=settings.get("popsize"), sigma0=float(settings.get("sigma0", 0.25)))
-    return OptunaOptimizer(gene_names)
+def make_optimizer(name: str, gene_names: list[str], seed: int, settings: dict) -> Optimizer:
+    return OPTIMIZERS[name].build(gene_names, seed, settings)

@@ -27,13 +27,15 @@ import socket
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import optuna
 from optuna.trial import TrialState
 
-from optimizer.search.optimizers import FINISHED, spends_budget
+from optimizer.search import study_store
+from optimizer.search.optimizers import FINISHED, Optimizer, spends_budget
 
 HEARTBEAT_ENV = "MERGEOPT_HEARTBEAT"  # "INTERVAL[,GRACE]" in whole seconds; default 20,60
 
@@ -55,9 +57,9 @@ def heartbeat_settings() -> tuple[int, int]:
     return interval, grace
 
 
-def join_study(study: optuna.Study, source: dict) -> int:
+def join_study(study: optuna.Study, identity: dict) -> int:
     """Under the lock: check this worker searches the study's space, and take the next worker number."""
-    text = json.dumps(source, sort_keys=True, default=str)  # canonical: JSON would turn int keys into strings
+    text = json.dumps(identity, sort_keys=True, default=str)  # canonical: JSON would turn int keys into strings
     first = study.user_attrs.get("space")
     if first is None:
         study.set_user_attr("space", text)
@@ -137,17 +139,18 @@ class StudyLock:
 class Heartbeat:
     """Records Optuna's heartbeat of one trial every ``interval`` seconds from a thread, until stopped."""
 
-    def __init__(self, storage, trial_id: int, interval: int):
-        self._storage, self._trial_id, self._interval = storage, trial_id, interval
+    def __init__(self, study: optuna.Study, trial: optuna.Trial, interval: int):
+        self._study, self._trial, self._interval = study, trial, interval
         self._stop = threading.Event()
-        storage.record_heartbeat(trial_id)  # before the lock is released: no RUNNING trial is ever unwatched
-        self._thread = threading.Thread(target=self._beat, daemon=True, name=f"heartbeat-{trial_id}")
+        study_store.record_heartbeat(study, trial)  # before the lock is released: no RUNNING trial is ever unwatched
+        self._thread = threading.Thread(target=self._beat, daemon=True,
+                                        name=f"heartbeat-{study_store.trial_id(trial)}")
         self._thread.start()
 
     def _beat(self) -> None:
         while not self._stop.wait(self._interval):
             try:
-                self._storage.record_heartbeat(self._trial_id)
+                study_store.record_heartbeat(self._study, self._trial)
             except Exception:  # a database hiccup: the next beat tries again; a long outage makes the trial stale
                 pass
 
@@ -162,14 +165,11 @@ def stale_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     Call under the study lock: a live worker records the first heartbeat and its ``worker`` attribute before it
     releases the lock, so a RUNNING trial without them belongs to a worker that died in between.
     """
-    storage = study._storage
-    if getattr(storage, "get_heartbeat_interval", lambda: None)() is None:
+    if not study_store.heartbeats_enabled(study):
         return []
-    # the same query optuna.storages.fail_stale_trials uses; we need the trials before they are failed, to mark
-    # them lost (a finished trial's attributes cannot change any more)
-    ids = set(storage._get_stale_trial_ids(study._study_id))
+    ids = study_store.stale_trial_ids(study)
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if t._trial_id in ids or "worker" not in t.user_attrs]
+            if study_store.trial_id(t) in ids or "worker" not in t.user_attrs]
 
 
 @dataclass
@@ -181,9 +181,9 @@ class Coordinated:
     generation is handed out but not complete, it polls (and fails stale trials) instead of inventing work.
     """
 
-    optimizer: object
+    optimizer: Optimizer
     lock: StudyLock
-    recover_stale: object  # callable(study) -> list of trials marked lost; run under the lock when shared
+    recover_stale: Callable[[optuna.Study], list]  # trials marked lost; run under the lock when shared
     worker: str
     # coordination: ask and tell with the lock (waiting for it included); waiting: idle polls for other workers
     seconds: dict = field(default_factory=lambda: {"coordination": 0.0, "waiting": 0.0})
@@ -209,7 +209,7 @@ class Coordinated:
                     trial = self.optimizer.ask(study)
                 if trial is not None:
                     if interval:
-                        self._beats[trial._trial_id] = Heartbeat(study._storage, trial._trial_id, interval)
+                        self._beats[study_store.trial_id(trial)] = Heartbeat(study, trial, interval)
                     trial.set_user_attr("worker", self.worker)
                     return trial
             if not self.lock.shared:
@@ -225,12 +225,12 @@ class Coordinated:
     def tell(self, study: optuna.Study, trial: optuna.Trial, values) -> None:
         with self._timed(), self.lock():
             self.optimizer.tell(study, trial, values)
-        self._stop(trial._trial_id)
+        self._stop(study_store.trial_id(trial))
 
     def recover(self, study: optuna.Study, stale: list) -> None:
         """Candidates given up (this worker's, interrupted): the caller holds the lock; stop their heartbeats."""
         for t in stale:
-            self._stop(t._trial_id)
+            self._stop(study_store.trial_id(t))
         self.optimizer.recover(study, stale)
 
     @contextmanager

@@ -40,3 +40,50 @@ def test_a_recipe_is_merged_in_memory_and_scored_on_held_out_items(capsys, tmp_p
     base = eval_json(capsys, "zoo:base", "--tasks", "zoo", "--limit", "300", "--holdout")
     mean = lambda r: sum(s["value"] for s in r.values()) / 3  # noqa: E731
     assert mean(held) > mean(base)
+
+
+def test_eval_of_a_bf16_runs_recipe_reproduces_its_recorded_scores(capsys, tmp_path):
+    """A recipe records the dtype its search scored in; `eval` scores in it (it used to score in float32 and
+    give other numbers for bit-identical weights)."""
+    import yaml
+
+    from optimizer.export import export_run
+    from optimizer.recipe import Recipe
+    from optimizer.search.loop import run_search
+    from optimizer.space import load_space
+
+    space = tmp_path / "bf16.yaml"
+    space.write_text(yaml.safe_dump({
+        "name": "bf16", "base_model": "zoo:base", "models": [f"zoo:{m}" for m in SPECIALIST_TASK],
+        "merge_method": "dare_linear", "objectives": ["add", "reverse", "sort"], "optimizer": "random",
+        "budget": {"trials": 2}, "tasks": "zoo", "limit": 60, "seed": 0, "dtype": "bfloat16"}))
+    run_search(load_space(space), tmp_path / "run", progress=False)
+    best = export_run(tmp_path / "run").best.path
+    assert Recipe.load(best).dtype == "bfloat16"
+    recorded = {task: s["value"] for task, s in Recipe.load(best).info["scores"].items()}
+    rescored = eval_json(capsys, str(best), "--tasks", "zoo", "--limit", "60", "--seed", "0")
+    assert {task: s["value"] for task, s in rescored.items()} == recorded
+    # a run folder stands for its best recipe, scored the same way
+    from_run = eval_json(capsys, str(tmp_path / "run"), "--tasks", "zoo", "--limit", "60", "--seed", "0")
+    assert {task: s["value"] for task, s in from_run.items()} == recorded
+    # the dtype matters on the zoo (else this test could not fail): float32 scores the same weights differently
+    in_fp32 = eval_json(capsys, str(best), "--tasks", "zoo", "--limit", "60", "--seed", "0", "--dtype", "float32")
+    assert {task: s["value"] for task, s in in_fp32.items()} != recorded
+
+
+def test_eval_refuses_pickled_weights_like_merge_and_search(capsys, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from optimizer.recipe import zoo_path
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(zoo_path("zoo:base"), folder)
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    assert main(["eval", str(folder), "--tasks", "zoo", "--limit", "5"]) == 1
+    err = capsys.readouterr().err
+    assert "pickled weights" in err and "--allow-pickle" in err and err.count("\n") == 1

@@ -37,7 +37,7 @@ def family(llama_family):
 def make(method, base, models, weights, densities=None, **kw):
     specs = [ModelSpec(str(m), {"weight": w, **({"density": densities[i]} if densities else {})})
              for i, (m, w) in enumerate(zip(models, weights))]
-    return Recipe(method, specs, base_model=str(base), **kw)
+    return Recipe(method, specs, base_model=None if method == "linear" else str(base), **kw)
 
 
 CASES = {

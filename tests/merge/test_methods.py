@@ -28,7 +28,8 @@ def recipe(family, method, weights, densities=None, **kw):
         if densities is not None:
             params["density"] = densities[i]
         specs.append(ModelSpec(path, params))
-    return Recipe(method, specs, base_model=base, **kw)
+    # linear merges whole weights: a base_model outside `models` would be averaged in (mergekit's meaning)
+    return Recipe(method, specs, base_model=None if method == "linear" else base, **kw)
 
 
 NAMES = ["model.layers.1.self_attn.q_proj.weight", "model.embed_tokens.weight", "model.norm.weight"]

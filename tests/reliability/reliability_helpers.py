@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
+from helpers import run_cli
 from safetensors.torch import load_file, save_file
 
 
@@ -32,10 +30,7 @@ def variant(root: Path, name: str, edit=None, config_edit=None, source: str = "m
     return folder
 
 
-def mergeopt_cli(*args, env=None, timeout=300):
-    full_env = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "optimizer.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+mergeopt_cli = run_cli  # the suite's one CLI runner (tests/helpers.py)
 
 
 

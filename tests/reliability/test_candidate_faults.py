@@ -13,6 +13,8 @@ from optimizer.search import faults
 from optimizer.search.loop import run_search
 from optimizer.space import load_space
 
+pytestmark = pytest.mark.slow  # the kill/resume/fault/worker suites: `pytest -m slow` (CI's slow tier)
+
 
 def search(path, run_dir, **overrides):
     return run_search(load_space(path, overrides), run_dir, progress=False)

@@ -8,11 +8,14 @@ storage the way `mergeopt search` does (RUNNING trials marked lost and re-queued
 from __future__ import annotations
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 from reliability_helpers import cma_problems, completed, duplicate_genomes
 
 from optimizer.search.loop import _mark_lost
 from optimizer.search.optimizers import FINISHED, CMAOptimizer
+
+pytestmark = pytest.mark.slow  # the kill/resume/fault/worker suites: `pytest -m slow` (CI's slow tier)
 
 GENES = ["w.a", "w.b", "d.a", "d.b"]
 BUDGET = 12

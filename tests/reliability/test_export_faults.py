@@ -20,6 +20,8 @@ from optimizer.files import temporary_path
 from optimizer.search.loop import run_search
 from optimizer.space import load_space
 
+pytestmark = pytest.mark.slow  # the kill/resume/fault/worker suites: `pytest -m slow` (CI's slow tier)
+
 
 @pytest.fixture(scope="module")
 def finished_run(search_setup, tmp_path_factory) -> Path:

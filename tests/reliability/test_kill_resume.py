@@ -11,9 +11,12 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from helpers import write_space
 from optuna.trial import TrialState
 from reliability_helpers import cma_problems, completed, duplicate_genomes, load
+
+pytestmark = pytest.mark.slow  # the kill/resume/fault/worker suites: `pytest -m slow` (CI's slow tier)
 
 KILLS = 10
 ENDLESS = 100_000  # the killed runs' budget: however fast this machine is, no run ends before its kill

@@ -6,6 +6,8 @@ from helpers import write_space
 
 from optimizer.search.optimizers import CMAOptimizer
 
+pytestmark = pytest.mark.slow  # the kill/resume/fault/worker suites: `pytest -m slow` (CI's slow tier)
+
 
 def test_a_generation_is_handed_out_once_and_told_once():
     study = optuna.create_study(direction="maximize")

@@ -18,6 +18,8 @@ import pytest
 from helpers import write_space
 from optuna.trial import TrialState
 
+pytestmark = pytest.mark.slow  # the kill/resume/fault/worker suites: `pytest -m slow` (CI's slow tier)
+
 ROOT = Path(__file__).resolve().parents[2]
 HEARTBEAT = "1,3"  # beat every second, stale after 3 s: the killed worker's trial is failed within seconds
 # Every candidate takes 4 s longer than it would: longer than the stale window, so only the heartbeat keeps a slow

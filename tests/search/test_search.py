@@ -130,6 +130,7 @@ def test_promotion_rule_keeps_the_top_fraction():
     assert _promote(optuna.create_study(), space, 0.0)  # too little history: always promote
 
 
+@pytest.mark.slow  # a kill suite: `pytest -m slow`
 def test_kill_minus_9_loses_at_most_the_candidate_in_flight(search_setup, tmp_path):
     path = write_space(search_setup, "killed", optimizer={"name": "cma", "popsize": 4}, objectives=["mc"],
                        budget={"trials": 8})
@@ -201,3 +202,23 @@ def test_a_new_study_database_appears_with_all_its_tables(search_setup, tmp_path
         watcher.join()
     full = {"studies", "trials", "trial_values", "trial_params", "alembic_version"}
     assert seen and all(full <= tables for tables in seen), sorted(map(sorted, {s for s in seen if not full <= s}))
+
+
+def test_log_lines_of_a_worker_on_shared_storage_carry_its_id():
+    import logging
+
+    from optimizer.search.loop import _worker_prefix, log
+
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    log.addHandler(handler)
+    level, log.level = log.level, logging.INFO
+    try:
+        with _worker_prefix("node1:123:cuda:0"):
+            log.info("trial %d was failed as stale by another worker; moving on", 7)
+        log.info("after the run")
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    assert lines == ["[node1:123:cuda:0] trial 7 was failed as stale by another worker; moving on", "after the run"]

@@ -50,6 +50,13 @@ def test_global_layer_groups_gradient_and_modules(search_setup):
     ({"scalarization": {"nope": 1}}, "scalarization.nope: names no objective"),
     ({"fidelity": {"low": 50}}, r"fidelity.low: must be a positive integer below limit \(12\)"),
     ({"base_model": "/nowhere/at/all"}, "base_model: model folder /nowhere/at/all does not exist"),
+    ({"objectivs": ["gen"]}, r"unknown key 'objectivs' \(did you mean 'objectives'\?\)"),
+    ({"budget": {"trails": 3}}, r"budget: unknown entry 'trails' \(did you mean 'trials'\?\)"),
+    ({"optimizer": {"name": "cma", "popsiz": 3}}, r"optimizer.popsiz: is not a setting of cma \(did you mean 'popsize'"),
+    ({"objectives": [{"task": "gen", "dirction": "up"}]}, r"objectives\[0\]: unknown entry 'dirction' \(did you mean"),
+    ({"limit": 0}, "limit: must be a positive integer, got 0"),
+    ({"dtype": "fp8"}, "dtype: 'fp8' is not float32, bfloat16 or float16"),
+    ({"merge_method": "dare_tie"}, r"did you mean 'dare_ties'"),
 ])
 def test_bad_spaces_name_the_key(search_setup, override, message):
     with pytest.raises(MergeoptError, match=message):
@@ -84,3 +91,24 @@ def test_every_shipped_example_parses():
             assert space.objectives and (space.dimension > 0 if zoo else True)
         seen.add(path.stem)
     assert {"demo", "example_recipe", "per_layer", "tradeoff", "lm_eval_example"} <= seen
+
+
+def test_the_declared_schema_and_the_documented_keys_agree():
+    from optimizer.space import _KEYS, SpaceConfig
+
+    assert set(SpaceConfig.model_json_schema()["properties"]) == set(_KEYS)
+
+
+def test_every_value_is_checked_before_any_model_folder_is_looked_at(search_setup):
+    """A wrong value next to a missing model folder: the value is named (the schema runs first)."""
+    with pytest.raises(MergeoptError, match="limit: must be a positive integer"):
+        load_space(write_space(search_setup, "order", base_model="/nowhere/at/all", limit=-1))
+
+
+def test_threads_key_is_a_machine_setting_not_part_of_the_run(search_setup):
+    space = load_space(write_space(search_setup, "th", threads=1))
+    assert space.threads == 1 and space.config()["threads"] == 1
+    assert "threads" not in space.identity()  # a resume on another machine may use another count
+    assert space.identity() == load_space(write_space(search_setup, "th", threads=3)).identity()
+    with pytest.raises(MergeoptError, match="threads"):
+        load_space(write_space(search_setup, "th0", threads=0))

@@ -1,0 +1,99 @@
+"""The one adapter between mergeopt and Optuna's storage: every use of Optuna's private API is in this module.
+
+Optuna's public Study API cannot do a few things a crash-safe, multi-worker search needs: change a trial that
+the study no longer hands out (a dead worker's RUNNING trial marked failed and lost), find trials whose heartbeat
+stopped *before* they are failed, and make a new SQLite database appear whole. Those steps go through the storage
+object here, so an Optuna upgrade that moves them breaks one file (pyproject bounds Optuna to the tested range).
+This module imports no torch: reading a run goes through it too.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import optuna
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from optimizer.files import temporary_path
+
+
+def storage_url(run_dir: Path, storage: str | None) -> str:
+    """The study's database: ``--storage`` when given, else ``study.db`` in the run folder."""
+    return storage or f"sqlite:///{(Path(run_dir) / 'study.db').resolve()}"
+
+
+def open_storage(url: str, heartbeat: tuple[int, int] | None = None) -> optuna.storages.RDBStorage:
+    """An RDB storage; ``heartbeat`` = (interval, grace period) in seconds for shared databases."""
+    local = url.startswith("sqlite")
+    interval, grace = heartbeat if heartbeat is not None else (None, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if local else {},
+                                          heartbeat_interval=interval, grace_period=grace)
+
+
+def load_study(url: str, name: str) -> optuna.Study:
+    """An existing study, to read (no sampler of ours); KeyError when the storage has no study of that name."""
+    return optuna.load_study(study_name=name, storage=open_storage(url))
+
+
+def create_sqlite_whole(url: str) -> None:
+    """A new SQLite study database appears with its tables already made.
+
+    Optuna creates the tables of a new database one statement at a time; a reader opening the file meanwhile
+    (`mergeopt report`, optuna-dashboard, a script polling the run) makes the missing tables itself, and the two
+    creators then collide ("table ... already exists"). So the tables are made in a private file that is linked into
+    place only if no database is there yet; a reader finds no file or a whole schema.
+    """
+    if not url.startswith("sqlite:///"):
+        return
+    path = Path(url.removeprefix("sqlite:///"))
+    if path.name in ("", ":memory:") or path.exists():
+        return
+    tmp = temporary_path(path)
+    try:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{tmp}")
+        storage.engine.dispose()
+        os.link(tmp, path)  # never replaces a database another process made first
+    except FileExistsError:
+        pass
+    except OSError:  # a file system without hard links: a rename, unless a database appeared meanwhile
+        if not path.exists():
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def trial_id(trial: Trial | FrozenTrial) -> int:
+    """The storage's key of a trial (not its number within the study)."""
+    return trial._trial_id
+
+
+def frozen(study: optuna.Study, trial: Trial) -> FrozenTrial:
+    """A live trial's record as the storage holds it now."""
+    return study._storage.get_trial(trial._trial_id)
+
+
+def fail_as_lost(study: optuna.Study, trials: list[FrozenTrial], reason: str) -> None:
+    """Trials no worker will finish (RUNNING, so the Study API cannot touch them): FAIL, with ``lost`` and why."""
+    storage = study._storage
+    for t in trials:
+        storage.set_trial_user_attr(t._trial_id, "error", reason)
+        storage.set_trial_user_attr(t._trial_id, "lost", True)
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+
+
+def heartbeats_enabled(study: optuna.Study) -> bool:
+    return getattr(study._storage, "get_heartbeat_interval", lambda: None)() is not None
+
+
+def record_heartbeat(study: optuna.Study, trial: Trial) -> None:
+    study._storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]  # RDBStorage
+
+
+def stale_trial_ids(study: optuna.Study) -> set[int]:
+    """Trials whose heartbeat is older than the grace period, found before they are failed (the same query as
+    ``optuna.storages.fail_stale_trials``, which fails them at once: we must mark them lost first)."""
+    return set(study._storage._get_stale_trial_ids(study._study_id))  # type: ignore[attr-defined]  # RDBStorage
