@@ -270,7 +270,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from optimizer.evaluate.scoring import evaluate_candidate, make_backend
+    from optimizer.evaluate.scoring import check_backend, evaluate_candidate, make_backend
     from optimizer.evaluate.tasks import load_task_set
     from optimizer.recipe import Recipe, zoo_path
 
@@ -293,16 +293,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from optimizer.merge.checkpoint import weight_files
 
         weight_files(folder, allow_pickle=args.allow_pickle)  # the pickle policy of merge and search, before loading
+    # before loading anything (a folder is scored as it is: nothing reloaded, so nothing to refuse for its head)
+    check_backend(args.backend, folder if recipe is None else recipe.base_model or recipe.models[0].model,
+                  swaps=recipe is not None)
     # a recipe records the dtype its search scored in: the same dtype gives the same scores
     # a recipe is scored in the dtype its search used; a plain mergekit file without one, and a folder, in float32
     dtype = args.dtype or (recipe.dtype if recipe is not None else None) or "float32"
     task_set = load_task_set(args.tasks, limit=args.limit, seed=args.seed, holdout=args.holdout)
-    extra = {"batch_size": args.batch_size} if args.backend == "hf" else {}
+    extra = {"batch_size": args.batch_size} if args.backend == "hf" else {"swaps": recipe is not None}
     engine = None
     if recipe is not None:
         from optimizer.merge.engine import MergeEngine
 
-        engine = MergeEngine.for_recipe(recipe, device=args.device, allow_pickle=args.allow_pickle)
+        # with vLLM the worker builds the candidate; this engine only checks the recipe, on the CPU
+        engine = MergeEngine.for_recipe(recipe, device="cpu" if args.backend == "vllm" else args.device,
+                                        allow_pickle=args.allow_pickle)
         folder = engine.base_path
     with contextlib.closing(make_backend(args.backend, folder, device=args.device, dtype=dtype, **extra)) as backend:
         result = evaluate_candidate(backend, task_set, engine, recipe, progress=not args.json)

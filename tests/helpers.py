@@ -44,13 +44,14 @@ def make_family(root: Path, arch: str = "llama", n_models: int = 3, delta_scale:
     return base_dir, folders
 
 
-def tiny_family(root: Path, n: int = 2):
-    """Char-level Llamas sharing the zoo tokenizer: a base and ``n`` perturbed copies (random, untrained)."""
+def tiny_family(root: Path, n: int = 2, tied: bool = False):
+    """Char-level Llamas sharing the zoo tokenizer: a base and ``n`` perturbed copies (random, untrained);
+    ``tied``: the output head is the input embedding (as SmolLM2, Qwen2.5-0.5B, Llama-3.2-1B)."""
     from optimizer.zoo.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, save_tokenizer
 
     config = transformers.LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                       num_attention_heads=2, max_position_embeddings=64, bos_token_id=BOS_ID,
-                                      eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+                                      eos_token_id=EOS_ID, pad_token_id=PAD_ID, tie_word_embeddings=tied)
     torch.manual_seed(0)
     base = transformers.LlamaForCausalLM(config)
     folders = []

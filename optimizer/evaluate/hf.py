@@ -54,6 +54,11 @@ class HFBackend:
         """Build the candidate straight into the live model's parameters."""
         engine.build_into(recipe, self.model)
 
+    def load_parent(self, engine, index: int) -> None:
+        """Load one of the engine's input models as it is (0: the base), from the engine's own mapped weights."""
+        stored = engine.stored_weights(index)
+        self.load_state((name, stored[name].view(engine.shapes[name])) for name in engine.names)
+
     @torch.no_grad()
     def load_state(self, tensors) -> None:
         """Copy ``(name, tensor)`` pairs into the live model (e.g. a parent model's own weights)."""

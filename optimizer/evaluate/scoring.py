@@ -48,6 +48,14 @@ def make_backend(name: str, model_path, device: str | None = None, dtype: str = 
     return backend_class(model_path, device=device, dtype=dtype, **kwargs)
 
 
+def check_backend(name: str, model_path, swaps: bool = True) -> None:
+    """Refuse, before any model is loaded, what a backend cannot run (``swaps``: candidates will be loaded into it)."""
+    if name == "vllm":
+        from optimizer.evaluate.vllm import preflight
+
+        preflight(model_path, swaps=swaps)
+
+
 @dataclass
 class CandidateResult:
     scores: dict[str, Score]

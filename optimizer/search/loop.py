@@ -30,7 +30,7 @@ import yaml
 from optuna.trial import TrialState
 
 from optimizer.errors import MergeoptError, NonFiniteOutput
-from optimizer.evaluate.scoring import CandidateResult, evaluate_candidate, make_backend
+from optimizer.evaluate.scoring import CandidateResult, check_backend, evaluate_candidate, make_backend
 from optimizer.evaluate.tasks import load_task_set
 from optimizer.files import write_atomic
 from optimizer.merge.engine import MergeEngine
@@ -193,8 +193,7 @@ def _score_parents_now(space, study, backend, task_set, progress: bool, engine: 
     parents = {}
     labels = ["base", *model_labels(space.models)]
     for index, (label, folder) in enumerate(zip(labels, [space.base_model, *space.models])):
-        stored = engine.stored_weights(index)  # the engine's own mapped weights: no second copy of the model
-        backend.load_state((name, stored[name].view(engine.shapes[name])) for name in engine.names)
+        backend.load_parent(engine, index)  # from the engine's own mapped weights (vLLM: its worker's engine)
         result = evaluate_candidate(backend, task_set)
         parents[label] = {"path": folder, "scores": result.to_dict()}
         if progress:
@@ -224,8 +223,10 @@ def run_search(space: SearchSpace, run_dir: Path, storage: str | None = None, st
     if not shared:
         _check_lock(run_dir)
     # the weights themselves (NaN or inf in a checkpoint) are checked as they load, still before the run folder
-    # the models stay memory-mapped on the host with engine_device="cpu" while a GPU scores
-    engine = MergeEngine(space.base_model, space.models, device=engine_device or device, progress=progress)
+    # the models stay memory-mapped on the host with engine_device="cpu" while a GPU scores; with vLLM the candidates
+    # are built by an engine inside its worker, and this one only checks recipes: on the host by default
+    engine = MergeEngine(space.base_model, space.models, progress=progress,
+                         device=engine_device or ("cpu" if space.backend == "vllm" else device))
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -264,6 +265,7 @@ def _preflight(space: SearchSpace):
     """What can be checked before any weight is read: the testing hook, tasks and objectives (the engine checks the
     models next)."""
     faults.configured()  # a mistyped MERGEOPT_FAULT is refused now, not at its first candidate
+    check_backend(space.backend, space.base_model)  # e.g. vLLM missing, or a tied head it cannot feed
     task_set = load_task_set(space.tasks, limit=space.limit, seed=space.seed)
     missing = [o.task for o in space.objectives if o.task not in task_set.names]
     if missing:

