@@ -32,7 +32,8 @@ EXAMPLES = {
   mergeopt eval search_spaces/example_recipe.yaml --tasks zoo --limit 50 --json   # merged in memory
   mergeopt eval ./my-model --tasks tasks.yaml --backend vllm
   mergeopt eval ./my-model --tasks arc_easy,hellaswag --limit 200   # lm-eval tasks by name
-  mergeopt eval runs/demo/best.yaml --tasks zoo --limit 100 --holdout   # items the demo search never saw""",
+  mergeopt eval runs/demo/best.yaml --tasks zoo --limit 100 --holdout   # items the demo search never saw
+  mergeopt eval zoo:adder --tasks zoo --show 5        # also print 5 prompts per task, the generation and target""",
 }
 
 
@@ -90,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     ev.add_argument("--batch-size", type=int, default=64, help="generation batch size of the hf backend")
     ev.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
+    ev.add_argument("--show", type=int, default=0, metavar="N",
+                    help="print the first N items of each generate task: prompt, generation, answer read, target")
     ev.add_argument("--allow-pickle", action="store_true", help="also load pickled .bin weights (weights_only=True)")
     se = command("search", "Search merge recipes: ask -> merge -> score -> tell, recorded in an Optuna study.")
     se.add_argument("space", type=Path, help="search-space YAML (see search_spaces/)")
@@ -212,6 +215,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise MergeoptError("--limit must be a positive number of items")
+    if args.show < 0:
+        raise MergeoptError("--show must be a number of items (0 or more)")
     if args.holdout and args.limit is None:
         raise MergeoptError("--holdout needs the --limit the search used (its subset is what is held out from)")
     task_set = load_task_set(args.tasks, limit=args.limit, seed=args.seed, holdout=args.holdout)
@@ -239,6 +244,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             stderr = "" if s.stderr is None else f"{s.stderr:.4f}"
             print(f"{name:<16} {s.metric:<12} {value:>7} {stderr:>7} {s.n:>5}")
         print(f"swap {result.seconds.get('swap', 0):.2f}s, score {result.seconds.get('score', 0):.2f}s", file=sys.stderr)
+    if args.show:
+        from optimizer.evaluate.tasks import show_examples
+
+        print(show_examples(task_set, backend, args.show), file=sys.stderr if args.json else sys.stdout)
     if result.failed:
         print(f"mergeopt eval: candidate failed: {result.error}", file=sys.stderr)
         return 1
