@@ -12,7 +12,9 @@ from optimizer.errors import MergeoptError
 EXAMPLES = {
     "zoo": """examples:
   mergeopt zoo                      # one line per model: <name><TAB><folder>
-  mergeopt zoo --rebuild --out /tmp/zoo   # retrain the zoo reproducibly (a few minutes on a CPU)""",
+  mergeopt zoo --rebuild --out /tmp/zoo   # retrain the zoo reproducibly (a few minutes on a CPU)
+  mergeopt zoo --family smollm2 --build   # SmolLM2-135M-Instruct + 3 fine-tunes into ~/.cache/mergeopt/smollm2
+  mergeopt zoo --family smollm2           # its models (MERGEOPT_CACHE moves the cache folder)""",
     "merge": """examples:
   mergeopt merge search_spaces/example_recipe.yaml --out /tmp/merged
   mergeopt merge runs/demo/best.yaml --out merged --device cuda --shard-size 2GB""",
@@ -72,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--rebuild", action="store_true", help="retrain base and specialists from scratch")
     zoo.add_argument("--out", type=Path, default=None, help="folder for --rebuild (default: the package's own zoo)")
     zoo.add_argument("--seed", type=int, default=0, help="training seed for --rebuild (default 0)")
+    zoo.add_argument("--family", choices=("tiny", "smollm2"), default="tiny",
+                     help="tiny: the embedded zoo (default); smollm2: a real LLM family built into the cache folder")
+    zoo.add_argument("--build", action="store_true", help="build the --family smollm2 models (resumes; ~30 min on 2 cores)")
+    zoo.add_argument("--reduced", action="store_true", help="the reduced smollm2 family (a few training steps; for CI)")
 
     merge = command("merge", "Merge the models of a recipe YAML into a safetensors model folder.")
     merge.add_argument("recipe", type=Path, help="recipe YAML (mergekit format, optional mergeopt: block)")
@@ -257,6 +263,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_zoo(args: argparse.Namespace) -> int:
     from optimizer import zoo
 
+    if args.family == "smollm2" or args.build or args.reduced:
+        return _zoo_family(args)
     if args.rebuild:
         from optimizer.zoo.train import rebuild
 
@@ -269,6 +277,36 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     for name, folder in models.items():
         print(f"{name}\t{Path(folder).resolve()}")
     return 0
+
+
+def _zoo_family(args: argparse.Namespace) -> int:
+    from optimizer.zoo import smollm2
+
+    if args.family != "smollm2":
+        raise MergeoptError("--build and --reduced build a real family: add --family smollm2")
+    if args.rebuild or args.out is not None:
+        raise MergeoptError("--rebuild and --out are for the tiny zoo; the smollm2 family uses --build (and MERGEOPT_CACHE)")
+    if args.build:
+        from optimizer.zoo.smollm2.build import build_family
+
+        models = build_family(_cache_root(), reduced=args.reduced, progress=True)
+    else:
+        models = smollm2.family_models(_cache_root(), reduced=args.reduced)
+        missing = [name for name, folder in models.items() if not (folder / "config.json").is_file()]
+        if missing:
+            flags = " --reduced" if args.reduced else ""
+            raise MergeoptError(f"the smollm2 model {missing[0]} is not built in {models[missing[0]].parent}; "
+                                f"run 'mergeopt zoo --family smollm2 --build{flags}'")
+    for name, folder in models.items():
+        print(f"{name}\t{Path(folder).resolve()}")
+    return 0
+
+
+def _cache_root() -> Path | None:
+    """The folder built families live in: $MERGEOPT_CACHE, else the library's default (~/.cache/mergeopt)."""
+    import os
+
+    return Path(os.environ["MERGEOPT_CACHE"]) if os.environ.get("MERGEOPT_CACHE") else None
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -298,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if _cache_root() is not None:
+            from optimizer.zoo.smollm2 import set_cache_root
+
+            set_cache_root(_cache_root())
         return COMMANDS[args.command](args)
     except MergeoptError as exc:
         if args.debug:

@@ -5,7 +5,7 @@ A task set YAML names tasks; each task is
 * ``kind: generate`` -- a local JSONL file of ``{"prompt", "target"}``; greedy generation, exact match after an
   answer extractor and a normaliser (a chat model answers in a sentence: ``extract: first_number`` reads "The
   sum is 42." as ``42``; ``first_line`` keeps the first non-empty line; ``regex`` with ``pattern:`` keeps the
-  first match, or its first group);
+  first match, or its first group that matched);
 * ``kind: multiple_choice`` -- a local JSONL file of ``{"prompt", "choices": [...], "answer": index}``; the choice
   with the highest log-likelihood wins (``acc``; ``acc_norm`` divides by the choice's length in characters);
 * ``kind: lm_eval`` -- an lm-evaluation-harness task by name (``task: arc_easy``) or by its YAML (``path:``);
@@ -168,7 +168,8 @@ def extract_answer(text: str, rule: str, pattern: str | None = None) -> str:
     match = re.search(pattern or "", text)
     if not match:
         return ""
-    return match.group(1) if match.re.groups else match.group(0)
+    # the first group that took part in the match (alternatives may each have their own), else the whole match
+    return next((group for group in match.groups() if group is not None), match.group(0))
 
 
 class PreparedTask:
@@ -457,6 +458,10 @@ def task_specs(spec: str | Path, limit: int | None = None) -> tuple[list[TaskSpe
         from optimizer.zoo import zoo_task_spec
 
         return task_specs(zoo_task_spec(), limit)
+    if text in ("smollm2", "smollm2-heldout"):  # the smollm2 family's search split, or its held-out split
+        from optimizer.zoo.smollm2 import task_set_path
+
+        return task_specs(task_set_path("heldout" if text.endswith("heldout") else "search"), limit)
     path = Path(text)
     if path.suffix in (".yaml", ".yml"):
         from optimizer.recipe import read_yaml_file

@@ -171,6 +171,7 @@ def test_lm_eval_yaml_task_offline(task_dir):
     ("I think the answer is B, not C", "regex", r"answer is ([A-D])", "B"),
     ("grade: A+", "regex", r"[A-D]\+?", "A+"),
     ("nothing", "regex", r"answer is ([A-D])", ""),
+    ("C.", "regex", r"answer is ([A-D])|^([A-D])\.?$", "C"),  # the group of the alternative that matched
     (" kept as is ", "none", None, " kept as is "),
 ])
 def test_answer_extractors(text, rule, pattern, answer):
