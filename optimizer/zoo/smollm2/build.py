@@ -27,17 +27,18 @@ BUILD_FILE = "mergeopt-build.json"
 class BuildSettings:
     """How each fine-tune is trained. Small deltas on purpose: low learning rate, few steps, replay."""
 
-    steps: int = 40
-    batch_size: int = 12
-    learning_rate: float = 5e-5
-    replay_per_batch: int = 3       # rows of each batch that replay the base's own answers to general prompts
+    steps: int = 12
+    batch_size: int = 8
+    learning_rate: float = 1e-4
+    replay_per_batch: int = 2       # rows of each batch that replay the base's own answers to general prompts
     replay_prompts: int = 32
     replay_tokens: int = 16         # longest replayed answer
     seed: int = 0
 
 
 FULL = BuildSettings()
-REDUCED = BuildSettings(steps=3, batch_size=4, replay_per_batch=1, replay_prompts=4, replay_tokens=8)
+REDUCED = BuildSettings(steps=3, batch_size=4, learning_rate=1e-4, replay_per_batch=1, replay_prompts=4,
+                        replay_tokens=8)
 """The CI family: the same code and data, a fraction of the training (its specialists barely move)."""
 
 # General chat prompts (none about capitals: the general task must measure kept ability, not train on it)
@@ -138,12 +139,21 @@ def fine_tune(base_dir: Path, out_dir: Path, task: str, settings: BuildSettings,
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     bar = tqdm(range(settings.steps), desc=f"fine-tune {task}", unit="step", disable=not progress, file=sys.stderr)
     for step in bar:
-        rows = skill[step * skill_rows:(step + 1) * skill_rows] + rng.sample(rehearsal, settings.replay_per_batch)
-        ids, mask, labels = _batch(rows, pad_id)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        # skill rows and replay rows go through separately (the chat-template replay rows are three times longer:
+        # padded together they would triple the work); the loss is the mean over all answer tokens of both
+        parts = [skill[step * skill_rows:(step + 1) * skill_rows], rng.sample(rehearsal, settings.replay_per_batch)]
+        counts = [sum(len(answer) for _, answer in rows) for rows in parts]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_sum = 0.0
+        for rows, count in zip(parts, counts):
+            if not rows:
+                continue
+            ids, mask, labels = _batch(rows, pad_id)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss * (count / sum(counts))
+            loss.backward()
+            loss_sum += loss.item()
         optimizer.step()
+        loss = torch.tensor(loss_sum)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     _save(model, tokenizer, out_dir, {"task": task, **asdict(settings)})
