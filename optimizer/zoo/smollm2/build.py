@@ -27,9 +27,9 @@ BUILD_FILE = "mergeopt-build.json"
 class BuildSettings:
     """How each fine-tune is trained. Small deltas on purpose: low learning rate, few steps, replay."""
 
-    steps: int = 12
+    steps: int = 10
     batch_size: int = 8
-    learning_rate: float = 1e-4
+    learning_rate: float = 2e-5
     replay_per_batch: int = 2       # rows of each batch that replay the base's own answers to general prompts
     replay_prompts: int = 32
     replay_tokens: int = 16         # longest replayed answer
