@@ -16,7 +16,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 EXAMPLES = {
     "zoo": """examples:
   mergeopt zoo                      # one line per model: <name><TAB><folder>
-  mergeopt zoo --rebuild --out /tmp/zoo   # retrain the zoo reproducibly (a few minutes on a CPU)""",
+  mergeopt zoo --rebuild --out /tmp/zoo   # retrain the zoo reproducibly (a few minutes on a CPU)
+  mergeopt zoo --family smollm2 --build   # SmolLM2-135M-Instruct + 3 fine-tunes into ~/.cache/mergeopt/smollm2
+  mergeopt zoo --family smollm2           # its models (MERGEOPT_CACHE moves the cache folder)""",
     "merge": """examples:
   mergeopt merge search_spaces/example_recipe.yaml --out /tmp/merged
   mergeopt merge runs/demo/best.yaml --out merged --device cuda --shard-size 2GB
@@ -40,7 +42,8 @@ EXAMPLES = {
   mergeopt eval search_spaces/example_recipe.yaml --tasks zoo --limit 50 --json   # merged in memory
   mergeopt eval ./my-model --tasks tasks.yaml --backend vllm
   mergeopt eval ./my-model --tasks arc_easy,hellaswag --limit 200   # lm-eval tasks by name
-  mergeopt eval runs/demo/best.yaml --tasks zoo --limit 100 --holdout   # items the demo search never saw""",
+  mergeopt eval runs/demo/best.yaml --tasks zoo --limit 100 --holdout   # items the demo search never saw
+  mergeopt eval zoo:adder --tasks zoo --show 5        # also print 5 prompts per task, the generation and target""",
 }
 
 
@@ -85,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--rebuild", action="store_true", help="retrain base and specialists from scratch")
     zoo.add_argument("--out", type=Path, default=None, help="folder for --rebuild (default: the package's own zoo)")
     zoo.add_argument("--seed", type=int, default=0, help="training seed for --rebuild (default 0)")
+    zoo.add_argument("--family", choices=("tiny", "smollm2"), default="tiny",
+                     help="tiny: the embedded zoo (default); smollm2: a real LLM family built into the cache folder")
+    zoo.add_argument("--build", action="store_true", help="build the --family smollm2 models (resumes; ~30 min on 2 cores)")
+    zoo.add_argument("--reduced", action="store_true", help="the reduced smollm2 family (a few training steps; for CI)")
 
     merge = command("merge", "Merge the models of a recipe YAML into a safetensors model folder.")
     from optimizer.merge.methods import methods_help
@@ -110,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     ev.add_argument("--batch-size", type=int, default=64, help="generation batch size of the hf backend")
     ev.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
+    ev.add_argument("--show", type=int, default=0, metavar="N",
+                    help="print the first N items of each generate task: prompt, generation, answer read, target")
     ev.add_argument("--allow-pickle", action="store_true", help="also load pickled .bin weights (weights_only=True)")
     ev.add_argument("--dtype", choices=DTYPES, default=None,
                     help="scoring dtype (default: the recipe's or run's own, the one it was searched in; "
@@ -276,6 +285,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise MergeoptError("--limit must be a positive number of items")
+    if args.show < 0:
+        raise MergeoptError("--show must be a number of items (0 or more)")
     if args.holdout and args.limit is None:
         raise MergeoptError("--holdout needs the --limit the search used (its subset is what is held out from)")
     target = args.target
@@ -311,6 +322,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         folder = engine.base_path
     with contextlib.closing(make_backend(args.backend, folder, device=args.device, dtype=dtype, **extra)) as backend:
         result = evaluate_candidate(backend, task_set, engine, recipe, progress=not args.json)
+        # the examples need the live model: before the backend closes
+        shown = None
+        if args.show:
+            from optimizer.evaluate.tasks import show_examples
+
+            shown = show_examples(task_set, backend, args.show)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -320,6 +337,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             stderr = "" if s.stderr is None else f"{s.stderr:.4f}"
             print(f"{name:<16} {s.metric:<12} {value:>7} {stderr:>7} {s.n:>5}")
         print(f"swap {result.seconds.get('swap', 0):.2f}s, score {result.seconds.get('score', 0):.2f}s", file=sys.stderr)
+    if shown is not None:
+        print(shown, file=sys.stderr if args.json else sys.stdout)
     if result.failed:
         print(f"mergeopt eval: candidate failed: {result.error}", file=sys.stderr)
         return 1
@@ -329,6 +348,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_zoo(args: argparse.Namespace) -> int:
     from optimizer import zoo
 
+    if args.family == "smollm2" or args.build or args.reduced:
+        return _zoo_family(args)
     if args.rebuild:
         from optimizer.zoo.train import rebuild
 
@@ -341,6 +362,36 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     for name, folder in models.items():
         print(f"{name}\t{Path(folder).resolve()}")
     return 0
+
+
+def _zoo_family(args: argparse.Namespace) -> int:
+    from optimizer.zoo import smollm2
+
+    if args.family != "smollm2":
+        raise MergeoptError("--build and --reduced build a real family: add --family smollm2")
+    if args.rebuild or args.out is not None:
+        raise MergeoptError("--rebuild and --out are for the tiny zoo; the smollm2 family uses --build (and MERGEOPT_CACHE)")
+    if args.build:
+        from optimizer.zoo.smollm2.build import build_family
+
+        models = build_family(_cache_root(), reduced=args.reduced, progress=True)
+    else:
+        models = smollm2.family_models(_cache_root(), reduced=args.reduced)
+        missing = [name for name, folder in models.items() if not (folder / "config.json").is_file()]
+        if missing:
+            flags = " --reduced" if args.reduced else ""
+            raise MergeoptError(f"the smollm2 model {missing[0]} is not built in {models[missing[0]].parent}; "
+                                f"run 'mergeopt zoo --family smollm2 --build{flags}'")
+    for name, folder in models.items():
+        print(f"{name}\t{Path(folder).resolve()}")
+    return 0
+
+
+def _cache_root() -> Path | None:
+    """The folder built families live in: $MERGEOPT_CACHE, else the library's default (~/.cache/mergeopt)."""
+    import os
+
+    return Path(os.environ["MERGEOPT_CACHE"]) if os.environ.get("MERGEOPT_CACHE") else None
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -469,6 +520,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_output(args)
     try:
         configure_threads(getattr(args, "threads", None))
+        if _cache_root() is not None:
+            from optimizer.zoo.smollm2 import set_cache_root
+
+            set_cache_root(_cache_root())
         return COMMANDS[args.command](args)
     except MergeoptError as exc:
         if args.debug:

@@ -447,6 +447,10 @@ def zoo_path(reference: str) -> str:
 
     models = zoo_models()
     name = reference.removeprefix("zoo:")
+    if "/" in name:  # a built family in the cache, e.g. zoo:smollm2/adder
+        from optimizer.zoo.smollm2 import resolve
+
+        return str(resolve(name).resolve())
     if name not in models:
         raise MergeoptError(f"{reference} is not a zoo model; use one of {', '.join('zoo:' + n for n in models)}")
     return str(Path(models[name]).resolve())

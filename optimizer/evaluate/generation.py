@@ -109,11 +109,13 @@ def greedy_generate(
     prompts: list[str],
     max_new_tokens: int,
     batch_size: int = 64,
+    add_special_tokens: bool = True,
 ) -> list[str]:
     """Greedy completions of ``prompts`` (in their order), each cut at its first EOS, special tokens removed.
 
     ``model`` is a transformers causal LM (put on its device by the caller); the tokenizer's own special-token
-    rule (e.g. a BOS prefix) is applied to each prompt. The model is switched to eval mode for the call and
+    rule (e.g. a BOS prefix) is applied to each prompt unless ``add_special_tokens`` is False (prompts rendered
+    by a chat template hold their special tokens already). The model is switched to eval mode for the call and
     restored afterwards.
     """
     if max_new_tokens < 1 or batch_size < 1:
@@ -122,7 +124,7 @@ def greedy_generate(
         return []
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
-    encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    encoded = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
     # Longest first, so similar lengths share a batch (little padding) and memory peaks on the first batch.
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     forward_parameters = _forward_parameters(model)

@@ -14,7 +14,7 @@ import torch
 
 from optimizer.errors import CandidateOutOfMemory, MergeoptError, NonFiniteOutput
 from optimizer.evaluate.generation import greedy_generate
-from optimizer.evaluate.tasks import GenerationRequest, LoglikelihoodRequest, cut_at_stop
+from optimizer.evaluate.tasks import GenerationRequest, LoglikelihoodRequest, cut_at_stop, render_prompt
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -69,12 +69,13 @@ class HFBackend:
     # ---- requests -----------------------------------------------------------------------------------
     def generate(self, requests: list[GenerationRequest]) -> list[str]:
         out = [""] * len(requests)
-        by_length: dict[int, list[int]] = {}
+        prompts = [render_prompt(self.tokenizer, r.prompt, r.chat) for r in requests]
+        groups: dict[tuple[int, bool], list[int]] = {}  # one call per (length budget, special-token rule)
         for i, r in enumerate(requests):
-            by_length.setdefault(r.max_new_tokens, []).append(i)
-        for max_new, rows in by_length.items():
-            texts = self._guarded(lambda: greedy_generate(self.model, self.tokenizer, [requests[i].prompt for i in rows],
-                                                          max_new, self.batch_size))
+            groups.setdefault((r.max_new_tokens, prompts[i][1]), []).append(i)
+        for (max_new, special), rows in groups.items():
+            texts = self._guarded(lambda: greedy_generate(self.model, self.tokenizer, [prompts[i][0] for i in rows],
+                                                          max_new, self.batch_size, add_special_tokens=special))
             for i, text in zip(rows, texts):
                 out[i] = cut_at_stop(text, requests[i].stop)
         return out
@@ -85,7 +86,10 @@ class HFBackend:
     @torch.inference_mode()
     def _loglikelihood(self, requests):
         tok = self.tokenizer
-        contexts = tok([r.context for r in requests], add_special_tokens=True)["input_ids"]
+        contexts = []
+        for r in requests:
+            text, special = render_prompt(tok, r.context, r.chat)
+            contexts.append(tok(text, add_special_tokens=special)["input_ids"])
         continuations = tok([r.continuation for r in requests], add_special_tokens=False)["input_ids"]
         order = sorted(range(len(requests)), key=lambda i: -(len(contexts[i]) + len(continuations[i])))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)

@@ -2,8 +2,10 @@
 
 A task set YAML names tasks; each task is
 
-* ``kind: generate`` -- a local JSONL file of ``{"prompt", "target"}``; greedy generation, exact match after a
-  normaliser;
+* ``kind: generate`` -- a local JSONL file of ``{"prompt", "target"}``; greedy generation, exact match after an
+  answer extractor and a normaliser (a chat model answers in a sentence: ``extract: first_number`` reads "The
+  sum is 42." as ``42``; ``first_line`` keeps the first non-empty line; ``regex`` with ``pattern:`` keeps the
+  first match, or its first group that matched);
 * ``kind: multiple_choice`` -- a local JSONL file of ``{"prompt", "choices": [...], "answer": index}``; the choice
   with the highest log-likelihood wins (``acc``; ``acc_norm`` divides by the choice's length in characters);
 * ``kind: lm_eval`` -- an lm-evaluation-harness task by name (``task: arc_easy``) or by its YAML (``path:``);
@@ -15,7 +17,12 @@ limit: 100         # default subset size per task (null: all items)
 tasks:
   - {name: add, kind: generate, path: add.jsonl, max_new_tokens: 8}
   - {name: arc, kind: lm_eval, task: arc_easy, metric: acc, limit: 200}
+  - {name: capital, path: capital.jsonl, chat: true, system: "Answer in one word.", extract: first_line}
 ```
+
+``chat: true`` renders each prompt (and a multiple-choice context) through the model's own chat template as one
+user message (after an optional ``system`` message) with the assistant turn opened; the backend renders it, with
+the live model's tokenizer, and then adds no special tokens of its own (the template holds them).
 
 Building a task turns items into backend requests (:class:`GenerationRequest`, :class:`LoglikelihoodRequest`)
 once; :meth:`PreparedTask.finish` turns the backend's answers into a :class:`Score`.
@@ -37,8 +44,26 @@ from optimizer.errors import MergeoptError
 
 KINDS = ("generate", "multiple_choice", "lm_eval")
 NORMALIZERS = ("none", "strip", "lower", "alnum")
-_TASK_KEYS = {"name", "kind", "path", "task", "metric", "limit", "max_new_tokens", "normalizer", "stop"}
+EXTRACTORS = ("none", "first_number", "first_line", "regex")
+"""How a generate task reads the answer out of a generation, before normalising it (``regex`` needs ``pattern``)."""
+_TASK_KEYS = {"name", "kind", "path", "task", "metric", "limit", "max_new_tokens", "normalizer", "stop", "chat",
+              "system", "extract", "pattern"}
 _SET_KEYS = {"tasks", "seed", "limit"}
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """Render a prompt through the tokenizer's chat template: one user turn, after an optional system turn."""
+
+    system: str | None = None
+
+    def render(self, tokenizer: Any, text: str) -> str:
+        if not getattr(tokenizer, "chat_template", None):
+            raise MergeoptError("a task asks for the chat template (chat: true) but the model's tokenizer has none; "
+                                "drop 'chat: true' or use an instruct model")
+        messages = ([{"role": "system", "content": self.system}] if self.system is not None else [])
+        messages.append({"role": "user", "content": text})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 @dataclass(frozen=True)
@@ -46,12 +71,22 @@ class GenerationRequest:
     prompt: str
     max_new_tokens: int
     stop: tuple[str, ...] = ()
+    chat: ChatFormat | None = None  # None: the prompt is fed as it is
 
 
 @dataclass(frozen=True)
 class LoglikelihoodRequest:
     context: str
     continuation: str
+    chat: ChatFormat | None = None  # the context is rendered as a user turn; the continuation is the answer
+
+
+def render_prompt(tokenizer: Any, text: str, chat: ChatFormat | None) -> tuple[str, bool]:
+    """The text a backend tokenizes for a request, and whether the tokenizer should add its special tokens.
+
+    A rendered chat template already holds them (a second BOS would change what the model sees).
+    """
+    return (text, True) if chat is None else (chat.render(tokenizer, text), False)
 
 
 @dataclass
@@ -82,6 +117,14 @@ class TaskSpec:
     max_new_tokens: int = 32
     normalizer: str = "strip"
     stop: tuple[str, ...] = ()
+    chat: bool = False
+    system: str | None = None
+    extract: str = "none"
+    pattern: str | None = None
+
+    @property
+    def chat_format(self) -> ChatFormat | None:
+        return ChatFormat(self.system) if self.chat else None
 
 
 def mean_and_stderr(values: list[float]) -> tuple[float, float]:
@@ -110,6 +153,25 @@ def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
     return text if cut < 0 else text[:cut]
 
 
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def extract_answer(text: str, rule: str, pattern: str | None = None) -> str:
+    """The answer a generation gives under ``rule`` (see EXTRACTORS); "" when there is none."""
+    if rule == "none":
+        return text
+    if rule == "first_number":
+        match = _NUMBER.search(text.replace(",", ""))
+        return match.group(0) if match else ""
+    if rule == "first_line":
+        return next((line for line in text.splitlines() if line.strip()), "")
+    match = re.search(pattern or "", text)
+    if not match:
+        return ""
+    # the first group that took part in the match (alternatives may each have their own), else the whole match
+    return next((group for group in match.groups() if group is not None), match.group(0))
+
+
 class PreparedTask:
     """A task with its subset chosen and its requests built; scored by :meth:`finish`."""
 
@@ -128,7 +190,8 @@ class PreparedTask:
 
 class GenerateTask(PreparedTask):
     def __init__(self, spec: TaskSpec, items: list[dict]):
-        requests = [GenerationRequest(item["prompt"], spec.max_new_tokens, spec.stop) for item in items]
+        requests = [GenerationRequest(item["prompt"], spec.max_new_tokens, spec.stop, spec.chat_format)
+                    for item in items]
         super().__init__(spec, requests, [])
         self.targets = [normalize(str(item["target"]), spec.normalizer) for item in items]
 
@@ -136,11 +199,21 @@ class GenerateTask(PreparedTask):
     def metric(self) -> str:
         return "exact_match"
 
+    def answer(self, text: str) -> str:
+        """What a generation answers, as compared with the target."""
+        answer = extract_answer(cut_at_stop(text, self.spec.stop), self.spec.extract, self.spec.pattern)
+        return normalize(answer, self.spec.normalizer)
+
     def finish(self, generated, loglikelihoods):
-        hits = [float(normalize(cut_at_stop(text, self.spec.stop), self.spec.normalizer) == target)
-                for text, target in zip(generated, self.targets)]
+        hits = [float(self.answer(text) == target) for text, target in zip(generated, self.targets)]
         value, stderr = mean_and_stderr(hits)
         return Score(self.metric, value, stderr, len(hits))
+
+    def examples(self, generated: list[str]) -> list[dict[str, Any]]:
+        """The first ``len(generated)`` items as a person checks them: prompt, generation, answer, target, hit."""
+        return [{"prompt": request.prompt, "generated": text, "answer": self.answer(text), "target": target,
+                 "correct": self.answer(text) == target}
+                for request, text, target in zip(self.generation, generated, self.targets)]
 
 
 class MultipleChoiceTask(PreparedTask):
@@ -148,7 +221,8 @@ class MultipleChoiceTask(PreparedTask):
         requests, self.spans, self.answers, self.lengths = [], [], [], []
         for item in items:
             start = len(requests)
-            requests += [LoglikelihoodRequest(item["prompt"], str(choice)) for choice in item["choices"]]
+            requests += [LoglikelihoodRequest(item["prompt"], str(choice), spec.chat_format)
+                         for choice in item["choices"]]
             self.spans.append((start, len(requests)))
             self.answers.append(int(item["answer"]))
             self.lengths.append([max(1, len(str(c))) for c in item["choices"]])
@@ -351,10 +425,30 @@ def parse_task(entry: Any, root: Path, default_limit: int | None, where: str) ->
         raise MergeoptError(f"{where}: a generate task's metric is exact_match, got {metric!r}")
     if kind == "multiple_choice" and metric not in (None, "acc", "acc_norm"):
         raise MergeoptError(f"{where}: a multiple_choice task's metric is acc or acc_norm, got {metric!r}")
+    chat, system = entry.get("chat", False), entry.get("system")
+    if not isinstance(chat, bool):
+        raise MergeoptError(f"{where}: chat must be true or false, got {chat!r}")
+    if system is not None and (not chat or not isinstance(system, str)):
+        raise MergeoptError(f"{where}: 'system' is a text for the chat template; it needs 'chat: true'")
+    if chat and kind == "lm_eval":
+        raise MergeoptError(f"{where}: chat: true is for JSONL tasks; an lm-eval task formats its own prompts")
+    extract, pattern = entry.get("extract", "none"), entry.get("pattern")
+    if extract not in EXTRACTORS:
+        raise MergeoptError(f"{where}: extract {extract!r} is not one of {', '.join(EXTRACTORS)}")
+    if kind != "generate" and extract != "none":
+        raise MergeoptError(f"{where}: extract applies to generate tasks only")
+    if (extract == "regex") != (pattern is not None):
+        raise MergeoptError(f"{where}: 'pattern' (a regular expression) goes with 'extract: regex' and only with it")
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as exc:
+            raise MergeoptError(f"{where}: pattern {pattern!r} is not a valid regular expression ({exc})") from None
     stop = entry.get("stop") or ()
     return TaskSpec(name=str(name), kind=kind, path=path, task=entry.get("task"), metric=metric, limit=limit,
                     max_new_tokens=int(entry.get("max_new_tokens", 32)), normalizer=normalizer,
-                    stop=(stop,) if isinstance(stop, str) else tuple(stop))
+                    stop=(stop,) if isinstance(stop, str) else tuple(stop), chat=chat, system=system,
+                    extract=extract, pattern=pattern)
 
 
 def task_specs(spec: str | Path, limit: int | None = None) -> tuple[list[TaskSpec], int, str]:
@@ -364,6 +458,10 @@ def task_specs(spec: str | Path, limit: int | None = None) -> tuple[list[TaskSpe
         from optimizer.zoo import zoo_task_spec
 
         return task_specs(zoo_task_spec(), limit)
+    if text in ("smollm2", "smollm2-heldout"):  # the smollm2 family's search split, or its held-out split
+        from optimizer.zoo.smollm2 import task_set_path
+
+        return task_specs(task_set_path("heldout" if text.endswith("heldout") else "search"), limit)
     path = Path(text)
     if path.suffix in (".yaml", ".yml"):
         from optimizer.recipe import read_yaml_file
@@ -405,3 +503,22 @@ def load_task_set(spec: str | Path, limit: int | None = None, seed: int | None =
     specs, file_seed, source = task_specs(spec, limit)
     seed = file_seed if seed is None else seed
     return TaskSet([prepare(s, seed, holdout) for s in specs], seed=seed, source=source)
+
+
+def show_examples(task_set: TaskSet, backend: Any, count: int) -> str:
+    """The first ``count`` items of each generate task, generated again by ``backend``, as a person reads them."""
+    blocks = []
+    for task in task_set.tasks:
+        if not isinstance(task, GenerateTask):
+            blocks.append(f"== {task.spec.name}: a {task.spec.kind} task; --show prints generate tasks only")
+            continue
+        requests = task.generation[:count]
+        lines = [f"== {task.spec.name} (first {len(requests)} items; extract: {task.spec.extract}"
+                 + (", chat template" if task.spec.chat else "") + ")"]
+        for number, example in enumerate(task.examples(backend.generate(requests)), 1):
+            lines += [f"[{number}] prompt:    {example['prompt']!r}",
+                      f"    generated: {example['generated']!r}",
+                      f"    answer:    {example['answer']!r}   target: {example['target']!r}   "
+                      + ("correct" if example["correct"] else "WRONG")]
+        blocks.append("\n".join(lines))
+    return "\n".join(blocks)

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 from optimizer.errors import MergeoptError
-from optimizer.evaluate.tasks import GenerationRequest, LoglikelihoodRequest
+from optimizer.evaluate.tasks import GenerationRequest, LoglikelihoodRequest, render_prompt
 from optimizer.evaluate.vllm_worker import OUTPUT_HEAD, folder_tensors, with_output_head
 
 _DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
@@ -235,19 +235,27 @@ class VLLMBackend:
         self.llm.reset_prefix_cache()
 
     # ---- requests -----------------------------------------------------------------------------------
+    def _prompt(self, text: str, chat):
+        """A plain prompt as text (vLLM tokenizes it); a chat-rendered one as token ids, with no BOS added again."""
+        if chat is None:
+            return text
+        from vllm.inputs import TokensPrompt
+
+        return TokensPrompt(prompt_token_ids=_token_ids(self.tokenizer, text, chat))
+
     def generate(self, requests: list[GenerationRequest]) -> list[str]:
         from vllm import SamplingParams
 
         params = [SamplingParams(temperature=0.0, max_tokens=r.max_new_tokens, stop=list(r.stop) or None)
                   for r in requests]
-        outputs = self.llm.generate([r.prompt for r in requests], params, use_tqdm=False)
+        outputs = self.llm.generate([self._prompt(r.prompt, r.chat) for r in requests], params, use_tqdm=False)
         return [o.outputs[0].text for o in outputs]
 
     def loglikelihood(self, requests: list[LoglikelihoodRequest]) -> list[tuple[float, bool]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        contexts = self.tokenizer([r.context for r in requests], add_special_tokens=True)["input_ids"]
+        contexts = [_token_ids(self.tokenizer, r.context, r.chat) for r in requests]
         continuations = self.tokenizer([r.continuation for r in requests], add_special_tokens=False)["input_ids"]
         prompts = [TokensPrompt(prompt_token_ids=c + k) for c, k in zip(contexts, continuations)]
         params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
@@ -261,3 +269,9 @@ class VLLMBackend:
                 greedy &= entry.rank == 1
             results.append((total, greedy))
         return results
+
+
+def _token_ids(tokenizer, text: str, chat) -> list[int]:
+    """A request's text as token ids: chat-rendered (no special tokens added again) or plain (with them)."""
+    rendered, special = render_prompt(tokenizer, text, chat)
+    return tokenizer(rendered, add_special_tokens=special)["input_ids"]

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from optimizer.errors import MergeoptError
-from optimizer.evaluate.tasks import (GenerateTask, MultipleChoiceTask, TaskSpec, load_task_set, mean_and_stderr,
+from optimizer.evaluate.tasks import (ChatFormat, GenerateTask, GenerationRequest, LoglikelihoodRequest,
+                                      MultipleChoiceTask, TaskSpec, extract_answer, load_task_set, mean_and_stderr,
                                       subset_indices, task_specs)
 
 
@@ -88,6 +89,14 @@ def test_mean_and_stderr():
     ("tasks:\n  - {name: a, path: echo.jsonl}\n  - {name: a, path: echo.jsonl}\n", "'a' appears twice"),
     ("tasks:\n  - {name: a, path: echo.jsonl, metric: f1}\n", "metric is exact_match"),
     ("taks: []\n", "non-empty 'tasks:'"),
+    ("tasks:\n  - {name: a, path: echo.jsonl, extract: last_number}\n", "extract 'last_number' is not one of"),
+    ("tasks:\n  - {name: a, path: echo.jsonl, extract: regex}\n", "'pattern' .* goes with 'extract: regex'"),
+    ("tasks:\n  - {name: a, path: echo.jsonl, pattern: 'x(\\d)'}\n", "'pattern' .* goes with 'extract: regex'"),
+    ("tasks:\n  - {name: a, path: echo.jsonl, extract: regex, pattern: 'x(('}\n", "not a valid regular expression"),
+    ("tasks:\n  - {name: a, path: echo.jsonl, system: be brief}\n", "needs 'chat: true'"),
+    ("tasks:\n  - {name: a, path: echo.jsonl, chat: yes please}\n", "chat must be true or false"),
+    ("tasks:\n  - {name: a, task: arc_easy, chat: true}\n", "lm-eval task formats its own prompts"),
+    ("tasks:\n  - {name: a, kind: multiple_choice, path: mc.jsonl, extract: first_line}\n", "generate tasks only"),
 ])
 def test_bad_task_sets_name_the_key(task_dir, body, message):
     path = task_dir / "bad.yaml"
@@ -150,3 +159,106 @@ def test_lm_eval_yaml_task_offline(task_dir):
     assert task.finish(right, []).value == 1.0
     assert task.finish([""] * 8, []).value == 0.0
     assert task.finish(right[:4] + [""] * 4, []).value == 0.5
+
+
+@pytest.mark.parametrize("text,rule,pattern,answer", [
+    ("The sum is 1,234.", "first_number", None, "1234"),
+    ("-7 apples and 3 pears", "first_number", None, "-7"),
+    ("3.5 then 4", "first_number", None, "3.5"),
+    ("no digits here", "first_number", None, ""),
+    ("\n\n  Paris\nThe capital", "first_line", None, "  Paris"),
+    ("", "first_line", None, ""),
+    ("I think the answer is B, not C", "regex", r"answer is ([A-D])", "B"),
+    ("grade: A+", "regex", r"[A-D]\+?", "A+"),
+    ("nothing", "regex", r"answer is ([A-D])", ""),
+    ("C.", "regex", r"answer is ([A-D])|^([A-D])\.?$", "C"),  # the group of the alternative that matched
+    (" kept as is ", "none", None, " kept as is "),
+])
+def test_answer_extractors(text, rule, pattern, answer):
+    assert extract_answer(text, rule, pattern) == answer
+
+
+def test_a_chat_answer_in_a_sentence_scores_with_extraction_and_not_without():
+    items = [{"prompt": "2+2?", "target": "4"}, {"prompt": "3+4?", "target": "7"}, {"prompt": "1+1?", "target": "2"}]
+    answers = ["The answer is 4.", "3 + 4 = 7", "It is 2"]
+    assert GenerateTask(TaskSpec(name="t"), items).finish(answers, []).value == 0.0
+    # the first number of "3 + 4 = 7" is 3: first_number scores 2/3, a regex on "= N" or "is N" all three
+    assert GenerateTask(TaskSpec(name="t", extract="first_number"), items).finish(answers, []).value == pytest.approx(2 / 3)
+    regex = TaskSpec(name="t", extract="regex", pattern=r"(?:is|=) (\d+)")
+    assert GenerateTask(regex, items).finish(answers, []).value == 1.0
+    lines = TaskSpec(name="t", extract="first_line", normalizer="alnum")
+    assert GenerateTask(lines, [{"prompt": "capital?", "target": "Paris"}]).finish(["Paris.\nIt is in France"], []).value == 1.0
+
+
+def test_task_yaml_carries_chat_and_extraction_into_the_requests(task_dir):
+    (task_dir / "chat.yaml").write_text(
+        "tasks:\n  - {name: echo, path: echo.jsonl, chat: true, system: Be brief., extract: first_number}\n"
+        "  - {name: plain, path: echo.jsonl}\n"
+        "  - {name: mc, kind: multiple_choice, path: mc.jsonl, chat: true}\n")
+    echo, plain, mc = load_task_set(task_dir / "chat.yaml", limit=3).tasks
+    assert {r.chat for r in echo.generation} == {ChatFormat("Be brief.")}
+    assert echo.spec.extract == "first_number" and echo.finish(["It is 0", "1", "x"], []).n == 3
+    assert {r.chat for r in plain.generation} == {None}
+    assert {r.chat for r in mc.loglikelihood} == {ChatFormat(None)}
+
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m.role == 'system' %}{{ m.content }}|"
+                 "{% else %}{{ m.content }}{% endif %}{% endfor %}")
+
+
+@pytest.fixture(scope="module")
+def chat_adder(tmp_path_factory):
+    """The zoo's adder with a chat template added: the user turn is the prompt itself, after <bos>."""
+    import shutil
+
+    from optimizer.zoo import zoo_models
+
+    folder = tmp_path_factory.mktemp("chat") / "adder"
+    shutil.copytree(zoo_models()["adder"], folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_chat_template_is_rendered_by_the_backend_without_a_second_bos(chat_adder):
+    from optimizer.evaluate.hf import HFBackend
+    from optimizer.evaluate.tasks import render_prompt
+
+    backend = HFBackend(chat_adder, device="cpu")
+    tok = backend.tokenizer
+    text, special = render_prompt(tok, "add:12+30=", ChatFormat())
+    assert text == "<bos>add:12+30=" and special is False
+    assert tok(text, add_special_tokens=special)["input_ids"] == tok("add:12+30=")["input_ids"]
+    assert render_prompt(tok, "add:12+30=", ChatFormat("sys"))[0] == "<bos>sys|add:12+30="
+    prompts = [f"add:{a}+{b}=" for a, b in ((12, 30), (455, 21), (7, 8), (1234, 4321))]
+    plain = backend.generate([GenerationRequest(p, 6) for p in prompts])
+    chat = backend.generate([GenerationRequest(p, 6, chat=ChatFormat()) for p in prompts])
+    assert chat == plain and sum(g == str(eval(p[4:-1])) for g, p in zip(plain, prompts)) >= 2
+    # a system turn changes what the model sees, so it answers differently
+    assert backend.generate([GenerationRequest(p, 6, chat=ChatFormat("sys")) for p in prompts]) != plain
+    # log-likelihoods go through the same rendering
+    lls = backend.loglikelihood([LoglikelihoodRequest("add:12+30=", "42"), LoglikelihoodRequest("add:12+30=", "42", ChatFormat())])
+    assert lls[0] == pytest.approx(lls[1])
+
+
+def test_chat_without_a_template_is_one_clear_line(tmp_path):
+    from optimizer.evaluate.hf import HFBackend
+    from optimizer.zoo import zoo_models
+
+    backend = HFBackend(zoo_models()["adder"], device="cpu")
+    with pytest.raises(MergeoptError, match="tokenizer has none"):
+        backend.generate([GenerationRequest("add:1+1=", 3, chat=ChatFormat())])
+
+
+def test_eval_show_prints_prompts_generations_and_targets(capsys, tmp_path):
+    from optimizer.cli import main
+
+    assert main(["eval", "zoo:adder", "--tasks", "zoo", "--limit", "6", "--show", "2", "--batch-size", "8"]) == 0
+    out = capsys.readouterr().out
+    for task in ("add", "reverse", "sort"):
+        assert f"== {task} (first 2 items; extract: none)" in out
+    assert out.count("prompt:") == 6 and out.count("generated:") == 6 and out.count("target:") == 6
+    first_add = load_task_set("zoo", limit=6).tasks[0].generation[0].prompt
+    assert repr(first_add) in out
+    assert main(["eval", "zoo:adder", "--tasks", "zoo", "--limit", "6", "--show", "-1"]) == 1
