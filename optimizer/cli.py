@@ -469,13 +469,17 @@ def configure_output(args: argparse.Namespace) -> None:
 
 
 def default_threads() -> int:
-    """The cores other processes leave free (1-minute load average), at least one: torch's default of every core
-    oversubscribes a shared machine (measured: an eval took 38-82 s instead of 6.8 s on 2 busy cores)."""
+    """The cores other processes leave free, at least one: torch's default of every core oversubscribes a shared
+    machine (measured: an eval took 38-82 s instead of 6.8 s on 2 busy cores).
+
+    Busy cores are the whole part of the 1-minute load average: the average lags a job that just ended, and a
+    fraction of a core (that tail, a shell, a monitor) is not worth a thread (measured: rounding it up gave the demo
+    search, run right after another job, 1 of 2 cores and made it 24% slower)."""
     import os
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
-        busy = round(os.getloadavg()[0])
+        busy = int(os.getloadavg()[0])
     except OSError:
         busy = 0
     return max(1, cores - busy)
