@@ -215,17 +215,13 @@ class MergeEngine:
             flat[start:stop].copy_(sparsify.merge_range_torch(base, models, plan, start, stop))
         return target
 
-    def tensors(self, recipe: Recipe, dtype: torch.dtype = torch.float32, progress: bool = False,
-                release: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield ``(name, merged tensor)`` one at a time, in checkpoint order, in ``dtype`` on the engine's device.
-
-        ``release`` gives back each tensor's mapped input pages once it is merged (a one-pass streamed merge)."""
+    def tensors(self, recipe: Recipe, dtype: torch.dtype = torch.float32,
+                progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(name, merged tensor)`` one at a time, in checkpoint order, in ``dtype`` on the engine's device."""
         positions = self._positions(recipe)  # fails before any work
         for slot in tqdm(self.slots, desc="merging", unit="tensor", disable=not progress):
             out = torch.empty(self.shapes[slot.name], dtype=dtype, device=self.device)
             self._merge_into(slot, self.plan(recipe, slot, positions), out)
-            if release:
-                self.release(slot.name)
             yield slot.name, out
 
     def state_dict(self, recipe: Recipe, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:

@@ -120,9 +120,9 @@ class TensorPlan:
 # ---------------------------------------------------------------------------------------------------------
 # Stored tensors as the kernels read them
 # ---------------------------------------------------------------------------------------------------------
+# the kernels' input kinds (kernels.F32_HALVES, BF16, F16, F32), repeated here so that planning never loads numba
 _HALF_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # as uint16 arrays (float32: two halves)
 F32_NATIVE = 3  # a float32 array read as it is
-STORED_DTYPES = tuple(_HALF_KINDS)  # what the engine keeps as it is; other dtypes are converted to float32 once
 
 
 def bits_view(tensor: torch.Tensor) -> tuple[np.ndarray, int]:

@@ -190,3 +190,11 @@ def test_all_half_bit_patterns_widen_exactly():
         differ = out.view(torch.int32) != values.float().view(torch.int32)
         assert values[differ].tolist() == [0.0] and values[differ].view(torch.int16).tolist() == [-(1 << 15)]
         assert sparsify.count_nonfinite(bits.view(dtype)) == int((~finite).sum())
+
+
+def test_kind_codes_agree_with_the_kernels():
+    from optimizer.merge import kernels
+
+    assert sparsify._HALF_KINDS == {torch.float32: kernels.F32_HALVES, torch.bfloat16: kernels.BF16,
+                                    torch.float16: kernels.F16}
+    assert sparsify.F32_NATIVE == kernels.F32
