@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from optimizer.errors import MergeoptError
 
@@ -46,9 +47,47 @@ KINDS = ("generate", "multiple_choice", "lm_eval")
 NORMALIZERS = ("none", "strip", "lower", "alnum")
 EXTRACTORS = ("none", "first_number", "first_line", "regex")
 """How a generate task reads the answer out of a generation, before normalising it (``regex`` needs ``pattern``)."""
-_TASK_KEYS = {"name", "kind", "path", "task", "metric", "limit", "max_new_tokens", "normalizer", "stop", "chat",
-              "system", "extract", "pattern"}
-_SET_KEYS = {"tasks", "seed", "limit"}
+
+
+class TaskConfig(BaseModel):
+    """One task of a task set as declared: its keys and their shapes. The rules between keys (a generate task needs
+    a path, ``pattern`` goes with ``extract: regex``, ...) and the checks that keep today's one-line messages are in
+    :func:`parse_task`."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | int | None = None
+    kind: str | None = None  # generate | multiple_choice | lm_eval (default: generate with a path, else lm_eval)
+    path: str | None = None  # a JSONL file (generate, multiple_choice) or an lm-eval task YAML
+    task: str | None = None  # an lm-eval task name
+    metric: str | None = None
+    limit: Any = None  # a positive integer
+    max_new_tokens: Any = None  # a positive integer (default 32)
+    normalizer: str | None = None  # one of NORMALIZERS
+    stop: str | list[str] | None = None
+    chat: Any = None  # true: the prompt goes through the tokenizer's chat template
+    system: Any = None  # a system text for the chat template
+    extract: str | None = None  # one of EXTRACTORS
+    pattern: Any = None  # the regular expression of extract: regex
+
+
+class TaskSetConfig(BaseModel):
+    """A task-set YAML as declared: ``tasks`` (a non-empty list of :class:`TaskConfig`), ``seed``, ``limit``."""
+
+    model_config = ConfigDict(extra="forbid")
+    tasks: list[Any]
+    seed: Any = 0
+    limit: Any = None
+
+
+
+def _declared(model: type[BaseModel], data: dict, where: str) -> None:
+    """The declared schema applied to one mapping: an unknown key is one line with the nearest known name."""
+    from optimizer.errors import schema_error
+
+    try:
+        model.model_validate(data)
+    except ValidationError as exc:
+        raise schema_error(exc, where, {"": list(model.model_fields)}) from None
 
 
 @dataclass(frozen=True)
@@ -396,9 +435,7 @@ def prepare(spec: TaskSpec, seed: int, holdout: bool = False) -> PreparedTask:
 def parse_task(entry: Any, root: Path, default_limit: int | None, where: str) -> TaskSpec:
     if not isinstance(entry, dict):
         raise MergeoptError(f"{where}: each task must be a mapping with at least 'name'")
-    unknown = set(entry) - _TASK_KEYS
-    if unknown:
-        raise MergeoptError(f"{where}: unknown key {sorted(unknown)[0]!r}; allowed: {', '.join(sorted(_TASK_KEYS))}")
+    _declared(TaskConfig, entry, where)
     name = entry.get("name") or entry.get("task")
     if not name:
         raise MergeoptError(f"{where}: a task needs a 'name'")
@@ -471,9 +508,7 @@ def task_specs(spec: str | Path, limit: int | None = None) -> tuple[list[TaskSpe
             return [TaskSpec(name=str(data["task"]), kind="lm_eval", path=path.resolve(), limit=limit)], 0, text
         if not isinstance(data, dict) or not isinstance(data.get("tasks"), list) or not data["tasks"]:
             raise MergeoptError(f"{path}: a task set needs a non-empty 'tasks:' list")
-        unknown = set(data) - _SET_KEYS
-        if unknown:
-            raise MergeoptError(f"{path}: unknown key {sorted(unknown)[0]!r}; allowed: {', '.join(sorted(_SET_KEYS))}")
+        _declared(TaskSetConfig, data, str(path))
         default_limit = limit if limit is not None else data.get("limit")
         specs = [parse_task(entry, path.parent.resolve(), default_limit, f"{path}: tasks[{i}]")
                  for i, entry in enumerate(data["tasks"])]
