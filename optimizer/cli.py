@@ -212,12 +212,6 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def _trims_by_magnitude(method: str) -> bool:
     from optimizer.merge.methods import METHODS
 
@@ -227,9 +221,10 @@ def _trims_by_magnitude(method: str) -> bool:
 
 def _search_plan(space, args: argparse.Namespace) -> bool:
     """Print the search's memory plan; refuse in one line what cannot fit. False: --plan, stop here."""
+    from optimizer.merge.engine import default_device
     from optimizer.merge.memory import parse_size, plan_memory
 
-    device = args.device or ("cuda" if _cuda() else "cpu")
+    device = args.device or str(default_device())
     plan = plan_memory(space.base_model, list(space.models), engine_device=args.engine_device or device,
                        scoring_device=device, backend=space.backend, live_dtype=space.dtype,
                        device_memory=None if args.gpu_memory is None else parse_size(args.gpu_memory),
@@ -415,13 +410,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
               f"({time.perf_counter() - start:.1f}s)", file=sys.stderr)
         print(out.resolve())
         return 0
-    from optimizer.merge.engine import MergeEngine
+    from optimizer.merge.engine import MergeEngine, default_device
     from optimizer.merge.memory import plan_memory
 
     recipe = Recipe.from_dict(data, source=str(args.recipe))
     recipe.resolve_paths(root)
     base = recipe.base_model or recipe.models[0].model
-    device = args.device or ("cuda" if _cuda() else "cpu")
+    device = args.device or str(default_device())
     plan = plan_memory(base, [m.model for _, m in recipe.delta_models()], engine_device=device, backend=None,
                        allow_pickle=args.allow_pickle, magnitude_trim=_trims_by_magnitude(recipe.merge_method))
     print(plan.text(), file=sys.stdout if args.plan else sys.stderr)

@@ -59,7 +59,9 @@ def tied_embedding(model_path: str | Path) -> str | None:
     config = read_config(model_path)  # a missing folder or one that needs remote code: one clear line
     if not _ties(model_path, config):
         return None
-    shapes = _safetensors_shapes(model_path)
+    from optimizer.merge.checkpoint import tensor_shapes
+
+    shapes = tensor_shapes(model_path)  # from the headers (shards included); pickles refused in one line
     vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
     found = [name for name, shape in shapes.items()
              if len(shape) == 2 and name != OUTPUT_HEAD and _LAYER.search(name) is None
@@ -78,17 +80,6 @@ def _ties(model_path, config: dict) -> bool:
         return bool(getattr(transformers.AutoConfig.from_pretrained(str(model_path)), "tie_word_embeddings", False))
     except Exception:  # a config transformers cannot read (it raises many types): its own flag then
         return bool(config.get("tie_word_embeddings", False))
-
-
-def _safetensors_shapes(model_path) -> dict[str, list[int]]:
-    from safetensors import safe_open
-
-    shapes = {}
-    for path in sorted(Path(model_path).glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            for name in handle.keys():
-                shapes[name] = handle.get_slice(name).get_shape()
-    return shapes
 
 
 def ram_folder(prefix: str) -> Path:

@@ -41,7 +41,7 @@ from optimizer.search.optimizers import FINISHED, make_optimizer, make_sampler, 
 from optimizer.search.study_store import storage_url
 from optimizer.search.workers import (Coordinated, StudyLock, heartbeat_settings, join_study, stale_trials,
                                       worker_id)
-from optimizer.space import SearchSpace, model_labels
+from optimizer.space import BUDGET_KEYS, SearchSpace, model_labels
 
 MAX_SAME_FAILURES = 3
 log = logging.getLogger("mergeopt")
@@ -106,7 +106,7 @@ def check_resume(space: SearchSpace, run_dir: Path) -> None:
         return
     old = yaml.safe_load(path.read_text()) or {}  # a run recorded before records: its YAML as written
     new = space.source
-    changed = sorted(k for k in set(old) | set(new) if k != "budget" and old.get(k) != new.get(k))
+    changed = sorted(k for k in set(old) | set(new) if k not in BUDGET_KEYS and old.get(k) != new.get(k))
     if changed:
         raise MergeoptError(f"{run_dir} holds a run of a different search space (key {changed[0]!r} differs); "
                             "use another --run-dir or restore the original space file")
