@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--backend", choices=tuple(BACKENDS), default="hf", help="inference engine (default hf)")
     ev.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     ev.add_argument("--batch-size", type=int, default=64, help="generation batch size of the hf backend")
+    ev.add_argument("--engine-device", default=None,
+                    help="where the merge engine holds a recipe's models: cpu (memory-mapped) or the scoring device "
+                         "(default: the scoring device); with --backend vllm: cpu or cuda (vLLM's worker's GPU)")
     ev.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
     ev.add_argument("--show", type=int, default=0, metavar="N",
                     help="print the first N items of each generate task: prompt, generation, answer read, target")
@@ -138,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--quiet", action="store_true", help="no progress output")
     se.add_argument("--engine-device", default=None,
                     help="where the merge engine holds the models: cpu (memory-mapped) or the scoring device "
-                         "(default: the scoring device)")
+                         "(default: the scoring device); with --backend vllm the engine runs in vLLM's worker: cpu "
+                         "or cuda (the worker's own GPU)")
     se.add_argument("--gpu-memory", default=None, metavar="SIZE",
                     help="plan for a card of this size (e.g. 80GB) instead of the one torch sees")
     se.add_argument("--plan", action="store_true", help="print the memory plan and stop (loads no weights)")
@@ -274,7 +278,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from optimizer.evaluate.scoring import check_backend, evaluate_candidate, make_backend
+    from optimizer.evaluate.scoring import OWN_MERGE_ENGINE, check_backend, evaluate_candidate, make_backend
     from optimizer.evaluate.tasks import load_task_set
     from optimizer.recipe import Recipe, zoo_path
 
@@ -301,7 +305,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         weight_files(folder, allow_pickle=args.allow_pickle)  # the pickle policy of merge and search, before loading
     # before loading anything (a folder is scored as it is: nothing reloaded, so nothing to refuse for its head)
     check_backend(args.backend, folder if recipe is None else recipe.base_model or recipe.models[0].model,
-                  swaps=recipe is not None)
+                  swaps=recipe is not None, engine_device=args.engine_device)
     # a recipe records the dtype its search scored in: the same dtype gives the same scores
     # a recipe is scored in the dtype its search used; a plain mergekit file without one, and a folder, in float32
     dtype = args.dtype or (recipe.dtype if recipe is not None else None) or "float32"
@@ -311,11 +315,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if recipe is not None:
         from optimizer.merge.engine import MergeEngine
 
-        # with vLLM the worker builds the candidate; this engine only checks the recipe, on the CPU
-        engine = MergeEngine.for_recipe(recipe, device="cpu" if args.backend == "vllm" else args.device,
+        # with vLLM the worker builds the candidate (on --engine-device); this engine only checks the recipe, on the CPU
+        own_engine = args.backend in OWN_MERGE_ENGINE
+        engine = MergeEngine.for_recipe(recipe, device="cpu" if own_engine else args.engine_device or args.device,
                                         allow_pickle=args.allow_pickle)
         folder = engine.base_path
-    with contextlib.closing(make_backend(args.backend, folder, device=args.device, dtype=dtype, **extra)) as backend:
+    with contextlib.closing(make_backend(args.backend, folder, device=args.device, dtype=dtype,
+                                         engine_device=args.engine_device, **extra)) as backend:
         result = evaluate_candidate(backend, task_set, engine, recipe, progress=not args.json)
         # the examples need the live model: before the backend closes
         shown = None

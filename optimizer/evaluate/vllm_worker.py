@@ -23,11 +23,25 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 OUTPUT_HEAD = "lm_head.weight"  # the untied output head's checkpoint name in vLLM's causal LM classes
+ENGINE_DEVICES = ("cpu", "cuda")  # where a worker's merge engine may hold the models: the host, or its own GPU
+
+
+def engine_device(requested: str | None, worker_device):
+    """Where a worker's merge engine holds the models: ``cpu`` keeps them memory-mapped on the host (each merged
+    tensor is then copied onto the worker's device by the loader); None or ``cuda``: the worker's own device."""
+    import torch
+
+    return torch.device("cpu") if requested == "cpu" else torch.device(worker_device)
 
 
 class MergeWorker:
+    # given by the vLLM worker class this extension is mixed into (annotations only: no attribute that could clash)
+    model_runner: Any
+    device: Any
+
     def mergeopt_streams_weights(self) -> bool:
         """Whether this vLLM's ``reload_weights`` takes a weights iterator (older ones only reload from a folder)."""
         reload = getattr(self.model_runner, "reload_weights", None)
@@ -37,17 +51,19 @@ class MergeWorker:
         """Whether the live model has an output head of its own to feed (the tied-embedding override took hold)."""
         return any(name == OUTPUT_HEAD for name, _ in self.model_runner.get_model().named_parameters())
 
-    def mergeopt_load_engine(self, base: str, models: list[str], tied_embedding: str | None,
-                             dtype: str) -> str | None:
-        """Load the merge engine once for the run, on this worker's device; a bad input comes back as its line.
+    def mergeopt_load_engine(self, base: str, models: list[str], tied_embedding: str | None, dtype: str,
+                             requested_device: str | None = None) -> str | None:
+        """Load the merge engine once for the run; a bad input comes back as its line.
 
         ``dtype``: the live model's, which the candidates are built in (cast once, in the kernel, as the hf backend
-        does). The search process's engine has checked the weights already (``verify=False`` here)."""
+        does). ``requested_device``: ``--engine-device`` (:func:`engine_device`). The search process's engine has
+        checked the weights already (``verify=False`` here)."""
         from optimizer.errors import MergeoptError
         from optimizer.merge.engine import DTYPES, MergeEngine
 
         try:
-            self._mergeopt_engine = MergeEngine(base, models, device=self.device, verify=False)
+            self._mergeopt_engine = MergeEngine(base, models, device=engine_device(requested_device, self.device),
+                                                verify=False)
         except MergeoptError as exc:
             return str(exc)
         self._mergeopt_tied_embedding = tied_embedding
@@ -56,18 +72,21 @@ class MergeWorker:
 
     def mergeopt_build(self, recipe: dict) -> dict:
         """Merge the recipe straight into the live weights: ``seconds`` in all, ``merge_seconds`` of them in the
-        merge itself (the rest is vLLM's loader), ``error``: the line saying why the recipe is bad, if it is."""
+        merge itself (the rest is vLLM's loader), ``error``: the line saying why the recipe is bad, if it is,
+        ``engine_device``: where the merge engine holds the models."""
         from optimizer.errors import MergeoptError
         from optimizer.recipe import Recipe
 
         start = time.perf_counter()
         clock = _Clock()
+        error = None
         try:
             weights = self._mergeopt_engine.tensors(Recipe.from_dict(recipe), dtype=self._mergeopt_dtype)
             self._mergeopt_reload(clock.timed(weights), self._mergeopt_tied_embedding)
         except MergeoptError as exc:
-            return {"seconds": time.perf_counter() - start, "merge_seconds": clock.seconds, "error": str(exc)}
-        return {"seconds": time.perf_counter() - start, "merge_seconds": clock.seconds, "error": None}
+            error = str(exc)
+        return {"seconds": time.perf_counter() - start, "merge_seconds": clock.seconds, "error": error,
+                "engine_device": str(self._mergeopt_engine.device)}
 
     def mergeopt_load_parent(self, index: int) -> None:
         """Load one of the engine's input models as it is (0: the base), from the engine's mapped weights."""
@@ -108,7 +127,7 @@ class _RotaryCacheNotice(logging.Filter):
     reload of every candidate. Any other layer left unloaded is still reported."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.msg == "%s: Failed to load weights" and record.args
+        return not (record.msg == "%s: Failed to load weights" and isinstance(record.args, tuple) and record.args
                     and str(record.args[0]).endswith("RotaryEmbedding"))
 
 

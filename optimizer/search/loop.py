@@ -30,7 +30,8 @@ import yaml
 from optuna.trial import TrialState
 
 from optimizer.errors import MergeoptError, NonFiniteOutput
-from optimizer.evaluate.scoring import CandidateResult, check_backend, evaluate_candidate, make_backend
+from optimizer.evaluate.scoring import (OWN_MERGE_ENGINE, CandidateResult, check_backend, evaluate_candidate,
+                                        make_backend)
 from optimizer.evaluate.tasks import load_task_set
 from optimizer.files import write_atomic
 from optimizer.merge.engine import MergeEngine
@@ -217,16 +218,16 @@ def run_search(space: SearchSpace, run_dir: Path, storage: str | None = None, st
                device: str | None = None, progress: bool = True, worker_trials: int | None = None,
                engine_device: str | None = None) -> SearchResult:
     run_dir = Path(run_dir)
-    task_sets = _preflight(space)  # bad input is refused before the run folder or the study is touched
+    task_sets = _preflight(space, engine_device)  # bad input is refused before the run folder or the study is touched
     shared = storage is not None and not storage.startswith("sqlite")
     check_resume(space, run_dir)  # before the (long) model loading: another run in this folder is said at once
     if not shared:
         _check_lock(run_dir)
     # the weights themselves (NaN or inf in a checkpoint) are checked as they load, still before the run folder
     # the models stay memory-mapped on the host with engine_device="cpu" while a GPU scores; with vLLM the candidates
-    # are built by an engine inside its worker, and this one only checks recipes: on the host by default
+    # are built by an engine inside its worker (on engine_device), and this one only checks recipes: on the host
     engine = MergeEngine(space.base_model, space.models, progress=progress,
-                         device=engine_device or ("cpu" if space.backend == "vllm" else device))
+                         device="cpu" if space.backend in OWN_MERGE_ENGINE else engine_device or device)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -236,7 +237,7 @@ def run_search(space: SearchSpace, run_dir: Path, storage: str | None = None, st
     try:
         with _worker_prefix(worker_id(device) if shared else None):
             return _run(space, run_dir, storage, study_name, device, progress, shared, worker_trials, task_sets,
-                        engine, interrupts)
+                        engine, interrupts, engine_device)
     finally:
         interrupts.restore()
         if lock is not None and lock.exists() and lock.read_text().strip() == str(os.getpid()):
@@ -261,11 +262,11 @@ def _worker_prefix(worker: str | None):
         log.removeFilter(prefix)
 
 
-def _preflight(space: SearchSpace):
+def _preflight(space: SearchSpace, engine_device: str | None = None):
     """What can be checked before any weight is read: the testing hook, tasks and objectives (the engine checks the
     models next)."""
     faults.configured()  # a mistyped MERGEOPT_FAULT is refused now, not at its first candidate
-    check_backend(space.backend, space.base_model)  # e.g. vLLM missing, or a tied head it cannot feed
+    check_backend(space.backend, space.base_model, engine_device=engine_device)  # e.g. vLLM missing, or a tied head it cannot feed
     task_set = load_task_set(space.tasks, limit=space.limit, seed=space.seed)
     missing = [o.task for o in space.objectives if o.task not in task_set.names]
     if missing:
@@ -277,7 +278,7 @@ def _preflight(space: SearchSpace):
 
 
 def _run(space, run_dir, storage, study_name, device, progress, shared, worker_trials, task_sets, engine,
-         interrupts) -> SearchResult:
+         interrupts, engine_device=None) -> SearchResult:
 
     _save_record(space, run_dir)
     task_set, low_set = task_sets
@@ -293,7 +294,8 @@ def _run(space, run_dir, storage, study_name, device, progress, shared, worker_t
         log.info("resuming: %d unfinished trial(s) of a stopped run marked failed", len(stale))
 
     # closed however the search ends, so an inference engine (vLLM's worker processes) is always shut down
-    with contextlib.closing(make_backend(space.backend, space.base_model, device=device, dtype=space.dtype)) as backend:
+    with contextlib.closing(make_backend(space.backend, space.base_model, device=device, dtype=space.dtype,
+                                         engine_device=engine_device)) as backend:
         return _search(space, run_dir, study, optimizer, lock, backend, engine, task_set, low_set, progress,
                        worker_trials, interrupts)
 

@@ -4,11 +4,15 @@ project's venv has no vLLM)."""
 import importlib.util
 import subprocess
 import sys
+from contextlib import nullcontext
 
 import pytest
-from helpers import tiny_family, write_space
+import torch
+from helpers import assert_one_line_error, run_cli, tiny_family, write_space
 
-from optimizer.evaluate.vllm import tied_embedding
+from optimizer.errors import MergeoptError
+from optimizer.evaluate.vllm import check_engine_device, tied_embedding
+from optimizer.evaluate.vllm_worker import engine_device
 
 
 def test_a_search_on_vllm_without_vllm_is_refused_before_the_run_folder(search_setup, tmp_path):
@@ -28,3 +32,25 @@ def test_the_tied_embedding_is_named_from_the_checkpoint_headers(tmp_path):
     untied_base, _ = tiny_family(tmp_path / "untied", 1)
     assert tied_embedding(tied_base) == "model.embed_tokens.weight"
     assert tied_embedding(untied_base) is None
+
+
+def test_the_worker_engine_device_is_the_host_or_the_workers_own():
+    import torch
+
+    assert engine_device("cpu", "cuda:0") == torch.device("cpu")  # mapped on the host, built into the GPU's weights
+    assert engine_device(None, "cuda:0") == torch.device("cuda:0")  # default: where the live weights are
+    assert engine_device("cuda", "cuda:1") == torch.device("cuda:1")  # the worker's GPU, whatever its index
+    assert engine_device(None, torch.device("cpu")) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("command", ["search", "eval"])
+def test_an_engine_device_the_worker_cannot_use_is_refused_before_the_run_folder(search_setup, tmp_path, command):
+    space = write_space(search_setup, f"engine-device-{command}", backend="vllm")
+    args = ([str(space), "--run-dir", str(tmp_path / "run"), "--quiet"] if command == "search"
+            else [str(search_setup / "models" / "m0"), "--tasks", str(search_setup / "tasks.yaml"), "--backend", "vllm"])
+    done = run_cli(command, *args, "--engine-device", "cuda:1")
+    assert_one_line_error(done, "--engine-device cuda:1", "use cpu")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(MergeoptError, match="torch sees no CUDA device") if not torch.cuda.is_available() else nullcontext():
+        check_engine_device("cuda")
+    check_engine_device("cpu")

@@ -37,7 +37,7 @@ def tied(tmp_path_factory):
     # a temp folder of its own for this process and vLLM's, so the no-file test sees only what they write
     private_tmp, saved = tmp_path_factory.mktemp("private-tmp"), os.environ.get("TMPDIR")
     os.environ["TMPDIR"], tempfile.tempdir = str(private_tmp), None
-    backend = VLLMBackend(base)
+    backend = VLLMBackend(base, engine_device="cpu")  # the worker's engine maps the models (its device here anyway)
     yield engine, HFBackend(base, device="cpu"), backend, base, models
     backend.close()
     if saved is None:
@@ -73,6 +73,7 @@ def test_tied_model_scores_as_transformers_on_every_load(tied):
         backend.swap(engine, recipe)
         seen.append(backend.loglikelihood(REQUESTS))
         assert_same(hf.loglikelihood(REQUESTS), seen[-1])
+    assert backend.last_build["engine_device"] == "cpu"
     # every load changed the model (a stale head or body would repeat a value)
     firsts = [values[0][0] for values in seen]
     assert len({round(v, 4) for v in firsts}) == len(firsts), firsts
