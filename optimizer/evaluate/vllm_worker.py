@@ -153,15 +153,14 @@ def with_output_head(weights: Iterable, tied_embedding: str | None) -> Iterator:
 
 
 def folder_tensors(folder: str | Path) -> Iterator:
-    """``(name, tensor)`` of a model folder's safetensors files, one at a time (pickles are never read here)."""
+    """``(name, tensor)`` of a model folder's safetensors files (shards in their index's order), one fresh tensor at a
+    time; pickled weights are refused in one line, as everywhere (checkpoint.weight_files)."""
     from safetensors import safe_open
 
-    from optimizer.errors import MergeoptError
+    from optimizer.merge.checkpoint import weight_files
 
-    files = sorted(Path(folder).glob("*.safetensors"))
-    if not files:
-        raise MergeoptError(f"{folder} has no safetensors weights; the vllm backend reloads only safetensors")
+    _, files = weight_files(folder)  # allow_pickle=False: a pickle-only folder never gets here
     for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             for name in handle.keys():
-                yield name, handle.get_tensor(name)
+                yield name, handle.get_tensor(name)  # a new tensor each (the loader may keep it until its layer is done)

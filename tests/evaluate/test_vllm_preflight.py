@@ -54,3 +54,19 @@ def test_an_engine_device_the_worker_cannot_use_is_refused_before_the_run_folder
     with pytest.raises(MergeoptError, match="torch sees no CUDA device") if not torch.cuda.is_available() else nullcontext():
         check_engine_device("cuda")
     check_engine_device("cpu")
+
+
+def test_a_folders_weights_are_read_from_safetensors_only(tmp_path):
+    from optimizer.evaluate.vllm_worker import folder_tensors
+    from optimizer.merge.checkpoint import load_state_dict
+
+    base, _ = tiny_family(tmp_path / "models", 1)
+    read = list(folder_tensors(base))
+    expected = load_state_dict(base)
+    assert [name for name, _ in read] and dict(read).keys() == expected.keys()
+    assert all(tensor.equal(expected[name]) for name, tensor in read)
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    torch.save({"w": torch.zeros(2)}, pickled / "pytorch_model.bin")
+    with pytest.raises(MergeoptError, match="pickled weights"):
+        list(folder_tensors(pickled))
