@@ -1,7 +1,7 @@
 """Merging the smollm2 family: parents, a small grid of four methods, and mergeopt searches, on held-out items.
 
     python benchmarks/smollm2_merges.py --search-items 40 --heldout-items 200 --seeds 0 1 2 \
-        --parts parents grid search --search-trials 24 [--out benchmarks/smollm2-merges.json]
+        --parts parents grid search --search-trials 20 [--out benchmarks/smollm2-merges.json]
 
 * parents: the base and each fine-tune;
 * grid: task arithmetic (weight), TIES (weight x density), DARE-linear and DARE-TIES (weight x drop rate), one
@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--parts", nargs="+", default=["parents", "grid", "search"])
     parser.add_argument("--searches", nargs="+", default=list(SEARCHES))
-    parser.add_argument("--search-trials", type=int, default=24)
+    parser.add_argument("--search-trials", type=int, default=20)
     parser.add_argument("--cache", type=Path, default=None)
     parser.add_argument("--reduced", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "smollm2-merges.json")
