@@ -154,20 +154,21 @@ def main() -> None:
     if "search" in args.parts:
         searches = raw.setdefault("search", {})
         work = Path(tempfile.mkdtemp(prefix="mergeopt-smollm2-"))
-        for label in args.searches:
+        for seed, label in itertools.product(args.seeds, args.searches):  # seed-major: a cut run has every search
             runs = searches.setdefault(label, [])
-            for seed in args.seeds[len(runs):]:
-                run = run_search_once(folders, label, seed, args.search_trials, args.search_items, work)
-                recipe = Recipe.from_dict(run["recipe"]) if isinstance(run["recipe"], dict) else None
-                if recipe is None:
-                    import yaml
+            if any(run["seed"] == seed for run in runs):
+                continue
+            run = run_search_once(folders, label, seed, args.search_trials, args.search_items, work)
+            recipe = Recipe.from_dict(run["recipe"]) if isinstance(run["recipe"], dict) else None
+            if recipe is None:
+                import yaml
 
-                    recipe = Recipe.from_dict(yaml.safe_load(run["recipe"]))
-                run["heldout"] = scorer.recipe(recipe, "heldout")
-                runs.append(run)
-                save()
-                log(f"search {label} seed {seed}: {run['trials']} trials in {run['seconds']:.0f}s, "
-                    f"held-out mean {mean(run['heldout']):.3f}")
+                recipe = Recipe.from_dict(yaml.safe_load(run["recipe"]))
+            run["heldout"] = scorer.recipe(recipe, "heldout")
+            runs.append(run)
+            save()
+            log(f"search {label} seed {seed}: {run['trials']} trials in {run['seconds']:.0f}s, "
+                f"held-out mean {mean(run['heldout']):.3f}")
     print(tables(raw))
 
 
