@@ -495,3 +495,77 @@ def test_mergekit_missing_is_one_line(families, tmp_path):
     assert not (tmp_path / "karcher").exists()
     assert outcomes["slerp"].returncode == 0, outcomes["slerp"].stderr[-500:]
     assert (tmp_path / "slerp" / "model.safetensors").is_file()
+
+
+# ---- recipes a search exports, for the methods whose own parameters are genes ----------------------------------------
+# (family, models used, space keys): each space's recipe at a random genome is merged by both tools. slerp's t per
+# layer group and module is a mergekit gradient list under {filter, value} conditions, like mergekit's own examples.
+SEARCHED = {
+    "slerp-layer-groups-modules": ("llama", 1, {"merge_method": "slerp", "granularity": {"layer_groups": 3},
+                                                "modules": ["self_attn", "mlp"]}),
+    "slerp-gradient": ("mistral", 1, {"merge_method": "slerp", "granularity": {"gradient": 2},
+                                      "bounds": {"t": [0.2, 0.9]}}),
+    "nuslerp-per-layer": ("qwen2", 2, {"merge_method": "nuslerp", "granularity": "per_layer",
+                                       "fixed": {"nuslerp_row_wise": True, "nuslerp_flatten": False}}),
+    "nuslerp-per-model": ("llama", 2, {"merge_method": "nuslerp"}),
+    "breadcrumbs-gamma-lambda": ("llama", 3, {"merge_method": "breadcrumbs",
+                                              "bounds": {"gamma": [0.0, 0.1], "lambda": [0.5, 1.5]}}),
+    "breadcrumbs_ties-gamma-per-layer": ("mistral", 2, {"merge_method": "breadcrumbs_ties", "granularity": "per_layer",
+                                                        "bounds": {"gamma": [0.0, 0.1]}}),
+    "ties-lambda-gradient": ("gpt2", 3, {"merge_method": "ties", "granularity": {"gradient": 2},
+                                         "bounds": {"lambda": [0.5, 1.5]}}),
+}
+
+
+def searched_recipe(family, n: int, keys: dict, seed: int = 0) -> dict:
+    """The mergekit YAML (as exported) of a search space's recipe at a random genome."""
+    from optimizer.space import parse_space
+
+    base, models = family
+    space = parse_space({"name": "s", "base_model": base, "models": models[:n], "objectives": ["a"], **keys})
+    gen = torch.Generator().manual_seed(seed)
+    recipe = space.recipe(torch.rand(space.dimension, generator=gen).tolist())
+    return yaml.safe_load(recipe.to_yaml())
+
+
+@pytest.mark.parametrize("form", sorted(SEARCHED))
+def test_recipes_searched_over_a_methods_own_parameters_merge_as_mergekit_merges_them(form, families, tmp_path,
+                                                                                        capsys):
+    family, n, keys = SEARCHED[form]
+    config = searched_recipe(families[family], n, keys)
+    assert "mergeopt" in config  # mergekit reads the exported file as it is, with mergeopt's block
+    theirs = run_mergekit(config, tmp_path / "mergekit-out")
+    code, ours, err = run_mergeopt(config, tmp_path, capsys)
+    assert code == 0 and "through mergekit" not in err, err
+    assert_same(ours, theirs, form, rel=TORCH_REL)
+
+
+def test_a_searched_della_recipe_moves_the_share_of_elements_mergekit_moves(families, tmp_path, capsys):
+    """DELLA with epsilon genes (capped inside the density's bounds): random in both tools, compared on shares."""
+    config = searched_recipe(families["llama"], 3, {"merge_method": "della", "bounds": {"epsilon": [0.05, 0.3]},
+                                                    "granularity": {"layer_groups": 3}}, seed=1)
+    assert all("epsilon" in m["parameters"] for m in config["models"])
+    theirs = run_mergekit(config, tmp_path / "mergekit-out")
+    code, ours, err = run_mergeopt(config, tmp_path, capsys)
+    assert code == 0 and "through mergekit" not in err, err
+    base = read_folder(Path(families["llama"][0]))
+    moved = [sum(int((out[n] != base[n]).sum()) for n in theirs) for out in (ours, theirs)]
+    total = sum(t.numel() for t in theirs.values())
+    assert abs(moved[0] - moved[1]) / total < 0.02, moved
+
+
+def test_mergekit_yaml_accepts_a_searched_slerp_recipe(families, tmp_path, capsys):
+    """The command itself (not only its Python API): mergekit-yaml merges the exported slerp recipe to mergeopt's
+    tensors."""
+    config = searched_recipe(families["llama"], 1, SEARCHED["slerp-layer-groups-modules"][2], seed=2)
+    path = tmp_path / "slerp.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    command = Path(sys.executable).parent / "mergekit-yaml"
+    if not command.is_file():
+        pytest.skip("mergekit-yaml is not installed next to this Python")
+    done = subprocess.run([str(command), str(path), str(tmp_path / "mergekit-out"), "--random-seed", "0"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    code, ours, err = run_mergeopt(config, tmp_path, capsys)
+    assert code == 0, err
+    assert_same(ours, read_folder(tmp_path / "mergekit-out"), "mergekit-yaml slerp", rel=TORCH_REL)
