@@ -314,7 +314,7 @@ def resolve_reference(reference: str, root: Path | None = None) -> str:
     return reference
 
 
-def mergekit_only_reason(data: dict) -> str | None:
+def mergekit_only_reason(data: dict, root: Path | None = None) -> str | None:
     """Why a mergekit configuration needs mergekit itself (None: the fused engine runs it)."""
     method = data.get("merge_method")
     if method in METHODS and not METHODS[method].in_engine:
@@ -323,7 +323,36 @@ def mergekit_only_reason(data: dict) -> str | None:
         if data.get(key) is not None:
             return {"slices": "a 'slices:' recipe (not one full-range slice per model)",
                     "modules": "a 'modules:' recipe", "tokenizer": "a 'tokenizer:' block"}[key]
+    for reference in model_references(data):
+        if split_lora(reference, root) is not None:
+            return f"the LoRA reference {reference} (mergekit applies the adapter to a temporary copy of the model)"
     return None
+
+
+def model_references(data: dict) -> list[str]:
+    """Every model reference of a configuration's base_model, models and slices (strings as written)."""
+    refs = [data.get("base_model")]
+    entries = list(data.get("models") or [])
+    for out_slice in data.get("slices") or []:
+        if isinstance(out_slice, dict):
+            entries += list(out_slice.get("sources") or [])
+            refs.append(out_slice.get("base_model"))
+    refs += [e.get("model") if isinstance(e, dict) else e for e in entries]
+    return [r for r in refs if isinstance(r, str)]
+
+
+def split_lora(reference: str, root: Path | None = None) -> tuple[str, str] | None:
+    """(model, adapter) of mergekit's ``MODEL+ADAPTER`` reference (a LoRA applied to the model); None for a plain
+    reference (a folder whose name holds a '+' is that folder)."""
+    if "+" not in reference:
+        return None
+    path = Path(reference).expanduser()
+    if path.exists() or (root is not None and not path.is_absolute() and (root / path).exists()):
+        return None
+    model, _, adapter = reference.partition("+")
+    if not model or not adapter or "+" in adapter:
+        raise MergeoptError(f"model reference {reference!r}: expected MODEL+ADAPTER (one '+'), as mergekit reads it")
+    return model, adapter
 
 
 def fold_full_range_slices(data: dict, root: Path | None = None) -> dict:

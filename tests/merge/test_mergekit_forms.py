@@ -337,6 +337,9 @@ REFUSED = {
     "della-epsilon-past-density": ("llama", lambda b, m: models_form(
         b, m, "della", [{"weight": 0.5, "density": 0.9, "epsilon": 0.15}], n=1),
         r"density 0.9 \+/- epsilon 0.15 must stay within \(0, 1\)"),
+    "lora-folder-is-not-an-adapter": ("llama", lambda b, m: models_form(b, [f"{m[0]}+{m[1]}", m[2]], "task_arithmetic",
+                                                                     BASIC, n=2),
+                                      "is not a PEFT adapter folder"),
     "hub-id-not-cached": ("llama", lambda b, m: {"merge_method": "task_arithmetic", "base_model": b,
                                                  "models": [{"model": "no-such-org/no-such-model@v1",
                                                              "parameters": {"weight": 1}}]},
@@ -569,3 +572,53 @@ def test_mergekit_yaml_accepts_a_searched_slerp_recipe(families, tmp_path, capsy
     code, ours, err = run_mergeopt(config, tmp_path, capsys)
     assert code == 0, err
     assert_same(ours, read_folder(tmp_path / "mergekit-out"), "mergekit-yaml slerp", rel=TORCH_REL)
+
+
+# ---- LoRA references: model+adapter ------------------------------------------------------------------------------
+def lora_adapter(model: str, folder: Path, seed: int = 0) -> Path:
+    """A tiny PEFT LoRA adapter (rank 4 on q_proj and v_proj) with non-zero B matrices, saved as safetensors."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(seed)
+    tuned = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(model),
+                                peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    tuned.save_pretrained(folder)
+    assert (folder / "adapter_model.safetensors").is_file()
+    return folder
+
+
+def test_a_lora_reference_merges_through_mergekit_as_mergekit_yaml_does(families, tmp_path, capsys):
+    """mergekit applies the adapter to a copy of the model (its --lora-merge-cache), then merges; mergeopt hands such a
+    recipe to mergekit with a note, checks the adapter folder first, and leaves no copy behind."""
+    base, models = families["llama"]
+    adapter = lora_adapter(models[0], tmp_path / "adapter")
+    config = models_form(base, [f"{models[0]}+{adapter}", models[1]], "task_arithmetic", BASIC, n=2)
+    merge_config = MergeConfiguration.model_validate(copy.deepcopy(config))
+    mergekit_merge.run_merge(merge_config, str(tmp_path / "mergekit-out"),
+                             MergeOptions(quiet=True, lora_merge_cache=str(tmp_path / "lora-cache")))
+    theirs = read_folder(tmp_path / "mergekit-out")
+    code, ours, err = run_mergeopt(config, tmp_path, capsys)
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "merging through mergekit" in line]
+    assert len(notes) == 1 and "LoRA reference" in notes[0], err
+    assert set(ours) == set(theirs) and all(torch.equal(ours[n], theirs[n]) for n in theirs)
+    assert not list(tmp_path.glob(".mergeopt-out.lora-*"))  # the adapted copy is removed
+    # the adapter took part: without it the attention projections come out otherwise, the MLPs the same
+    plain = run_mergekit(models_form(base, models, "task_arithmetic", BASIC, n=2), tmp_path / "plain")
+    changed = {n for n in theirs if not torch.equal(plain[n], theirs[n])}
+    assert changed and all("q_proj" in n or "v_proj" in n for n in changed)
+
+
+def test_a_pickled_lora_adapter_is_refused_unless_allowed(families, tmp_path, capsys):
+    base, models = families["llama"]
+    adapter = lora_adapter(models[0], tmp_path / "adapter")
+    (adapter / "adapter_model.safetensors").rename(adapter / "adapter_model.bin")
+    capsys.readouterr()  # the adapter's own build
+    config = models_form(base, [f"{models[0]}+{adapter}", models[1]], "task_arithmetic", BASIC, n=2)
+    code, _, err = run_mergeopt(config, tmp_path, capsys)
+    assert code == 1 and err.strip().count("\n") == 0
+    assert "is pickled (adapter_model.bin); convert it to safetensors, or pass --allow-pickle" in err
+    assert not (tmp_path / "mergeopt-out").exists()
