@@ -579,7 +579,7 @@ def parse_space(data: Any, source: str = "space", root: Path = Path("."), defaul
         kind, k = next(iter(g.items()))
         granularity, groups, interpolate = kind, k, kind == "gradient"
 
-    bounds = config.bounds or BoundsConfig()
+    bounds = config.bounds or BoundsConfig.model_validate({})
     fixed = dict(config.fixed or {})
     if facts is None:
         settable = [p.name for p in METHODS[method].parameters if p.name not in ("weight", "density")]
