@@ -58,6 +58,11 @@ def test_a_short_search_varies_the_methods_own_parameters(method, search_setup, 
         assert [c.get("filter") for c in t] == ["self_attn", "mlp", None]
         assert t[0]["value"] == [table.loc[0, "t.all.self_attn.g0"], table.loc[0, "t.all.self_attn.g1"]]
         assert all(0.0 <= v <= 1.0 for v in t[0]["value"] + t[1]["value"])
+        # the report's per-layer view shows t (not a weight slerp does not have)
+        from optimizer.report import layer_values
+
+        values = layer_values(first, reread)
+        assert set(values) == {"t"} and values["t"]["m1 self_attn"] == t[0]["value"]
     elif method == "nuslerp":
         assert [m.parameters["weight"] for m in first.models] == [table.loc[0, "weight.m1"], table.loc[0, "weight.m2"]]
         assert first.parameters == {"nuslerp_flatten": False}
