@@ -278,6 +278,8 @@ class Recipe:
     def load(cls, path: str | Path) -> Recipe:
         path = Path(path)
         data = read_yaml_file(path, "recipe file")
+        if isinstance(data, dict):
+            data = plain_references(data)
         if isinstance(data, dict) and data.get("slices") is not None:
             data = fold_full_range_slices(data, path.parent)
         recipe = cls.from_dict(data, source=str(path))
@@ -323,10 +325,55 @@ def mergekit_only_reason(data: dict, root: Path | None = None) -> str | None:
         if data.get(key) is not None:
             return {"slices": "a 'slices:' recipe (not one full-range slice per model)",
                     "modules": "a 'modules:' recipe", "tokenizer": "a 'tokenizer:' block"}[key]
+    for entry in [data.get("base_model")] + [m.get("model") for m in data.get("models") or [] if isinstance(m, dict)]:
+        if isinstance(entry, dict):
+            return "a model reference with override_architecture"
     for reference in model_references(data):
         if split_lora(reference, root) is not None:
             return f"the LoRA reference {reference} (mergekit applies the adapter to a temporary copy of the model)"
     return None
+
+
+def plain_references(data: dict) -> dict:
+    """The configuration with every model reference written as a mapping (mergekit's ``{model: {path, revision},
+    lora}`` form) turned into the equivalent string (``path@revision+lora``); a mapping with
+    ``override_architecture`` has no string form and stays (mergekit runs it)."""
+
+    def plain(ref: Any, where: str) -> Any:
+        if not isinstance(ref, dict):
+            return ref
+        unknown = set(ref) - {"model", "lora", "override_architecture"}
+        if unknown or "model" not in ref:
+            raise MergeoptError(f"{where}: a model reference mapping takes model, lora and override_architecture, "
+                                f"got {sorted(ref)}")
+        if ref.get("override_architecture") is not None:
+            return {**ref, "model": path_of(ref["model"], where), **(
+                {"lora": path_of(ref["lora"], where)} if ref.get("lora") is not None else {})}
+        model = path_of(ref["model"], where)
+        return model if ref.get("lora") is None else f"{model}+{path_of(ref['lora'], where)}"
+
+    def path_of(value: Any, where: str) -> str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, dict) and isinstance(value.get("path"), str) and set(value) <= {"path", "revision"}:
+            return value["path"] + (f"@{value['revision']}" if value.get("revision") else "")
+        raise MergeoptError(f"{where}: expected a path or {{path, revision}}, got {value!r}")
+
+    out = copy.deepcopy(data)
+    if "base_model" in out:
+        out["base_model"] = plain(out["base_model"], "base_model")
+    for i, entry in enumerate(out.get("models") or []):
+        if isinstance(entry, dict) and "model" in entry:
+            entry["model"] = plain(entry["model"], f"models[{i}].model")
+    for i, out_slice in enumerate(out.get("slices") or []):
+        if not isinstance(out_slice, dict):
+            continue
+        if "base_model" in out_slice:
+            out_slice["base_model"] = plain(out_slice["base_model"], f"slices[{i}].base_model")
+        for j, src in enumerate(out_slice.get("sources") or []):
+            if isinstance(src, dict) and "model" in src:
+                src["model"] = plain(src["model"], f"slices[{i}].sources[{j}].model")
+    return out
 
 
 def model_references(data: dict) -> list[str]:
@@ -338,6 +385,9 @@ def model_references(data: dict) -> list[str]:
             entries += list(out_slice.get("sources") or [])
             refs.append(out_slice.get("base_model"))
     refs += [e.get("model") if isinstance(e, dict) else e for e in entries]
+    # a mapping reference (override_architecture) counts as its model, plus its adapter when it has one
+    refs = [f"{r['model']}+{r['lora']}" if isinstance(r, dict) and r.get("lora") else
+            r.get("model") if isinstance(r, dict) else r for r in refs]
     return [r for r in refs if isinstance(r, str)]
 
 

@@ -29,6 +29,7 @@ from optimizer.recipe import (
     fold_full_range_slices,
     mergekit_only_reason,
     model_references,
+    plain_references,
     resolve_reference,
     split_lora,
 )
@@ -56,6 +57,7 @@ def route(data: Any, root: Path) -> tuple[dict, str | None]:
     if "merge_method" not in data:
         raise MergeoptError("missing key 'merge_method'")
     method_spec(data["merge_method"])  # an unknown method is one line, whichever engine would run it
+    data = plain_references(data)
     if data.get("slices") is not None:
         data = fold_full_range_slices(data, root)
     reason = mergekit_only_reason(data, root)
@@ -94,7 +96,10 @@ def prepare(data: dict, root: Path, allow_pickle: bool = False) -> dict:
     config = {k: copy.deepcopy(v) for k, v in data.items() if k != "mergeopt"}
     folders: list[str] = []
 
-    def local(ref: Any, where: str) -> str:
+    def local(ref: Any, where: str) -> Any:
+        if isinstance(ref, dict) and isinstance(ref.get("model"), str):  # with override_architecture
+            return {**ref, "model": local(ref["model"], where), **(
+                {"lora": _adapter_folder(ref["lora"], root, where, allow_pickle)} if ref.get("lora") else {})}
         if not isinstance(ref, str):
             raise MergeoptError(f"{where}: expected a model reference, got {ref!r}")
         lora = split_lora(ref, root)
@@ -196,9 +201,12 @@ def _check_input_count(spec, config: dict) -> None:
     entries = config.get("models")
     if entries is None:
         return
-    names = {e["model"] for e in entries} | ({config["base_model"]} if config.get("base_model") else set())
-    if spec.base != "ignored":  # counted besides the base, as mergekit's contracts do
-        names.discard(config.get("base_model"))
+    def key(ref: Any) -> str:  # a mapping reference (override_architecture) by its content
+        return ref if isinstance(ref, str) else json.dumps(ref, sort_keys=True)
+
+    names = {key(e["model"]) for e in entries} | ({key(config["base_model"])} if config.get("base_model") else set())
+    if spec.base != "ignored" and config.get("base_model"):  # counted besides the base, as mergekit's contracts do
+        names.discard(key(config["base_model"]))
     if len(names) < spec.min_models or (spec.max_models is not None and len(names) > spec.max_models):
         want = (f"exactly {spec.min_models}" if spec.min_models == spec.max_models
                 else f"at least {spec.min_models}" if spec.max_models is None else f"at most {spec.max_models}")

@@ -252,6 +252,10 @@ AGREE = {
                                 for x, p in zip([b, *m], [{}, *TIES3], strict=True)]}]}),
     "sharded-checkpoint": ("sharded", lambda b, m: models_form(b, m, "ties", TIES3)),
     "gpt2-ties": ("gpt2", lambda b, m: models_form(b, m, "ties", TIES3)),
+    # mergekit's ModelReference as a mapping ({model: {path, revision}}): the same as the path
+    "model-reference-mapping": ("qwen2", lambda b, m: {
+        "merge_method": "task_arithmetic", "base_model": {"model": {"path": b}},
+        "models": [{"model": {"model": {"path": x}}, "parameters": p} for x, p in zip(m, W3, strict=True)]}),
     "dtype-float32-out-bfloat16": ("llama", lambda b, m: models_form(b, m, "task_arithmetic", W3, dtype="float32",
                                                                     out_dtype="bfloat16")),
     "bf16-checkpoint-dtype-float32": ("bf16", lambda b, m: models_form(b, m, "ties", TIES3, dtype="float32")),
@@ -322,6 +326,9 @@ THROUGH_MERGEKIT = {
         b, m, "task_arithmetic", W3, tokenizer={"source": "union", "pad_to_multiple_of": 32,
                                                 "tokens": {"<s>": {"source": {"kind": "zero"}},
                                                            "</s>": {"source": m[0], "force": True}}})),
+    "model-reference-override-architecture": ("llama", lambda b, m: models_form(
+        b, [{"model": {"path": m[0]}, "override_architecture": "LlamaForCausalLM"}, m[1]], "task_arithmetic",
+        BASIC, n=2)),
     "basic-granite-copy": ("granite", lambda b, m: models_form(b, m, "passthrough", [{}], with_base=False, n=1,
                                                                dtype="bfloat16")),
 }
