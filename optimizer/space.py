@@ -652,6 +652,9 @@ def parse_space(data: Any, source: str = "space", root: Path = Path("."), defaul
         space.groups = space.num_layers
     if space.groups > max(1, space.num_layers) and not space.interpolate:
         raise _fail(source, "granularity.layer_groups", f"{space.groups} groups but the model has {space.num_layers} layers")
+    if facts is None and method == "nuslerp" and granularity == "global":
+        raise MergeoptError(f"{source}: granularity: global gives both nuslerp models one weight, so they always "
+                            "interpolate half way (t = w2 / (w1 + w2) = 0.5); use per_model or finer")
     if facts is None and not space.searched():
         raise MergeoptError(f"{source}: fixed: fixes every parameter of {method}, so there is nothing to search; "
                             "merge the recipe once with 'mergeopt merge', or drop a parameter from fixed")

@@ -108,6 +108,8 @@ def test_della_epsilon_is_capped_inside_density_bounds_at_every_knot(search_setu
     ({"merge_method": "della", "fixed": {"epsilon": [0.1, 0.2]}}, "fixed.epsilon: a della search space takes one "
                                                                   "number"),
     ({"bounds": {"lamda": [0, 1]}}, r"bounds: unknown entry 'lamda' \(did you mean 'lambda'\?\)"),
+    ({"merge_method": "nuslerp", "models": ["models/m1", "models/m2"], "granularity": "global"},
+     r"global gives both nuslerp models one weight, so they always interpolate half way"),
 ])
 def test_searching_a_method_without_genes_is_one_line(override, message, search_setup):
     with pytest.raises(MergeoptError, match=message):
