@@ -84,6 +84,9 @@ class Objective:
     metric: str | None = None
 
 
+USE = "use"  # the gene of a method that searches which models take part (model_stock): in when >= 0.5
+
+
 @dataclass(frozen=True)
 class SearchedParameter:
     """A parameter the space varies: its name (a recipe parameter, or drop_rate = 1 - density), whether each model
@@ -202,6 +205,8 @@ class SearchSpace:
         """The parameters this space varies, in gene order: weight, drop_rate, then the method's others."""
         spec = METHODS[self.merge_method]
         out = []
+        if spec.selects_models:
+            return [SearchedParameter(USE, True, 0.0, 1.0)]
         if spec.has("weight"):
             out.append(SearchedParameter("weight", spec.parameter("weight").scope != SHARED, *self.weight_bounds))
         if self.uses_drop_rate:
@@ -238,6 +243,8 @@ class SearchSpace:
             if len(genome) != len(genes):
                 raise ValueError(f"genome has {len(genome)} values, the space has {len(genes)} genes")
             genome = {g.name: float(v) for g, v in zip(genes, genome)}
+        if METHODS[self.merge_method].selects_models:
+            return self._selection_recipe(genome, genes, seed)
         knots: dict[tuple[str, int, int], list[float]] = {}  # (param, model, module) -> a value per layer group
         for gene in genes:
             knots.setdefault((gene.param, gene.model, gene.module), [0.0] * self.groups)[gene.group] = \
@@ -263,6 +270,18 @@ class SearchSpace:
         specs = [ModelSpec(path, {name: self._setting(series) for name, series in params.items()})
                  for path, params in zip(self.models, own, strict=True)]
         return Recipe(self.merge_method, specs, base_model=self.base_model, parameters=parameters,
+                      dtype=self.dtype, seed=self.seed if seed is None else seed)
+
+    def _selection_recipe(self, genome: dict[str, float], genes: list[Gene], seed: int | None) -> Recipe:
+        """model_stock: the models whose gene is >= 0.5, or the method's minimum count of highest genes when fewer
+        are (every genome is a valid recipe); in the space's order."""
+        minimum = METHODS[self.merge_method].min_models
+        units = [genome[g.name] for g in genes]
+        chosen = {m for m, u in enumerate(units) if u >= 0.5}
+        if len(chosen) < minimum:
+            chosen = set(sorted(range(len(units)), key=lambda m: (-units[m], m))[:minimum])
+        specs = [ModelSpec(path) for m, path in enumerate(self.models) if m in chosen]
+        return Recipe(self.merge_method, specs, base_model=self.base_model, parameters=copy.deepcopy(self.fixed),
                       dtype=self.dtype, seed=self.seed if seed is None else seed)
 
     def _keep_della_valid(self, own: list[dict[str, list[list[float]]]]) -> None:
@@ -652,6 +671,13 @@ def parse_space(data: Any, source: str = "space", root: Path = Path("."), defaul
         space.groups = space.num_layers
     if space.groups > max(1, space.num_layers) and not space.interpolate:
         raise _fail(source, "granularity.layer_groups", f"{space.groups} groups but the model has {space.num_layers} layers")
+    if facts is None and METHODS[method].selects_models:
+        if granularity != "per_model" or modules:
+            raise MergeoptError(f"{source}: granularity: {method} searches which models take part, one gene per model; "
+                                "use granularity per_model and no modules")
+        if len(models) < METHODS[method].min_models + 1:
+            raise MergeoptError(f"{source}: models: a {method} search chooses among the models and takes at least "
+                                f"{METHODS[method].min_models}; list at least {METHODS[method].min_models + 1}")
     if facts is None and method == "nuslerp" and granularity == "global":
         raise MergeoptError(f"{source}: granularity: global gives both nuslerp models one weight, so they always "
                             "interpolate half way (t = w2 / (w1 + w2) = 0.5); use per_model or finer")

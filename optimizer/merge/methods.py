@@ -110,6 +110,9 @@ class MethodSpec:
     sparsification: str | None = None
     consensus: bool = False  # fused only: TIES sign election
     whole_weights: bool = False  # linear: merges full weights, not deltas against a base
+    # a search space chooses which of its models take part (a gene per model: in when >= 0.5), for a method with no
+    # numeric parameter to vary (model_stock computes its interpolation factor from the models themselves)
+    selects_models: bool = False
     summary: str = ""
 
     @property
@@ -196,7 +199,7 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in (
     MethodSpec("karcher", (Parameter("max_iter", int, SHARED, 10, 1), Parameter("tol", float, SHARED, 1e-5, 0.0)),
                "ignored", "mergekit", summary="Riemannian (Karcher) mean"),
     MethodSpec("model_stock", (Parameter("filter_wise", bool, SHARED, False),), "required", "torch",
-               min_models=2, summary="interpolation towards the base by the angle between deltas"),
+               min_models=2, selects_models=True, summary="interpolation towards the base by the angle between deltas"),
     MethodSpec("nearswap", (Parameter("t", float, SHARED, low=0.0),), "required", "mergekit", min_models=1,
                max_models=1, summary="takes the other model's elements where they are near the base's"),
     MethodSpec("arcee_fusion", (), "required", "mergekit", min_models=1, max_models=1,
@@ -222,10 +225,10 @@ def gene_parameters(spec: MethodSpec) -> tuple[Parameter, ...]:
 
 
 # Methods a search space may vary: built by mergeopt's engine (in memory, into a live model) with at least one numeric
-# parameter to search. linear is left out: a space's genes are relative to its base model, which linear averages in
-# as one more input. model_stock has no numeric parameter (its interpolation factor comes from the deltas' angles).
+# parameter to search, or a choice of models (model_stock). linear is left out: a space's genes are relative to its
+# base model, which linear averages in as one more input.
 SEARCHABLE_METHODS = tuple(name for name, spec in METHODS.items()
-                           if spec.in_engine and not spec.whole_weights and gene_parameters(spec))
+                           if spec.in_engine and not spec.whole_weights and (gene_parameters(spec) or spec.selects_models))
 # Every parameter name some method reads: mergekit ignores a known name the chosen method does not read (lambda on
 # linear), so such a name is kept and ignored here too; a name no method knows is a typo and refused.
 KNOWN_PARAMETERS = frozenset(p.name for spec in METHODS.values() for p in spec.parameters)
@@ -427,6 +430,8 @@ def search_genes(spec: MethodSpec) -> str:
     a space's ``bounds`` may add."""
     if spec.name not in SEARCHABLE_METHODS:
         return ""
+    if spec.selects_models:
+        return f"`use`* [0, 1]: which models take part (>= 0.5; at least {spec.min_models})"
     star = {p.name: "*" if p.scope != SHARED else "" for p in spec.parameters}
     genes = gene_parameters(spec)
     always = [f"`{p.name}`{star[p.name]} [{_fmt(p.gene[0])}, {_fmt(p.gene[1])}]" for p in genes if p.required

@@ -601,6 +601,7 @@ SEARCHED = {
                                                         "bounds": {"gamma": [0.0, 0.1]}}),
     "ties-lambda-gradient": ("gpt2", 3, {"merge_method": "ties", "granularity": {"gradient": 2},
                                          "bounds": {"lambda": [0.5, 1.5]}}),
+    "model_stock-which-models": ("qwen2", 3, {"merge_method": "model_stock", "fixed": {"filter_wise": True}}),
 }
 
 

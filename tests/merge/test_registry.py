@@ -40,7 +40,7 @@ def test_every_mergekit_method_is_declared_with_mergekits_parameters():
 def test_fused_and_searchable_methods():
     assert FUSED_METHODS == ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
     assert SEARCHABLE_METHODS == ("task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
-                                  "breadcrumbs_ties", "della", "della_linear", "slerp", "nuslerp")
+                                  "breadcrumbs_ties", "della", "della_linear", "slerp", "nuslerp", "model_stock")
     torch_path = {name for name, spec in METHODS.items() if spec.engine == "torch"}
     assert torch_path == {"slerp", "nuslerp", "model_stock", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
     assert all(METHODS[name].in_engine and not METHODS[name].fused for name in torch_path)

@@ -31,6 +31,9 @@ SEARCHES = {
     # DELLA with epsilon per model, global granularity (one value for all models)
     "della": dict(merge_method="della", models_used=3, granularity="global", bounds={"epsilon": [0.05, 0.3]},
                   genes=["w.all", "d.all", "e.all"]),
+    # model_stock has no numeric parameter: the genes choose which models take part (at least two)
+    "model_stock": dict(merge_method="model_stock", models_used=3, fixed={"filter_wise": True},
+                        genes=["u.m1", "u.m2", "u.m3"]),
 }
 
 
@@ -48,7 +51,8 @@ def test_a_short_search_varies_the_methods_own_parameters(method, search_setup, 
     assert len(trials) == 3 and all(t.state == TrialState.COMPLETE for t in trials)
     for t in trials:
         recipe = Recipe.from_dict(yaml.safe_load(t.user_attrs["recipe"]))
-        assert recipe.merge_method == method and len(recipe.models) == n
+        assert recipe.merge_method == method
+        assert len(recipe.models) == n or (method == "model_stock" and 2 <= len(recipe.models) <= n)
     # the gene values are what the scored recipe holds (in parameter units)
     reread, study = open_run(tmp_path / "run")
     table = trials_table(study, reread)
@@ -69,6 +73,15 @@ def test_a_short_search_varies_the_methods_own_parameters(method, search_setup, 
     elif method == "breadcrumbs":
         assert [m.parameters["gamma"] for m in first.models] == [table.loc[0, "gamma.m1"], table.loc[0, "gamma.m2"]]
         assert first.parameters["lambda"] == table.loc[0, "lambda.all"]
+    elif method == "model_stock":  # the models whose gene is >= 0.5 (or the two highest)
+        for i, t in enumerate(trials):
+            recipe = Recipe.from_dict(yaml.safe_load(t.user_attrs["recipe"]))
+            units = [table.loc[i, f"use.m{k}"] for k in (1, 2, 3)]
+            chosen = [f"m{k + 1}" for k, u in enumerate(units) if u >= 0.5]
+            if len(chosen) < 2:
+                chosen = sorted(f"m{k + 1}" for k in sorted(range(3), key=lambda k: -units[k])[:2])
+            assert [m.model.rsplit("/", 1)[-1] for m in recipe.models] == chosen
+            assert recipe.parameters == {"filter_wise": True}
     else:  # DELLA: epsilon as drawn, or capped so that density +/- epsilon stays inside (0, 1)
         for t in trials:
             recipe = Recipe.from_dict(yaml.safe_load(t.user_attrs["recipe"]))
@@ -96,7 +109,11 @@ def test_della_epsilon_is_capped_inside_density_bounds_at_every_knot(search_setu
 
 
 @pytest.mark.parametrize("override,message", [
-    ({"merge_method": "model_stock"}, "'model_stock' cannot be searched: it has no numeric parameter"),
+    ({"merge_method": "model_stock", "granularity": "per_layer"}, "granularity: model_stock searches which models "
+                                                                  "take part, one gene per model"),
+    ({"merge_method": "model_stock", "models": ["models/m1", "models/m2"]}, "a model_stock search chooses among the "
+                                                                            "models and takes at least 2; list at "
+                                                                            "least 3"),
     ({"merge_method": "linear"}, r"'linear' cannot be searched \(it averages whole weights"),
     ({"merge_method": "karcher"}, "'karcher' cannot be searched; use one of"),
     ({"merge_method": "slerp", "fixed": {"t": 0.5}}, "fixes every parameter of slerp, so there is nothing to search"),
