@@ -691,13 +691,10 @@ def _not_searchable(method: str) -> str:
     """Why a merge method cannot be searched, in one line."""
     spec = METHODS.get(method)
     choices = f"use one of {', '.join(SEARCHABLE_METHODS)}"
-    if spec is None or not spec.in_engine:
-        return f"{method!r} cannot be searched; {choices}{did_you_mean(method, list(SEARCHABLE_METHODS))}"
-    if spec.whole_weights:
+    if spec is not None and spec.whole_weights:
         return (f"{method!r} cannot be searched (it averages whole weights, the base included, while a space's genes "
                 f"are relative to its base model); use task_arithmetic for a weighted sum of deltas, or {choices}")
-    return (f"{method!r} cannot be searched: it has no numeric parameter ({spec.summary}), so a search would score "
-            f"one recipe; merge it with 'mergeopt merge', or {choices}")
+    return f"{method!r} cannot be searched; {choices}{did_you_mean(method, list(SEARCHABLE_METHODS))}"
 
 
 def _check_bounds(spec, given: dict[str, tuple[float, float]], fixed: dict[str, Any], source: str) -> None:
