@@ -307,8 +307,21 @@ def methods_help() -> str:
     for spec in METHODS.values():
         runner = _runner(spec, "through mergekit")
         params = ", ".join(p.name for p in spec.parameters) or "no parameters"
-        lines.append(f"  {spec.name:<17} {runner:<23} {params}")
+        genes = _gene_names(spec)
+        lines.append(f"  {spec.name:<17} {runner:<23} {params}" + (f"  [genes: {genes}]" if genes else ""))
     return "\n".join(lines)
+
+
+def _gene_names(spec: MethodSpec) -> str:
+    """A searchable method's gene names for the CLI help: always varied, then (+ ...) those bounds may add."""
+    if spec.name not in SEARCHABLE_METHODS:
+        return ""
+    if spec.selects_models:
+        return "use (which models)"
+    genes = gene_parameters(spec)
+    always = [p.name for p in genes if p.required] + (["drop_rate"] if spec.sparsification is not None else [])
+    optional = [p.name for p in genes if not p.required]
+    return ", ".join(always) + (f" (+ {', '.join(optional)})" if optional else "")
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,10 @@ def test_cli_help_and_readme_read_the_registry():
         for p in spec.parameters:
             assert p.name in methods_help()
     assert "through mergekit" in text
+    # what a search space may vary, per searchable method
+    lines = {line.split()[0]: line for line in methods_help().splitlines()}
+    assert lines["slerp"].endswith("[genes: t]") and lines["model_stock"].endswith("[genes: use (which models)]")
+    assert lines["della"].endswith("[genes: weight, drop_rate (+ lambda, epsilon)]") and "genes" not in lines["karcher"]
 
 
 def test_a_search_space_can_bound_every_gene_the_registry_declares():
