@@ -1,7 +1,7 @@
 """Merging the smollm2 family: parents, a small grid of four methods, and mergeopt searches, on held-out items.
 
-    python benchmarks/smollm2_merges.py --search-items 24 --heldout-items 60 --seeds 0 1 2 \
-        --parts parents grid search --search-trials 16 [--out benchmarks/smollm2-merges.json]
+    python benchmarks/smollm2_merges.py --search-items 40 --heldout-items 200 --seeds 0 1 2 \
+        --parts parents grid search --search-trials 20 [--out benchmarks/smollm2-merges.json]
 
 * parents: the base and each fine-tune;
 * grid: task arithmetic (weight), TIES (weight x density), DARE-linear and DARE-TIES (weight x drop rate), one
@@ -40,11 +40,12 @@ from optimizer.recipe import ModelSpec, Recipe  # noqa: E402
 from optimizer.zoo import smollm2  # noqa: E402
 
 TASKS = ["add", "mul", "letter", "capital"]
+WEIGHTS = (0.5, 0.8, 1.0)
+DENSITIES = (0.3, 0.5, 0.7)
 GRID = {
-    "task_arithmetic": [{"weight": w} for w in (0.5, 0.8, 1.0)],
-    "ties": [{"weight": w, "density": d} for w, d in itertools.product((0.5, 1.0), (0.3, 0.7))],
-    "dare_linear": [{"weight": w, "density": d} for w, d in itertools.product((0.5, 1.0), (0.3, 0.7))],
-    "dare_ties": [{"weight": w, "density": d} for w, d in itertools.product((0.5, 1.0), (0.3, 0.7))],
+    "task_arithmetic": [{"weight": w} for w in (0.3, 0.5, 0.7, 0.8, 0.9, 1.0, 1.2)],
+    **{method: [{"weight": w, "density": d} for w, d in itertools.product(WEIGHTS, DENSITIES)]
+       for method in ("ties", "dare_linear", "dare_ties")},
 }
 RANDOM_METHODS = ("dare_linear", "dare_ties")
 SEARCHES = {
@@ -105,12 +106,12 @@ def run_search_once(folders: dict[str, Path], label: str, seed: int, trials: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--search-items", type=int, default=24)
-    parser.add_argument("--heldout-items", type=int, default=60)
+    parser.add_argument("--search-items", type=int, default=40)
+    parser.add_argument("--heldout-items", type=int, default=200)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--parts", nargs="+", default=["parents", "grid", "search"])
     parser.add_argument("--searches", nargs="+", default=list(SEARCHES))
-    parser.add_argument("--search-trials", type=int, default=16)
+    parser.add_argument("--search-trials", type=int, default=20)
     parser.add_argument("--cache", type=Path, default=None)
     parser.add_argument("--reduced", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "smollm2-merges.json")
@@ -153,20 +154,21 @@ def main() -> None:
     if "search" in args.parts:
         searches = raw.setdefault("search", {})
         work = Path(tempfile.mkdtemp(prefix="mergeopt-smollm2-"))
-        for label in args.searches:
+        for seed, label in itertools.product(args.seeds, args.searches):  # seed-major: a cut run has every search
             runs = searches.setdefault(label, [])
-            for seed in args.seeds[len(runs):]:
-                run = run_search_once(folders, label, seed, args.search_trials, args.search_items, work)
-                recipe = Recipe.from_dict(run["recipe"]) if isinstance(run["recipe"], dict) else None
-                if recipe is None:
-                    import yaml
+            if any(run["seed"] == seed for run in runs):
+                continue
+            run = run_search_once(folders, label, seed, args.search_trials, args.search_items, work)
+            recipe = Recipe.from_dict(run["recipe"]) if isinstance(run["recipe"], dict) else None
+            if recipe is None:
+                import yaml
 
-                    recipe = Recipe.from_dict(yaml.safe_load(run["recipe"]))
-                run["heldout"] = scorer.recipe(recipe, "heldout")
-                runs.append(run)
-                save()
-                log(f"search {label} seed {seed}: {run['trials']} trials in {run['seconds']:.0f}s, "
-                    f"held-out mean {mean(run['heldout']):.3f}")
+                recipe = Recipe.from_dict(yaml.safe_load(run["recipe"]))
+            run["heldout"] = scorer.recipe(recipe, "heldout")
+            runs.append(run)
+            save()
+            log(f"search {label} seed {seed}: {run['trials']} trials in {run['seconds']:.0f}s, "
+                f"held-out mean {mean(run['heldout']):.3f}")
     print(tables(raw))
 
 

@@ -278,6 +278,8 @@ class Recipe:
     def load(cls, path: str | Path) -> Recipe:
         path = Path(path)
         data = read_yaml_file(path, "recipe file")
+        if isinstance(data, dict):
+            data = plain_references(data)
         if isinstance(data, dict) and data.get("slices") is not None:
             data = fold_full_range_slices(data, path.parent)
         recipe = cls.from_dict(data, source=str(path))
@@ -314,7 +316,7 @@ def resolve_reference(reference: str, root: Path | None = None) -> str:
     return reference
 
 
-def mergekit_only_reason(data: dict) -> str | None:
+def mergekit_only_reason(data: dict, root: Path | None = None) -> str | None:
     """Why a mergekit configuration needs mergekit itself (None: the fused engine runs it)."""
     method = data.get("merge_method")
     if method in METHODS and not METHODS[method].in_engine:
@@ -323,7 +325,84 @@ def mergekit_only_reason(data: dict) -> str | None:
         if data.get(key) is not None:
             return {"slices": "a 'slices:' recipe (not one full-range slice per model)",
                     "modules": "a 'modules:' recipe", "tokenizer": "a 'tokenizer:' block"}[key]
+    for entry in [data.get("base_model")] + [m.get("model") for m in data.get("models") or [] if isinstance(m, dict)]:
+        if isinstance(entry, dict):
+            return "a model reference with override_architecture"
+    for reference in model_references(data):
+        if split_lora(reference, root) is not None:
+            return f"the LoRA reference {reference} (mergekit applies the adapter to a temporary copy of the model)"
     return None
+
+
+def plain_references(data: dict) -> dict:
+    """The configuration with every model reference written as a mapping (mergekit's ``{model: {path, revision},
+    lora}`` form) turned into the equivalent string (``path@revision+lora``); a mapping with
+    ``override_architecture`` has no string form and stays (mergekit runs it)."""
+
+    def plain(ref: Any, where: str) -> Any:
+        if not isinstance(ref, dict):
+            return ref
+        unknown = set(ref) - {"model", "lora", "override_architecture"}
+        if unknown or "model" not in ref:
+            raise MergeoptError(f"{where}: a model reference mapping takes model, lora and override_architecture, "
+                                f"got {sorted(ref)}")
+        if ref.get("override_architecture") is not None:
+            return {**ref, "model": path_of(ref["model"], where), **(
+                {"lora": path_of(ref["lora"], where)} if ref.get("lora") is not None else {})}
+        model = path_of(ref["model"], where)
+        return model if ref.get("lora") is None else f"{model}+{path_of(ref['lora'], where)}"
+
+    def path_of(value: Any, where: str) -> str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, dict) and isinstance(value.get("path"), str) and set(value) <= {"path", "revision"}:
+            return value["path"] + (f"@{value['revision']}" if value.get("revision") else "")
+        raise MergeoptError(f"{where}: expected a path or {{path, revision}}, got {value!r}")
+
+    out = copy.deepcopy(data)
+    if "base_model" in out:
+        out["base_model"] = plain(out["base_model"], "base_model")
+    for i, entry in enumerate(out.get("models") or []):
+        if isinstance(entry, dict) and "model" in entry:
+            entry["model"] = plain(entry["model"], f"models[{i}].model")
+    for i, out_slice in enumerate(out.get("slices") or []):
+        if not isinstance(out_slice, dict):
+            continue
+        if "base_model" in out_slice:
+            out_slice["base_model"] = plain(out_slice["base_model"], f"slices[{i}].base_model")
+        for j, src in enumerate(out_slice.get("sources") or []):
+            if isinstance(src, dict) and "model" in src:
+                src["model"] = plain(src["model"], f"slices[{i}].sources[{j}].model")
+    return out
+
+
+def model_references(data: dict) -> list[str]:
+    """Every model reference of a configuration's base_model, models and slices (strings as written)."""
+    refs = [data.get("base_model")]
+    entries = list(data.get("models") or [])
+    for out_slice in data.get("slices") or []:
+        if isinstance(out_slice, dict):
+            entries += list(out_slice.get("sources") or [])
+            refs.append(out_slice.get("base_model"))
+    refs += [e.get("model") if isinstance(e, dict) else e for e in entries]
+    # a mapping reference (override_architecture) counts as its model, plus its adapter when it has one
+    refs = [f"{r['model']}+{r['lora']}" if isinstance(r, dict) and r.get("lora") else
+            r.get("model") if isinstance(r, dict) else r for r in refs]
+    return [r for r in refs if isinstance(r, str)]
+
+
+def split_lora(reference: str, root: Path | None = None) -> tuple[str, str] | None:
+    """(model, adapter) of mergekit's ``MODEL+ADAPTER`` reference (a LoRA applied to the model); None for a plain
+    reference (a folder whose name holds a '+' is that folder)."""
+    if "+" not in reference:
+        return None
+    path = Path(reference).expanduser()
+    if path.exists() or (root is not None and not path.is_absolute() and (root / path).exists()):
+        return None
+    model, _, adapter = reference.partition("+")
+    if not model or not adapter or "+" in adapter:
+        raise MergeoptError(f"model reference {reference!r}: expected MODEL+ADAPTER (one '+'), as mergekit reads it")
+    return model, adapter
 
 
 def fold_full_range_slices(data: dict, root: Path | None = None) -> dict:

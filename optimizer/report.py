@@ -103,14 +103,16 @@ def progress_curves(run: Run) -> dict:
 
 
 def layer_values(recipe: Recipe, space) -> dict[str, dict[str, list[float]]]:
-    """Per parameter ("weight", "drop_rate"), per model column label: the value at every layer.
+    """Per searched parameter ("weight", "drop_rate", slerp's "t", "gamma"...), per model column label: the value at
+    every layer.
 
     Resolved with mergekit's semantics (``resolve_parameter``): per-model settings first, then the recipe's
     global parameters; a module split gives one column per model and module.
     """
     n = max(1, space.num_layers)
     modules = space.modules or [None]
-    out: dict[str, dict[str, list[float]]] = {"weight": {}, "drop_rate": {}}
+    names = [searched.name for searched in space.searched()]
+    out: dict[str, dict[str, list[float]]] = {name: {} for name in names}
     labels = dict(zip(space.models, model_labels(space.models)))
     for spec in recipe.models:
         if recipe.uses_base and spec.model == recipe.base_model:
@@ -119,20 +121,22 @@ def layer_values(recipe: Recipe, space) -> dict[str, dict[str, list[float]]]:
         scopes = [spec.parameters, recipe.parameters]
         for module in modules:
             column = label if module is None else f"{label} {module}"
-            weights, drops = [], []
-            for layer in range(n):
-                tensor = f"model.layers.{layer}.{module or 'mlp'}.weight"
-                t = layer / (n - 1) if n > 1 else 0.0
-                weights.append(float(resolve_parameter("weight", scopes, tensor, t, default=1.0)))
-                density = resolve_parameter("density", scopes, tensor, t, default=None)
-                if density is not None:
-                    drops.append(round(1.0 - float(density), 6))  # recipes hold 6 significant digits
-            out["weight"][column] = weights
-            if drops:
-                out["drop_rate"][column] = drops
-    if not out["drop_rate"]:
-        del out["drop_rate"]
-    return out
+            for name in names:
+                series = []
+                for layer in range(n):
+                    tensor = f"model.layers.{layer}.{module or 'mlp'}.weight"
+                    t = layer / (n - 1) if n > 1 else 0.0
+                    if name == "drop_rate":
+                        density = resolve_parameter("density", scopes, tensor, t, default=None)
+                        if density is not None:
+                            series.append(round(1.0 - float(density), 6))  # recipes hold 6 significant digits
+                    else:
+                        value = resolve_parameter(name, scopes, tensor, t, default=None)
+                        if value is not None:
+                            series.append(float(value))
+                if series:
+                    out[name][column] = series
+    return {name: columns for name, columns in out.items() if columns}
 
 
 def param_importances(run: Run) -> tuple[dict[str, dict[str, float]], str]:
@@ -396,7 +400,8 @@ def plot_importances(importances: dict[str, dict[str, float]]) -> bytes | None:
 
 
 def plot_layers(run: Run) -> bytes | None:
-    """Heatmaps of per-layer merge weight and drop rate, one row per front recipe, one column block per model."""
+    """Heatmaps of each searched parameter per layer (weight, drop rate, slerp's t...), one row per front recipe,
+    one column block per model."""
     if not len(run.front):
         return None
     plt = _pyplot()
@@ -405,8 +410,10 @@ def plot_layers(run: Run) -> bytes | None:
     trials = [int(n) for n in run.front["trial"]]
     per_trial = [layer_values(run.recipe(n), run.space) for n in trials]
     params = list(per_trial[0])
-    columns = list(per_trial[0]["weight"])
-    n_layers = len(next(iter(per_trial[0]["weight"].values())))
+    if not params:
+        return None
+    columns = list(per_trial[0][params[0]])
+    n_layers = len(next(iter(per_trial[0][params[0]].values())))
     width = max(6.0, min(18.0, 1.2 + 0.32 * n_layers * len(columns)))
     height = 1.5 + 0.28 * len(trials)  # per panel: title and model labels need room even for a 1-recipe front
     fig, axes = plt.subplots(len(params), 1, figsize=(width, height * len(params)), squeeze=False,
@@ -521,11 +528,12 @@ def render_html(run: Run, html_path: Path) -> str:
             else:
                 link = f'{esc(row["file"])} <span class="muted">(run mergeopt export)</span>'
             values = layer_values(run.recipe(n), space)
+            short = {"weight": "w", "drop_rate": "drop"}
+            columns = list(next(iter(values.values()))) if values else []
             summary = "; ".join(
-                f"{esc(c)}: w {sum(v) / len(v):.2f}" + (
-                    f", drop {sum(values['drop_rate'][c]) / len(values['drop_rate'][c]):.2f}"
-                    if "drop_rate" in values else "")
-                for c, v in values["weight"].items())
+                f"{esc(c)}: " + ", ".join(f"{short.get(name, name)} {sum(v[c]) / len(v[c]):.2f}"
+                                          for name, v in values.items() if c in v)
+                for c in columns)
             scores = []
             for t in run.tasks:
                 err = row.get(f"{t}_stderr")

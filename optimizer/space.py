@@ -14,6 +14,13 @@ Granularity decides how many values each model gets per parameter:
 Tensors outside the layer stack (embeddings, final norm, head) take the first layer's value (mergekit's t = 0).
 ``modules: [self_attn, mlp]`` gives each listed module its own values (matched as substrings of tensor names);
 other tensors (norms, embeddings) use the last listed module's values.
+
+Which parameters are genes comes from the merge-method registry (:func:`gene_parameters`): the per-model
+``weight``, a ``drop_rate`` (``1 - density``) for the sparsifying methods, and every other numeric parameter the
+method requires (slerp's ``t``) with the registry's default range; an optional one (``gamma``, ``epsilon``,
+``lambda``) becomes a gene when ``bounds`` names it. Per-model parameters get one value per model (and module and
+layer group); shared ones (``t``, ``lambda``) one value per module and layer group, written as the recipe's global
+parameters (a mergekit gradient list over depth).
 """
 
 from __future__ import annotations
@@ -28,8 +35,17 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from optimizer.errors import MergeoptError, did_you_mean, schema_error
-from optimizer.recipe import ModelSpec, Recipe, read_yaml_file, zoo_path
 from optimizer.evaluate.scoring import BACKENDS
+from optimizer.merge.methods import (
+    DROP_RATE_GENE,
+    METHODS,
+    SEARCHABLE_METHODS,
+    SHARED,
+    WEIGHT_GENE,
+    check_parameters,
+    gene_parameters,
+)
+from optimizer.recipe import ModelSpec, Recipe, read_yaml_file, zoo_path
 from optimizer.search.optimizers import OPTIMIZERS
 
 DIRECTIONS = ("maximize", "minimize")
@@ -38,11 +54,10 @@ _KEYS = {
     "name": "a name for the run (default: the file's stem)",
     "base_model": "the base model folder or zoo:NAME",
     "models": "the fine-tuned models (folders or zoo:NAME)",
-    "merge_method": "dare_ties | dare_linear | ties | task_arithmetic | breadcrumbs | breadcrumbs_ties | della | "
-                    "della_linear (the registry's SEARCHABLE_METHODS)",
+    "merge_method": " | ".join(SEARCHABLE_METHODS),
     "granularity": "global | per_model | per_layer | {layer_groups: K} | {gradient: K}",
     "modules": "a list of tensor-name substrings that get their own values, e.g. [self_attn, mlp]",
-    "bounds": "{weight: [lo, hi], drop_rate: [lo, hi]}",
+    "bounds": "{weight: [lo, hi], drop_rate: [lo, hi]} and the method's other genes, e.g. t, gamma, epsilon, lambda",
     "fixed": "recipe parameters held constant, e.g. {normalize: false, lambda: 1.0} (the method's own, checked "
              "against the merge-method registry)",
     "objectives": "a list of {task, metric, direction}",
@@ -69,12 +84,26 @@ class Objective:
     metric: str | None = None
 
 
+USE = "use"  # the gene of a method that searches which models take part (model_stock): in when >= 0.5
+
+
+@dataclass(frozen=True)
+class SearchedParameter:
+    """A parameter the space varies: its name (a recipe parameter, or drop_rate = 1 - density), whether each model
+    has its own value (else one for all: written into the recipe's global parameters), and its gene bounds."""
+
+    name: str
+    per_model: bool
+    low: float
+    high: float
+
+
 @dataclass(frozen=True)
 class Gene:
     """One coordinate of the genome: which parameter of which model, for which module and layer group."""
 
     name: str
-    param: str  # "weight" | "drop_rate"
+    param: str  # "weight" | "drop_rate" | another numeric parameter of the method ("t", "gamma", "epsilon", ...)
     model: int  # index into SearchSpace.models; -1: shared by all (global granularity)
     module: int  # index into SearchSpace.modules; -1: no module split
     group: int
@@ -98,8 +127,10 @@ class SearchSpace:
     groups: int = 1  # values per model and parameter along depth
     interpolate: bool = False  # gradient control points (True) or piecewise-constant groups (False)
     modules: list[str] = field(default_factory=list)
-    weight_bounds: tuple[float, float] = (0.0, 1.0)
-    drop_bounds: tuple[float, float] = (0.0, 0.9)
+    weight_bounds: tuple[float, float] = WEIGHT_GENE
+    drop_bounds: tuple[float, float] = DROP_RATE_GENE
+    # bounds of the searched parameters other than weight and drop_rate (slerp's t, gamma, epsilon, lambda), by name
+    extra_bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
     fixed: dict[str, Any] = field(default_factory=dict)
     objectives: list[Objective] = field(default_factory=list)
     scalarization: dict[str, float] = field(default_factory=dict)
@@ -133,7 +164,7 @@ class SearchSpace:
         config: dict[str, Any] = {
             "name": self.name, "base_model": self.base_model, "models": list(self.models),
             "merge_method": self.merge_method, "granularity": granularity, "modules": list(self.modules),
-            "bounds": {"weight": list(self.weight_bounds), "drop_rate": list(self.drop_bounds)},
+            "bounds": self._bounds_config(),
             "fixed": copy.deepcopy(self.fixed),
             "objectives": [{"task": o.task, "direction": o.direction, **({"metric": o.metric} if o.metric else {})}
                            for o in self.objectives],
@@ -149,6 +180,16 @@ class SearchSpace:
             config["fidelity"] = {"low": self.fidelity_low, "promote": self.fidelity_promote}
         return config
 
+    def _bounds_config(self) -> dict[str, list[float]]:
+        spec = METHODS[self.merge_method]
+        bounds = {}
+        if spec.has("weight"):
+            bounds["weight"] = list(self.weight_bounds)
+        if spec.has("density"):
+            bounds["drop_rate"] = list(self.drop_bounds)
+        bounds.update({name: list(pair) for name, pair in self.extra_bounds.items()})
+        return bounds
+
     def facts(self) -> dict[str, Any]:
         """What the configuration resolved to on disk: needed to read the run back without its model folders."""
         return {"num_layers": self.num_layers, "uses_drop_rate": self.uses_drop_rate,
@@ -160,22 +201,35 @@ class SearchSpace:
 
     # ---- genome -----------------------------------------------------------------------------------
 
-    def genes(self) -> list[Gene]:
-        params = [("weight", self.weight_bounds)]
+    def searched(self) -> list[SearchedParameter]:
+        """The parameters this space varies, in gene order: weight, drop_rate, then the method's others."""
+        spec = METHODS[self.merge_method]
+        out = []
+        if spec.selects_models:
+            return [SearchedParameter(USE, True, 0.0, 1.0)]
+        if spec.has("weight"):
+            out.append(SearchedParameter("weight", spec.parameter("weight").scope != SHARED, *self.weight_bounds))
         if self.uses_drop_rate:
-            params.append(("drop_rate", self.drop_bounds))
-        model_ids = [-1] if self.granularity == "global" else list(range(len(self.models)))
+            out.append(SearchedParameter("drop_rate", True, *self.drop_bounds))
+        for p in gene_parameters(spec):
+            if p.name != "weight" and p.name in self.extra_bounds:
+                out.append(SearchedParameter(p.name, p.scope != SHARED, *self.extra_bounds[p.name]))
+        return out
+
+    def genes(self) -> list[Gene]:
         module_ids = list(range(len(self.modules))) or [-1]
         labels = model_labels(self.models)
         genes = []
-        for param, (low, high) in params:
-            for m in model_ids:
+        for searched in self.searched():
+            # gene names abbreviate the parameter to its first letter (w, d, t, g, e, l): unique per method
+            shared = self.granularity == "global" or not searched.per_model
+            for m in [-1] if shared else list(range(len(self.models))):
                 for mod in module_ids:
                     for g in range(self.groups):
                         label = "all" if m < 0 else labels[m]
-                        parts = [param[0], label] + ([self.modules[mod]] if mod >= 0 else []) + (
+                        parts = [searched.name[0], label] + ([self.modules[mod]] if mod >= 0 else []) + (
                             [f"g{g}"] if self.groups > 1 else [])
-                        genes.append(Gene(".".join(parts), param, m, mod, g, low, high))
+                        genes.append(Gene(".".join(parts), searched.name, m, mod, g, searched.low, searched.high))
         return genes
 
     @property
@@ -189,33 +243,68 @@ class SearchSpace:
             if len(genome) != len(genes):
                 raise ValueError(f"genome has {len(genome)} values, the space has {len(genes)} genes")
             genome = {g.name: float(v) for g, v in zip(genes, genome)}
-        values: dict[tuple[str, int, int], list[float]] = {}
+        if METHODS[self.merge_method].selects_models:
+            return self._selection_recipe(genome, genes, seed)
+        knots: dict[tuple[str, int, int], list[float]] = {}  # (param, model, module) -> a value per layer group
         for gene in genes:
-            values.setdefault((gene.param, gene.model, gene.module), [0.0] * self.groups)[gene.group] = \
+            knots.setdefault((gene.param, gene.model, gene.module), [0.0] * self.groups)[gene.group] = \
                 gene.value(genome[gene.name])
-        specs = []
-        for m, path in enumerate(self.models):
-            key_model = -1 if self.granularity == "global" else m
-            params: dict[str, Any] = {}
-            for param in ("weight", "drop_rate"):
-                if param == "drop_rate" and not self.uses_drop_rate:
-                    continue
-                per_module = []
-                for mod in (range(len(self.modules)) if self.modules else [-1]):
-                    series = values[(param, key_model, mod)]
-                    if param == "drop_rate":
-                        series = [1.0 - v for v in series]
-                    per_module.append(self._depth_setting(series))
-                name = "density" if param == "drop_rate" else "weight"
-                if self.modules:
-                    conditions = [{"filter": f, "value": v} for f, v in zip(self.modules, per_module)]
-                    conditions.append({"value": per_module[-1]})
-                    params[name] = conditions
+        module_ids = list(range(len(self.modules))) or [-1]
+        own: list[dict[str, list[list[float]]]] = [{} for _ in self.models]  # per model: name -> per module knots
+        shared: dict[str, list[list[float]]] = {}
+        for searched in self.searched():
+            if not searched.per_model:
+                shared[searched.name] = [knots[(searched.name, -1, mod)] for mod in module_ids]
+                continue
+            for m in range(len(self.models)):
+                key_model = -1 if self.granularity == "global" else m
+                series = [knots[(searched.name, key_model, mod)] for mod in module_ids]
+                if searched.name == "drop_rate":
+                    own[m]["density"] = [[1.0 - v for v in values] for values in series]
                 else:
-                    params[name] = per_module[0]
-            specs.append(ModelSpec(path, params))
+                    own[m][searched.name] = series
+        if METHODS[self.merge_method].sparsification == "della":
+            self._keep_della_valid(own)
+        parameters = copy.deepcopy(self.fixed)
+        parameters.update({name: self._setting(series) for name, series in shared.items()})
+        specs = [ModelSpec(path, {name: self._setting(series) for name, series in params.items()})
+                 for path, params in zip(self.models, own, strict=True)]
+        return Recipe(self.merge_method, specs, base_model=self.base_model, parameters=parameters,
+                      dtype=self.dtype, seed=self.seed if seed is None else seed)
+
+    def _selection_recipe(self, genome: dict[str, float], genes: list[Gene], seed: int | None) -> Recipe:
+        """model_stock: the models whose gene is >= 0.5, or the method's minimum count of highest genes when fewer
+        are (every genome is a valid recipe); in the space's order."""
+        minimum = METHODS[self.merge_method].min_models
+        units = [genome[g.name] for g in genes]
+        chosen = {m for m, u in enumerate(units) if u >= 0.5}
+        if len(chosen) < minimum:
+            chosen = set(sorted(range(len(units)), key=lambda m: (-units[m], m))[:minimum])
+        specs = [ModelSpec(path) for m, path in enumerate(self.models) if m in chosen]
         return Recipe(self.merge_method, specs, base_model=self.base_model, parameters=copy.deepcopy(self.fixed),
                       dtype=self.dtype, seed=self.seed if seed is None else seed)
+
+    def _keep_della_valid(self, own: list[dict[str, list[list[float]]]]) -> None:
+        """DELLA keeps an element with a probability within density +/- epsilon, which must stay inside (0, 1)
+        (mergekit stops otherwise): epsilon is capped at 0.99 * min(density, 1 - density) at every knot, so also
+        between knots (both are linear in depth there). The recipe then holds the epsilon that was merged."""
+        default = self.fixed.get("epsilon", METHODS[self.merge_method].parameter("epsilon").default)
+        for params in own:
+            density = params["density"]
+            epsilon = params.get("epsilon") or [[float(default)] * len(values) for values in density]
+            capped = [[min(e, 0.99 * min(recipe_value(d), 1.0 - recipe_value(d))) for d, e in zip(ds, es, strict=True)]
+                      for ds, es in zip(density, epsilon, strict=True)]
+            if "epsilon" in params or capped != epsilon:
+                params["epsilon"] = capped
+
+    def _setting(self, per_module: list[list[float]]) -> Any:
+        """One parameter's recipe setting: a number or a gradient over depth, per module as {filter, value}."""
+        values = [self._depth_setting(series) for series in per_module]
+        if not self.modules:
+            return values[0]
+        conditions: list[dict[str, Any]] = [{"filter": f, "value": v} for f, v in zip(self.modules, values)]
+        conditions.append({"value": values[-1]})
+        return conditions
 
     def _depth_setting(self, series: list[float]):
         series = [recipe_value(v) for v in series]
@@ -328,7 +417,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-def _bound_pair(lo: float, hi: float):
+def _bound_pair(lo: float | None, hi: float | None):
     def check(value: Any) -> tuple[float, float]:
         if (not isinstance(value, (list, tuple)) or len(value) != 2
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
@@ -336,15 +425,36 @@ def _bound_pair(lo: float, hi: float):
         low, high = float(value[0]), float(value[1])
         if low > high:
             raise ValueError(f"low {low} is above high {high}")
-        if low < lo or high > hi or not (math.isfinite(low) and math.isfinite(high)):
-            raise ValueError(f"must lie within [{float(lo)}, {float(hi)}], got [{low}, {high}]")
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError(f"must be finite, got [{low}, {high}]")
+        if (lo is not None and low < lo) or (hi is not None and high > hi):
+            raise ValueError(f"must lie within [{_limit(lo)}, {_limit(hi)}], got [{low}, {high}]")
         return low, high
     return BeforeValidator(check)
 
 
+def _limit(bound: float | None) -> str:
+    return "-inf" if bound is None else str(float(bound))
+
+
+def _gene_limits(name: str) -> BeforeValidator:
+    """A gene's [low, high] must lie within the parameter's range in the merge-method registry."""
+    declared = {p.name: p for spec in METHODS.values() for p in gene_parameters(spec)}[name]
+    return _bound_pair(declared.low, declared.high)
+
+
 class BoundsConfig(_Strict):
-    weight: Annotated[tuple[float, float], _bound_pair(-2.0, 3.0)] = (0.0, 1.0)
-    drop_rate: Annotated[tuple[float, float], _bound_pair(0.0, 0.99)] = (0.0, 0.9)
+    weight: Annotated[tuple[float, float], _bound_pair(-2.0, 3.0)] = WEIGHT_GENE
+    drop_rate: Annotated[tuple[float, float], _bound_pair(0.0, 0.99)] = DROP_RATE_GENE
+    # the registry's other gene parameters (a test keeps this list equal to gene_parameters of SEARCHABLE_METHODS)
+    t: Annotated[tuple[float, float] | None, _gene_limits("t")] = None
+    gamma: Annotated[tuple[float, float] | None, _gene_limits("gamma")] = None
+    epsilon: Annotated[tuple[float, float] | None, _gene_limits("epsilon")] = None
+    lambda_: Annotated[tuple[float, float] | None, _gene_limits("lambda")] = Field(None, alias="lambda")
+
+    def given(self) -> dict[str, tuple[float, float]]:
+        """The bounds the space names, by parameter name (lambda, not lambda_)."""
+        return {(BoundsConfig.model_fields[k].alias or k): getattr(self, k) for k in self.model_fields_set}
 
 
 def _objective(value: Any) -> Any:
@@ -417,7 +527,8 @@ class SpaceConfig(_Strict):
     resolved: dict[str, Any] | None = None  # a run's record (space.yaml): ignored on input
 
 
-_ALLOWED = {"": [k for k in _KEYS if k != "resolved"], "bounds": list(BoundsConfig.model_fields),
+_ALLOWED = {"": [k for k in _KEYS if k != "resolved"],
+            "bounds": [f.alias or k for k, f in BoundsConfig.model_fields.items()],
             "objectives[]": list(ObjectiveConfig.model_fields),
             "budget": list(BudgetConfig.model_fields), "fidelity": list(FidelityConfig.model_fields)}
 _MESSAGES = {"too_short": "must be a non-empty list", "list_type": "must be a list", "dict_type": "must be a mapping",
@@ -471,12 +582,8 @@ def parse_space(data: Any, source: str = "space", root: Path = Path("."), defaul
 
     method = config.merge_method
     if facts is None:
-        # torch: not needed to read a recorded run
-        from optimizer.merge.methods import METHODS, SEARCHABLE_METHODS, check_parameters
-
         if method not in SEARCHABLE_METHODS:
-            raise _fail(source, "merge_method", f"{method!r} cannot be searched; use one of "
-                        f"{', '.join(SEARCHABLE_METHODS)}{did_you_mean(method, list(SEARCHABLE_METHODS))}")
+            raise MergeoptError(f"{source}: merge_method: {_not_searchable(method)}")
         uses_drop_rate = METHODS[method].sparsification is not None  # DARE, TIES trim, breadcrumbs, DELLA
     else:
         uses_drop_rate = bool(facts["uses_drop_rate"])
@@ -491,7 +598,7 @@ def parse_space(data: Any, source: str = "space", root: Path = Path("."), defaul
         kind, k = next(iter(g.items()))
         granularity, groups, interpolate = kind, k, kind == "gradient"
 
-    bounds = config.bounds or BoundsConfig()
+    bounds = config.bounds or BoundsConfig.model_validate({})
     fixed = dict(config.fixed or {})
     if facts is None:
         settable = [p.name for p in METHODS[method].parameters if p.name not in ("weight", "density")]
@@ -500,6 +607,8 @@ def parse_space(data: Any, source: str = "space", root: Path = Path("."), defaul
             raise _fail(source, f"fixed.{unknown[0]}", f"is not a parameter of {method}"
                         f"{did_you_mean(unknown[0], settable)}; allowed: {', '.join(settable) or 'none'}")
         fixed = check_parameters(METHODS[method], fixed, f"{source}: fixed")  # types and ranges now
+        _check_bounds(METHODS[method], bounds.given(), fixed, source)
+    extra_bounds = _extra_bounds(METHODS[method], bounds.given(), fixed)
     objectives = [Objective(o.task, o.direction, o.metric) for o in config.objectives]
     scalarization = config.scalarization or {}
     for task in scalarization:
@@ -537,7 +646,8 @@ def parse_space(data: Any, source: str = "space", root: Path = Path("."), defaul
     space = SearchSpace(
         name=str(data.get("name", default_name)), base_model=base, models=models, merge_method=method,
         granularity=granularity, groups=groups, interpolate=interpolate, modules=list(modules),
-        weight_bounds=weight_bounds, drop_bounds=drop_bounds, fixed=dict(fixed), objectives=objectives,
+        weight_bounds=weight_bounds, drop_bounds=drop_bounds, extra_bounds=extra_bounds, fixed=dict(fixed),
+        objectives=objectives,
         scalarization=dict(scalarization), optimizer=opt["name"],
         optimizer_settings=settings, trials=trials, minutes=minutes, seed=seed, tasks=str(tasks), limit=limit,
         fidelity_low=low, fidelity_promote=float(promote), backend=backend, dtype=dtype, threads=config.threads,
@@ -561,4 +671,56 @@ def parse_space(data: Any, source: str = "space", root: Path = Path("."), defaul
         space.groups = space.num_layers
     if space.groups > max(1, space.num_layers) and not space.interpolate:
         raise _fail(source, "granularity.layer_groups", f"{space.groups} groups but the model has {space.num_layers} layers")
+    if facts is None and METHODS[method].selects_models:
+        if granularity != "per_model" or modules:
+            raise MergeoptError(f"{source}: granularity: {method} searches which models take part, one gene per model; "
+                                "use granularity per_model and no modules")
+        if len(models) < METHODS[method].min_models + 1:
+            raise MergeoptError(f"{source}: models: a {method} search chooses among the models and takes at least "
+                                f"{METHODS[method].min_models}; list at least {METHODS[method].min_models + 1}")
+    if facts is None and method == "nuslerp" and granularity == "global":
+        raise MergeoptError(f"{source}: granularity: global gives both nuslerp models one weight, so they always "
+                            "interpolate half way (t = w2 / (w1 + w2) = 0.5); use per_model or finer")
+    if facts is None and not space.searched():
+        raise MergeoptError(f"{source}: fixed: fixes every parameter of {method}, so there is nothing to search; "
+                            "merge the recipe once with 'mergeopt merge', or drop a parameter from fixed")
     return space
+
+
+def _not_searchable(method: str) -> str:
+    """Why a merge method cannot be searched, in one line."""
+    spec = METHODS.get(method)
+    choices = f"use one of {', '.join(SEARCHABLE_METHODS)}"
+    if spec is not None and spec.whole_weights:
+        return (f"{method!r} cannot be searched (it averages whole weights, the base included, while a space's genes "
+                f"are relative to its base model); use task_arithmetic for a weighted sum of deltas, or {choices}")
+    return f"{method!r} cannot be searched; {choices}{did_you_mean(method, list(SEARCHABLE_METHODS))}"
+
+
+def _check_bounds(spec, given: dict[str, tuple[float, float]], fixed: dict[str, Any], source: str) -> None:
+    """Bounds name only the method's gene parameters, none of them also fixed; DELLA's fixed epsilon is a number
+    (a search caps it per candidate to keep density +/- epsilon inside (0, 1))."""
+    genes = [p.name for p in gene_parameters(spec)] + (["drop_rate"] if spec.has("density") else [])
+    for name in given:
+        if name not in genes:
+            raise _fail(source, f"bounds.{name}", f"{spec.name} has no {name} to search; its genes: {', '.join(genes)}")
+        if name in fixed:
+            raise _fail(source, f"bounds.{name}", f"{name} is also under fixed; keep it in one of the two")
+    if spec.sparsification == "della" and "epsilon" in fixed and not (
+            isinstance(fixed["epsilon"], (int, float)) and not isinstance(fixed["epsilon"], bool)):
+        raise _fail(source, "fixed.epsilon", "a della search space takes one number (it is capped per candidate "
+                    "so that density +/- epsilon stays inside (0, 1))")
+
+
+def _extra_bounds(spec, given: dict[str, tuple[float, float]], fixed: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """Bounds of the searched parameters besides weight and drop_rate: those the space names, and every required
+    one not fixed (slerp's t) with the registry's default range."""
+    out = {}
+    for p in gene_parameters(spec):
+        if p.name == "weight":
+            continue
+        if p.name in given:
+            out[p.name] = given[p.name]
+        elif p.required and p.name not in fixed and p.gene is not None:
+            out[p.name] = p.gene
+    return out

@@ -14,8 +14,10 @@ weights are refused unless allowed: all before an output folder exists.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,10 @@ from optimizer.recipe import (
     first_differing_tokenizer,
     fold_full_range_slices,
     mergekit_only_reason,
+    model_references,
+    plain_references,
     resolve_reference,
+    split_lora,
 )
 
 INSTALL_HINT = "pip install mergekit (or pip install 'mergeopt[mergekit]')"
@@ -52,9 +57,10 @@ def route(data: Any, root: Path) -> tuple[dict, str | None]:
     if "merge_method" not in data:
         raise MergeoptError("missing key 'merge_method'")
     method_spec(data["merge_method"])  # an unknown method is one line, whichever engine would run it
+    data = plain_references(data)
     if data.get("slices") is not None:
         data = fold_full_range_slices(data, root)
-    reason = mergekit_only_reason(data)
+    reason = mergekit_only_reason(data, root)
     if reason is None and data.get("tokenizer_source") is not None:
         reason = _tokenizer_reason(data, root)
     return data, reason
@@ -90,12 +96,15 @@ def prepare(data: dict, root: Path, allow_pickle: bool = False) -> dict:
     config = {k: copy.deepcopy(v) for k, v in data.items() if k != "mergeopt"}
     folders: list[str] = []
 
-    def local(ref: Any, where: str) -> str:
+    def local(ref: Any, where: str) -> Any:
+        if isinstance(ref, dict) and isinstance(ref.get("model"), str):  # with override_architecture
+            return {**ref, "model": local(ref["model"], where), **(
+                {"lora": _adapter_folder(ref["lora"], root, where, allow_pickle)} if ref.get("lora") else {})}
         if not isinstance(ref, str):
             raise MergeoptError(f"{where}: expected a model reference, got {ref!r}")
-        if "+" in ref and not Path(ref).exists():
-            raise MergeoptError(f"{where}: {ref} names a LoRA adapter (model+adapter); merge the adapter into the "
-                                "model first")
+        lora = split_lora(ref, root)
+        if lora is not None:
+            return f"{local(lora[0], where)}+{_adapter_folder(lora[1], root, where, allow_pickle)}"
         folder = resolve_reference(ref, root)
         checkpoint.read_config(folder)  # exists, has a config, needs no custom code
         checkpoint.weight_files(folder, allow_pickle)  # safetensors, or pickles only when allowed
@@ -172,14 +181,32 @@ def prepare(data: dict, root: Path, allow_pickle: bool = False) -> dict:
     return config
 
 
+def _adapter_folder(reference: str, root: Path, where: str, allow_pickle: bool) -> str:
+    """A LoRA adapter as a local folder (a path or a cached hub id) holding a PEFT adapter in safetensors (pickled
+    adapter weights only when allowed), checked before mergekit loads anything."""
+    folder = Path(resolve_reference(reference, root))
+    if not (folder / "adapter_config.json").is_file():
+        raise MergeoptError(f"{where}: LoRA adapter {reference} is not a PEFT adapter folder (no adapter_config.json)")
+    if not (folder / "adapter_model.safetensors").is_file():
+        if not (folder / "adapter_model.bin").is_file():
+            raise MergeoptError(f"{where}: LoRA adapter {reference} has no adapter_model.safetensors")
+        if not allow_pickle:
+            raise MergeoptError(f"{where}: LoRA adapter {reference} is pickled (adapter_model.bin); convert it to "
+                                "safetensors, or pass --allow-pickle if you trust it")
+    return str(folder)
+
+
 def _check_input_count(spec, config: dict) -> None:
     """mergekit's input contract for the common ``models:`` form, checked before anything loads."""
     entries = config.get("models")
     if entries is None:
         return
-    names = {e["model"] for e in entries} | ({config["base_model"]} if config.get("base_model") else set())
-    if spec.base != "ignored":  # counted besides the base, as mergekit's contracts do
-        names.discard(config.get("base_model"))
+    def key(ref: Any) -> str:  # a mapping reference (override_architecture) by its content
+        return ref if isinstance(ref, str) else json.dumps(ref, sort_keys=True)
+
+    names = {key(e["model"]) for e in entries} | ({key(config["base_model"])} if config.get("base_model") else set())
+    if spec.base != "ignored" and config.get("base_model"):  # counted besides the base, as mergekit's contracts do
+        names.discard(key(config["base_model"]))
     if len(names) < spec.min_models or (spec.max_models is not None and len(names) > spec.max_models):
         want = (f"exactly {spec.min_models}" if spec.min_models == spec.max_models
                 else f"at least {spec.min_models}" if spec.max_models is None else f"at most {spec.max_models}")
@@ -203,15 +230,24 @@ def merge(config: dict, out_dir: Path, seed: int = 0, device: str | None = None,
         merge_config = MergeConfiguration.model_validate(config)
     except Exception as exc:  # pydantic ValidationError or mergekit's RuntimeError
         raise MergeoptError(f"mergekit refuses the recipe: {_first_line(exc)}") from None
-    options = MergeOptions(device=device or "cpu", out_shard_size=shard_size, random_seed=seed, quiet=not progress,
-                           trust_remote_code=False, lazy_unpickle=False, safe_serialization=True,
-                           copy_tokenizer=True)
-    try:
-        run_merge(merge_config, str(out_dir), options)
-    except MergeoptError:
-        raise
-    except Exception as exc:
-        raise MergeoptError(f"mergekit failed: {_first_line(exc)}") from None
+    out_dir = Path(out_dir)
+    with contextlib.ExitStack() as stack:
+        lora_cache = None
+        if any(split_lora(ref) is not None for ref in model_references(config)):
+            # mergekit writes each model with its adapter applied here (a full copy), next to the output and
+            # removed afterwards; the same as mergekit-yaml --lora-merge-cache
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            lora_cache = stack.enter_context(tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.lora-",
+                                                                         dir=out_dir.parent))
+        options = MergeOptions(device=device or "cpu", out_shard_size=shard_size, random_seed=seed,
+                               quiet=not progress, trust_remote_code=False, lazy_unpickle=False,
+                               safe_serialization=True, copy_tokenizer=True, lora_merge_cache=lora_cache)
+        try:
+            run_merge(merge_config, str(out_dir), options)
+        except MergeoptError:
+            raise
+        except Exception as exc:
+            raise MergeoptError(f"mergekit failed: {_first_line(exc)}") from None
     return out_dir
 
 

@@ -31,6 +31,10 @@ REQUIRED = object()  # a parameter default meaning "the recipe must give it"
 # the base), per_input (each model, the base included).
 SHARED, PER_MODEL, PER_INPUT = "shared", "per_model", "per_input"
 
+# Default bounds of the genes every sparsifying delta method has: a model's weight, and its drop rate (1 - density).
+WEIGHT_GENE = (0.0, 1.0)
+DROP_RATE_GENE = (0.0, 0.9)
+
 
 @dataclass(frozen=True)
 class Parameter:
@@ -43,6 +47,8 @@ class Parameter:
     low: float | None = None
     high: float | None = None
     help: str = ""
+    # the default [low, high] of this parameter as a gene of a search space; None: a search space cannot vary it
+    gene: tuple[float, float] | None = None
 
     @property
     def required(self) -> bool:
@@ -104,6 +110,9 @@ class MethodSpec:
     sparsification: str | None = None
     consensus: bool = False  # fused only: TIES sign election
     whole_weights: bool = False  # linear: merges full weights, not deltas against a base
+    # a search space chooses which of its models take part (a gene per model: in when >= 0.5), for a method with no
+    # numeric parameter to vary (model_stock computes its interpolation factor from the models themselves)
+    selects_models: bool = False
     summary: str = ""
 
     @property
@@ -133,18 +142,23 @@ def _task_arithmetic_family(extra: tuple[Parameter, ...] = (), normalize: bool =
                             rescale: bool = False) -> tuple[Parameter, ...]:
     """mergekit's generalized task arithmetic parameters (task_arithmetic, ties, dare_*, breadcrumbs*, della*)."""
     return (
-        Parameter("weight", float, PER_MODEL, help="scale of the model's delta (fine-tuned minus base)"),
+        Parameter("weight", float, PER_MODEL, help="scale of the model's delta (fine-tuned minus base)",
+                  gene=WEIGHT_GENE),
+        # a search space varies it as a drop rate (1 - density) when the method sparsifies
         Parameter("density", float, PER_MODEL, 1.0, 0.0, 1.0, "kept fraction of the delta (1 - drop rate)"),
         Parameter("normalize", bool, SHARED, normalize, help="divide the mixed delta by the sum of the weights"),
         Parameter("rescale", bool, SHARED, rescale, help="rescale a sparsified delta to the dense delta's L1 norm"),
-        Parameter("lambda", float, SHARED, 1.0, help="scale of the mixed delta"),
+        Parameter("lambda", float, SHARED, 1.0, help="scale of the mixed delta", gene=(0.5, 1.5)),
         Parameter("int8_mask", bool, SHARED, False, help="store sign masks as int8 (memory only, same result)"),
     ) + extra
 
 
-_GAMMA = Parameter("gamma", float, PER_MODEL, 0.01, 0.0, 1.0, "fraction of the largest-magnitude elements dropped")
-_EPSILON = Parameter("epsilon", float, PER_MODEL, 0.15, 0.0, 1.0, "spread of DELLA's keep probabilities")
-_T = Parameter("t", float, SHARED, help="interpolation factor from the base (0) to the other model (1)")
+_GAMMA = Parameter("gamma", float, PER_MODEL, 0.01, 0.0, 1.0, "fraction of the largest-magnitude elements dropped",
+                   gene=(0.0, 0.1))
+_EPSILON = Parameter("epsilon", float, PER_MODEL, 0.15, 0.0, 1.0, "spread of DELLA's keep probabilities",
+                     gene=(0.0, 0.3))
+_T = Parameter("t", float, SHARED, help="interpolation factor from the base (0) to the other model (1)",
+               gene=(0.0, 1.0))
 _WEIGHT_ALL = Parameter("weight", float, PER_INPUT, help="weight of each model in the average")
 
 METHODS: dict[str, MethodSpec] = {m.name: m for m in (
@@ -172,7 +186,7 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in (
                summary="magnitude-ranked random drop (DELLA), weighted sum"),
     MethodSpec("slerp", (_T,), "required", "torch", min_models=1, max_models=1,
                summary="spherical interpolation between the base and one model"),
-    MethodSpec("nuslerp", (Parameter("weight", float, PER_MODEL),
+    MethodSpec("nuslerp", (Parameter("weight", float, PER_MODEL, gene=WEIGHT_GENE),
                            Parameter("nuslerp_row_wise", bool, SHARED, False),
                            Parameter("nuslerp_flatten", bool, SHARED, True)), "optional", "torch",
                min_models=2, max_models=2,
@@ -185,7 +199,7 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in (
     MethodSpec("karcher", (Parameter("max_iter", int, SHARED, 10, 1), Parameter("tol", float, SHARED, 1e-5, 0.0)),
                "ignored", "mergekit", summary="Riemannian (Karcher) mean"),
     MethodSpec("model_stock", (Parameter("filter_wise", bool, SHARED, False),), "required", "torch",
-               min_models=2, summary="interpolation towards the base by the angle between deltas"),
+               min_models=2, selects_models=True, summary="interpolation towards the base by the angle between deltas"),
     MethodSpec("nearswap", (Parameter("t", float, SHARED, low=0.0),), "required", "mergekit", min_models=1,
                max_models=1, summary="takes the other model's elements where they are near the base's"),
     MethodSpec("arcee_fusion", (), "required", "mergekit", min_models=1, max_models=1,
@@ -203,9 +217,18 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in (
 )}
 
 FUSED_METHODS = tuple(name for name, spec in METHODS.items() if spec.fused)
-# Methods a search space may vary: built by mergeopt's engine (in memory), with per-model weight and density genes.
+
+
+def gene_parameters(spec: MethodSpec) -> tuple[Parameter, ...]:
+    """The parameters of a method that a search space may make genes (numbers with a declared gene range)."""
+    return tuple(p for p in spec.parameters if p.gene is not None and p.kind is float)
+
+
+# Methods a search space may vary: built by mergeopt's engine (in memory, into a live model) with at least one numeric
+# parameter to search, or a choice of models (model_stock). linear is left out: a space's genes are relative to its
+# base model, which linear averages in as one more input.
 SEARCHABLE_METHODS = tuple(name for name, spec in METHODS.items()
-                           if spec.in_engine and spec.has("weight") and spec.has("density"))
+                           if spec.in_engine and not spec.whole_weights and (gene_parameters(spec) or spec.selects_models))
 # Every parameter name some method reads: mergekit ignores a known name the chosen method does not read (lambda on
 # linear), so such a name is kept and ignored here too; a name no method knows is a typo and refused.
 KNOWN_PARAMETERS = frozenset(p.name for spec in METHODS.values() for p in spec.parameters)
@@ -284,8 +307,21 @@ def methods_help() -> str:
     for spec in METHODS.values():
         runner = _runner(spec, "through mergekit")
         params = ", ".join(p.name for p in spec.parameters) or "no parameters"
-        lines.append(f"  {spec.name:<17} {runner:<23} {params}")
+        genes = _gene_names(spec)
+        lines.append(f"  {spec.name:<17} {runner:<23} {params}" + (f"  [genes: {genes}]" if genes else ""))
     return "\n".join(lines)
+
+
+def _gene_names(spec: MethodSpec) -> str:
+    """A searchable method's gene names for the CLI help: always varied, then (+ ...) those bounds may add."""
+    if spec.name not in SEARCHABLE_METHODS:
+        return ""
+    if spec.selects_models:
+        return "use (which models)"
+    genes = gene_parameters(spec)
+    always = [p.name for p in genes if p.required] + (["drop_rate"] if spec.sparsification is not None else [])
+    optional = [p.name for p in genes if not p.required]
+    return ", ".join(always) + (f" (+ {', '.join(optional)})" if optional else "")
 
 
 @dataclass(frozen=True)
@@ -392,13 +428,32 @@ def _trimmed_l1_scale(delta, density: float) -> float:
 
 def methods_markdown() -> str:
     """The README's method table, generated from the registry (a test keeps the README equal to it)."""
-    rows = ["| method | runs | parameters (default; `*` per model) | what it does |", "| --- | --- | --- | --- |"]
+    rows = ["| method | runs | parameters (default; `*` per model) | genes in a search space (default bounds) "
+            "| what it does |", "| --- | --- | --- | --- | --- |"]
     for spec in METHODS.values():
         runner = _runner(spec, "mergekit")
         params = ", ".join(f"`{p.name}`{'*' if p.scope != SHARED else ''}{_markdown_default(p)}"
                            for p in spec.parameters) or "none"
-        rows.append(f"| `{spec.name}` | {runner} | {params} | {spec.summary} |")
+        rows.append(f"| `{spec.name}` | {runner} | {params} | {search_genes(spec) or '-'} | {spec.summary} |")
     return "\n".join(rows)
+
+
+def search_genes(spec: MethodSpec) -> str:
+    """A searchable method's genes, for the docs: always (required numbers, drop_rate when it sparsifies), then those
+    a space's ``bounds`` may add."""
+    if spec.name not in SEARCHABLE_METHODS:
+        return ""
+    if spec.selects_models:
+        return f"`use`* [0, 1]: which models take part (>= 0.5; at least {spec.min_models})"
+    star = {p.name: "*" if p.scope != SHARED else "" for p in spec.parameters}
+    genes = gene_parameters(spec)
+    always = [f"`{p.name}`{star[p.name]} [{_fmt(p.gene[0])}, {_fmt(p.gene[1])}]" for p in genes if p.required
+              and p.gene is not None]
+    if spec.sparsification is not None:
+        always.append(f"`drop_rate`* [{_fmt(DROP_RATE_GENE[0])}, {_fmt(DROP_RATE_GENE[1])}]")
+    optional = [f"`{p.name}`{star[p.name]} [{_fmt(p.gene[0])}, {_fmt(p.gene[1])}]" for p in genes if not p.required
+                and p.gene is not None]
+    return ", ".join(always) + (f"; with `bounds`: {', '.join(optional)}" if optional else "")
 
 
 def _runner(spec: MethodSpec, mergekit_word: str) -> str:

@@ -16,8 +16,8 @@ import argparse
 import copy
 import itertools
 import json
+import logging
 import math
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,6 +39,8 @@ from optimizer.zoo.data import (
     SHIPPED_EVAL_SIZE,
 )
 from optimizer.zoo.tokenizer import BOS_ID, EOS_ID, MODEL_MAX_LENGTH, PAD_ID, VOCAB_SIZE, encode, save_tokenizer
+
+log = logging.getLogger("mergeopt")
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ def _batches(stream: Iterator[tuple[str, str]], batch_size: int) -> Iterator[dic
 
 def _log(progress: bool, message: str) -> None:
     if progress:
-        print(f"[zoo] {message}", file=sys.stderr, flush=True)
+        log.info("[zoo] %s", message)
 
 
 def train_steps(
@@ -280,6 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every step count")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # a command line owns the log settings
     rebuild(args.out_dir, seed=args.seed, scale=args.scale)
 
 

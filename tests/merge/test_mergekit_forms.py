@@ -41,6 +41,9 @@ from mergekit.options import MergeOptions  # noqa: E402
 FLOAT32_REL = 4e-7  # max |ours - mergekit| / max |mergekit| for float32 arithmetic
 TORCH_REL = 1e-5  # the same for the torch-path methods (slerp's trigonometry, norms summed in another order)
 ULPS = 3  # bf16/fp16 arithmetic: at most this many units in the last place apart (of the largest input)
+# nuslerp against a base in bf16/fp16: mergekit rounds each delta, the interpolation and the sum with the base in that
+# dtype (four roundings where the fused forms have one or two); measured at most 5 ulps on these families
+NUSLERP_BASE_ULPS = 6
 # TIES trim: both tools keep exactly k = int(density * n) elements of each delta, but when elements tie in magnitude
 # at the cut-off, which of them survive is unspecified in mergekit (torch's unstable argsort; the order of equal
 # keys changes with the tensor size and threads) while mergeopt keeps the lowest-index ones. Ties are common in
@@ -86,14 +89,49 @@ def _resave(folder: Path, **kwargs) -> None:
     model.save_pretrained(folder, **kwargs)
 
 
+# families mergekit's basic-merge tests use beyond tests/helpers.py's: IBM Granite, and a LLaVA (CLIP vision tower +
+# Llama text model) as their picoLlaVa
+LOCAL_FAMILIES = {
+    "granite": lambda: transformers.GraniteForCausalLM(transformers.GraniteConfig(
+        vocab_size=48, hidden_size=32, intermediate_size=48, num_attention_heads=2, num_key_value_heads=2,
+        num_hidden_layers=2)),
+    "llava": lambda: transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(image_size=32, patch_size=4, num_hidden_layers=2,
+                                                    num_attention_heads=2, hidden_size=64, intermediate_size=128),
+        text_config=transformers.LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=48,
+                                             num_attention_heads=16, num_hidden_layers=2),
+        image_seq_length=16)),
+}
+
+
+def local_family(root: Path, name: str, n_models: int = 3, seed: int = 0) -> tuple[Path, list[Path]]:
+    """A base and fine-tunes (base + 0.02 * noise) of a LOCAL_FAMILIES model, as make_family builds them."""
+    torch.manual_seed(seed)
+    base = LOCAL_FAMILIES[name]()
+    folders = []
+    for i in range(n_models + 1):
+        model = LOCAL_FAMILIES[name]()
+        model.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(seed * 100 + i)
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.02 * (i > 0))
+        model.save_pretrained(root / f"{name}-{i}")
+        folders.append(root / f"{name}-{i}")
+    return folders[0], folders[1:]
+
+
 @pytest.fixture(scope="session")
 def families(tmp_path_factory):
     """Tiny families, each a base and three fine-tunes, with a 48-token BPE tokenizer (= vocab_size)."""
     root = tmp_path_factory.mktemp("families")
     built = {}
     for name, arch in [("llama", "llama"), ("mistral", "mistral"), ("qwen2", "qwen2"), ("gpt2", "gpt2"),
-                       ("bf16", "llama"), ("sharded", "qwen2")]:
-        base, models = make_family(root / name, arch, seed=len(built))
+                       ("bf16", "llama"), ("sharded", "qwen2"), ("granite", None), ("llava", None)]:
+        if arch is None:
+            base, models = local_family(root / name, name, seed=len(built))
+        else:
+            base, models = make_family(root / name, arch, seed=len(built))
         for folder in [base, *models]:
             if name == "bf16":
                 _resave(folder, dtype=torch.bfloat16)
@@ -214,6 +252,10 @@ AGREE = {
                                 for x, p in zip([b, *m], [{}, *TIES3], strict=True)]}]}),
     "sharded-checkpoint": ("sharded", lambda b, m: models_form(b, m, "ties", TIES3)),
     "gpt2-ties": ("gpt2", lambda b, m: models_form(b, m, "ties", TIES3)),
+    # mergekit's ModelReference as a mapping ({model: {path, revision}}): the same as the path
+    "model-reference-mapping": ("qwen2", lambda b, m: {
+        "merge_method": "task_arithmetic", "base_model": {"model": {"path": b}},
+        "models": [{"model": {"model": {"path": x}}, "parameters": p} for x, p in zip(m, W3, strict=True)]}),
     "dtype-float32-out-bfloat16": ("llama", lambda b, m: models_form(b, m, "task_arithmetic", W3, dtype="float32",
                                                                     out_dtype="bfloat16")),
     "bf16-checkpoint-dtype-float32": ("bf16", lambda b, m: models_form(b, m, "ties", TIES3, dtype="float32")),
@@ -243,6 +285,8 @@ AGREE_ULPS = {
                                                                 dtype="bfloat16")),
     "basic-ties": ("llama", lambda b, m: models_form(b, m, "ties", BASIC, {"density": 0.3}, n=2,
                                                      dtype="bfloat16")),
+    "basic-granite-linear": ("granite", lambda b, m: models_form(b, m, "linear", BASIC, with_base=False, n=2,
+                                                                 dtype="bfloat16")),
 }
 # forms the fused engine does not run: mergeopt hands them to mergekit, so the result is mergekit's, bit for bit.
 THROUGH_MERGEKIT = {
@@ -277,6 +321,16 @@ THROUGH_MERGEKIT = {
                                                                      {"max_iter": 5, "tol": 1e-5}, n=2)),
     "tokenizer-block": ("llama", lambda b, m: models_form(b, m, "task_arithmetic", W3,
                                                          tokenizer={"source": "base"})),
+    # mergekit's README: a tokenizer block with per-token embedding sources and padding
+    "tokenizer-block-tokens": ("llama", lambda b, m: models_form(
+        b, m, "task_arithmetic", W3, tokenizer={"source": "union", "pad_to_multiple_of": 32,
+                                                "tokens": {"<s>": {"source": {"kind": "zero"}},
+                                                           "</s>": {"source": m[0], "force": True}}})),
+    "model-reference-override-architecture": ("llama", lambda b, m: models_form(
+        b, [{"model": {"path": m[0]}, "override_architecture": "LlamaForCausalLM"}, m[1]], "task_arithmetic",
+        BASIC, n=2)),
+    "basic-granite-copy": ("granite", lambda b, m: models_form(b, m, "passthrough", [{}], with_base=False, n=1,
+                                                               dtype="bfloat16")),
 }
 # in mergeopt's engine through the torch path (optimizer/merge/torch_methods.py): float32 agrees to 1e-5 relative
 # (trigonometry and norms summed in another order), bf16/fp16 arithmetic within ULPS like the fused forms.
@@ -306,13 +360,42 @@ TORCH_PATH = {
     "basic-model_stock-filter-wise": ("llama", lambda b, m: models_form(b, m, "model_stock", BASIC,
                                                                         {"filter_wise": True}, n=2)),
     "basic-breadcrumbs": ("llama", lambda b, m: models_form(b, m, "breadcrumbs", BASIC, n=2, dtype="bfloat16")),
+    "basic-model_stock": ("qwen2", lambda b, m: models_form(b, m, "model_stock", BASIC, n=2, dtype="bfloat16")),
+    "basic-granite-slerp": ("granite", lambda b, m: models_form(b, [b, m[0]], "slerp", [{}, {}], {"t": 0.5},
+                                                                dtype="bfloat16")),
+    # mergekit's gradient-slerp example in its models: form (the base listed among the models)
+    "example-gradient-slerp-models": ("mistral", lambda b, m: models_form(
+        b, [b, m[0]], "slerp", [{}, {}], {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                                                {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]},
+        dtype="float16")),
+    # mergekit's docs: gamma >= 1 - density drops fewer outliers so that density elements are kept
+    "docs-breadcrumbs-gamma-past-density": ("gpt2", lambda b, m: models_form(
+        b, m, "breadcrumbs_ties", [{"weight": 0.5, "density": 0.9, "gamma": 0.2}] * 3)),
+    # one full-range slice with output-slice parameters (mergekit's precedence: sources, slice, then global)
+    "full-range-slice-parameters": ("llama", lambda b, m: {
+        "merge_method": "breadcrumbs", "base_model": b, "parameters": {"lambda": 0.9},
+        "slices": [{"parameters": {"density": 0.7, "gamma": 0.02},
+                    "sources": [{"model": x, "layer_range": [0, 3], "parameters": p}
+                                for x, p in zip([b, *m], [{}, *W3], strict=True)]}]}),
 }
+# mergekit's basic-merge tests run nuslerp over every (base, nuslerp_row_wise, nuslerp_flatten), in bfloat16
+TORCH_PATH.update({
+    f"basic-nuslerp-{'base' if base else 'no-base'}-row-wise-{row_wise}-flatten-{flatten}".lower(): (
+        "llama", lambda b, m, base=base, rw=row_wise, fl=flatten: models_form(
+            b, m, "nuslerp", BASIC, {"nuslerp_row_wise": rw, "nuslerp_flatten": fl}, with_base=base, n=2,
+            dtype="bfloat16"))
+    for base in (False, True) for row_wise in (False, True) for flatten in (False, True)})
 # DELLA drops at random in both tools (mergekit: torch.bernoulli; mergeopt: the DARE counter hash): compared on the
 # share of elements that moved away from the base.
 DELLA = {
     "della": ("llama", lambda b, m: models_form(b, m, "della", [{"weight": 0.5, "density": 0.5, "epsilon": 0.1}] * 3,
                                                 {"lambda": 1.0})),
     "della_linear": ("gpt2", lambda b, m: models_form(b, m, "della_linear", [{"weight": 0.5, "density": 0.6}] * 3)),
+    # mergekit's basic-merge tests (bfloat16): DELLA with lambda, and DARE-TIES (random in both tools as well)
+    "basic-della": ("llama", lambda b, m: models_form(b, m, "della", BASIC, {"density": 0.66, "epsilon": 0.05,
+                                                                            "lambda": 0.5}, n=2, dtype="bfloat16")),
+    "basic-dare_ties": ("qwen2", lambda b, m: models_form(b, m, "dare_ties", BASIC, {"density": 0.66}, n=2,
+                                                          dtype="bfloat16")),
 }
 # forms refused in one line, before any model is loaded or any output folder made
 REFUSED = {
@@ -337,6 +420,9 @@ REFUSED = {
     "della-epsilon-past-density": ("llama", lambda b, m: models_form(
         b, m, "della", [{"weight": 0.5, "density": 0.9, "epsilon": 0.15}], n=1),
         r"density 0.9 \+/- epsilon 0.15 must stay within \(0, 1\)"),
+    "lora-folder-is-not-an-adapter": ("llama", lambda b, m: models_form(b, [f"{m[0]}+{m[1]}", m[2]], "task_arithmetic",
+                                                                     BASIC, n=2),
+                                      "is not a PEFT adapter folder"),
     "hub-id-not-cached": ("llama", lambda b, m: {"merge_method": "task_arithmetic", "base_model": b,
                                                  "models": [{"model": "no-such-org/no-such-model@v1",
                                                              "parameters": {"weight": 1}}]},
@@ -402,7 +488,8 @@ def test_torch_path_forms_agree_with_mergekit(form, families, tmp_path, capsys):
     assert "through mergekit" not in err  # mergeopt's engine ran it
     if config.get("dtype") in ("bfloat16", "float16"):
         base, models = families[family]
-        assert_same(ours, theirs, form, ulps=ULPS, inputs=[read_folder(Path(f)) for f in [base, *models]])
+        ulps = NUSLERP_BASE_ULPS if config["merge_method"] == "nuslerp" and config.get("base_model") else ULPS
+        assert_same(ours, theirs, form, ulps=ulps, inputs=[read_folder(Path(f)) for f in [base, *models]])
     else:
         assert_same(ours, theirs, form, rel=TORCH_REL)
 
@@ -495,3 +582,180 @@ def test_mergekit_missing_is_one_line(families, tmp_path):
     assert not (tmp_path / "karcher").exists()
     assert outcomes["slerp"].returncode == 0, outcomes["slerp"].stderr[-500:]
     assert (tmp_path / "slerp" / "model.safetensors").is_file()
+
+
+# ---- recipes a search exports, for the methods whose own parameters are genes ----------------------------------------
+# (family, models used, space keys): each space's recipe at a random genome is merged by both tools. slerp's t per
+# layer group and module is a mergekit gradient list under {filter, value} conditions, like mergekit's own examples.
+SEARCHED = {
+    "slerp-layer-groups-modules": ("llama", 1, {"merge_method": "slerp", "granularity": {"layer_groups": 3},
+                                                "modules": ["self_attn", "mlp"]}),
+    "slerp-gradient": ("mistral", 1, {"merge_method": "slerp", "granularity": {"gradient": 2},
+                                      "bounds": {"t": [0.2, 0.9]}}),
+    "nuslerp-per-layer": ("qwen2", 2, {"merge_method": "nuslerp", "granularity": "per_layer",
+                                       "fixed": {"nuslerp_row_wise": True, "nuslerp_flatten": False}}),
+    "nuslerp-per-model": ("llama", 2, {"merge_method": "nuslerp"}),
+    "breadcrumbs-gamma-lambda": ("llama", 3, {"merge_method": "breadcrumbs",
+                                              "bounds": {"gamma": [0.0, 0.1], "lambda": [0.5, 1.5]}}),
+    "breadcrumbs_ties-gamma-per-layer": ("mistral", 2, {"merge_method": "breadcrumbs_ties", "granularity": "per_layer",
+                                                        "bounds": {"gamma": [0.0, 0.1]}}),
+    "ties-lambda-gradient": ("gpt2", 3, {"merge_method": "ties", "granularity": {"gradient": 2},
+                                         "bounds": {"lambda": [0.5, 1.5]}}),
+    "model_stock-which-models": ("qwen2", 3, {"merge_method": "model_stock", "fixed": {"filter_wise": True}}),
+}
+
+
+def searched_recipe(family, n: int, keys: dict, seed: int = 0) -> dict:
+    """The mergekit YAML (as exported) of a search space's recipe at a random genome."""
+    from optimizer.space import parse_space
+
+    base, models = family
+    space = parse_space({"name": "s", "base_model": base, "models": models[:n], "objectives": ["a"], **keys})
+    gen = torch.Generator().manual_seed(seed)
+    recipe = space.recipe(torch.rand(space.dimension, generator=gen).tolist())
+    return yaml.safe_load(recipe.to_yaml())
+
+
+@pytest.mark.parametrize("form", sorted(SEARCHED))
+def test_recipes_searched_over_a_methods_own_parameters_merge_as_mergekit_merges_them(form, families, tmp_path,
+                                                                                        capsys):
+    family, n, keys = SEARCHED[form]
+    config = searched_recipe(families[family], n, keys)
+    assert "mergeopt" in config  # mergekit reads the exported file as it is, with mergeopt's block
+    theirs = run_mergekit(config, tmp_path / "mergekit-out")
+    code, ours, err = run_mergeopt(config, tmp_path, capsys)
+    assert code == 0 and "through mergekit" not in err, err
+    assert_same(ours, theirs, form, rel=TORCH_REL)
+
+
+def test_a_searched_della_recipe_moves_the_share_of_elements_mergekit_moves(families, tmp_path, capsys):
+    """DELLA with epsilon genes (capped inside the density's bounds): random in both tools, compared on shares."""
+    config = searched_recipe(families["llama"], 3, {"merge_method": "della", "bounds": {"epsilon": [0.05, 0.3]},
+                                                    "granularity": {"layer_groups": 3}}, seed=1)
+    assert all("epsilon" in m["parameters"] for m in config["models"])
+    theirs = run_mergekit(config, tmp_path / "mergekit-out")
+    code, ours, err = run_mergeopt(config, tmp_path, capsys)
+    assert code == 0 and "through mergekit" not in err, err
+    base = read_folder(Path(families["llama"][0]))
+    moved = [sum(int((out[n] != base[n]).sum()) for n in theirs) for out in (ours, theirs)]
+    total = sum(t.numel() for t in theirs.values())
+    assert abs(moved[0] - moved[1]) / total < 0.02, moved
+
+
+def test_mergekit_yaml_accepts_a_searched_slerp_recipe(families, tmp_path, capsys):
+    """The command itself (not only its Python API): mergekit-yaml merges the exported slerp recipe to mergeopt's
+    tensors."""
+    config = searched_recipe(families["llama"], 1, SEARCHED["slerp-layer-groups-modules"][2], seed=2)
+    path = tmp_path / "slerp.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    command = Path(sys.executable).parent / "mergekit-yaml"
+    if not command.is_file():
+        pytest.skip("mergekit-yaml is not installed next to this Python")
+    done = subprocess.run([str(command), str(path), str(tmp_path / "mergekit-out"), "--random-seed", "0"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    code, ours, err = run_mergeopt(config, tmp_path, capsys)
+    assert code == 0, err
+    assert_same(ours, read_folder(tmp_path / "mergekit-out"), "mergekit-yaml slerp", rel=TORCH_REL)
+
+
+# ---- LoRA references: model+adapter ------------------------------------------------------------------------------
+def lora_adapter(model: str, folder: Path, seed: int = 0) -> Path:
+    """A tiny PEFT LoRA adapter (rank 4 on q_proj and v_proj) with non-zero B matrices, saved as safetensors."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(seed)
+    tuned = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(model),
+                                peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    tuned.save_pretrained(folder)
+    assert (folder / "adapter_model.safetensors").is_file()
+    return folder
+
+
+def test_a_lora_reference_merges_through_mergekit_as_mergekit_yaml_does(families, tmp_path, capsys):
+    """mergekit applies the adapter to a copy of the model (its --lora-merge-cache), then merges; mergeopt hands such a
+    recipe to mergekit with a note, checks the adapter folder first, and leaves no copy behind."""
+    base, models = families["llama"]
+    adapter = lora_adapter(models[0], tmp_path / "adapter")
+    config = models_form(base, [f"{models[0]}+{adapter}", models[1]], "task_arithmetic", BASIC, n=2)
+    merge_config = MergeConfiguration.model_validate(copy.deepcopy(config))
+    mergekit_merge.run_merge(merge_config, str(tmp_path / "mergekit-out"),
+                             MergeOptions(quiet=True, lora_merge_cache=str(tmp_path / "lora-cache")))
+    theirs = read_folder(tmp_path / "mergekit-out")
+    code, ours, err = run_mergeopt(config, tmp_path, capsys)
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "merging through mergekit" in line]
+    assert len(notes) == 1 and "LoRA reference" in notes[0], err
+    assert set(ours) == set(theirs) and all(torch.equal(ours[n], theirs[n]) for n in theirs)
+    assert not list(tmp_path.glob(".mergeopt-out.lora-*"))  # the adapted copy is removed
+    # the adapter took part: without it the attention projections come out otherwise, the MLPs the same
+    plain = run_mergekit(models_form(base, models, "task_arithmetic", BASIC, n=2), tmp_path / "plain")
+    changed = {n for n in theirs if not torch.equal(plain[n], theirs[n])}
+    assert changed and all("q_proj" in n or "v_proj" in n for n in changed)
+
+
+def test_a_pickled_lora_adapter_is_refused_unless_allowed(families, tmp_path, capsys):
+    base, models = families["llama"]
+    adapter = lora_adapter(models[0], tmp_path / "adapter")
+    (adapter / "adapter_model.safetensors").rename(adapter / "adapter_model.bin")
+    capsys.readouterr()  # the adapter's own build
+    config = models_form(base, [f"{models[0]}+{adapter}", models[1]], "task_arithmetic", BASIC, n=2)
+    code, _, err = run_mergeopt(config, tmp_path, capsys)
+    assert code == 1 and err.strip().count("\n") == 0
+    assert "is pickled (adapter_model.bin); convert it to safetensors, or pass --allow-pickle" in err
+    assert not (tmp_path / "mergeopt-out").exists()
+
+
+# ---- a vision-language model (mergekit's basic-merge tests on picoLlaVa) -----------------------------------------
+VLM = {
+    "linear": lambda b, m: models_form(b, m, "linear", BASIC, with_base=False, n=2, dtype="bfloat16"),
+    "slerp": lambda b, m: models_form(b, [b, m[0]], "slerp", BASIC, {"t": 0.35}, dtype="bfloat16"),
+    "nuslerp-row-wise": lambda b, m: models_form(b, m, "nuslerp", BASIC, {"nuslerp_row_wise": True,
+                                                                          "nuslerp_flatten": False},
+                                                 with_base=False, n=2, dtype="bfloat16"),
+    "task_arithmetic": lambda b, m: models_form(b, m, "task_arithmetic", BASIC, n=2, dtype="bfloat16"),
+    "breadcrumbs": lambda b, m: models_form(b, m, "breadcrumbs", BASIC, n=2, dtype="bfloat16"),
+    "ties": lambda b, m: models_form(b, m, "ties", BASIC, {"density": 0.3}, n=2, dtype="bfloat16"),
+    "nuslerp-base": lambda b, m: models_form(b, m, "nuslerp", BASIC, {"nuslerp_flatten": False}, n=2,
+                                             dtype="bfloat16"),
+    "model_stock": lambda b, m: models_form(b, m, "model_stock", BASIC, n=2, dtype="bfloat16"),
+    "model_stock-filter-wise": lambda b, m: models_form(b, m, "model_stock", BASIC, {"filter_wise": True}, n=2,
+                                                        dtype="bfloat16"),
+}
+
+
+# bf16 arithmetic on the vision tower (layer norms at 1.0, whose bf16 deltas are coarse, tie in magnitude):
+# mergekit's TIES trims rounded deltas, and model_stock's filter-wise angle over the 4-element rows of the conv patch
+# embedding is taken from rounded rows, and nuslerp's per-row angles between rounded deltas of the layer norms, so
+# these shares of elements go another way (measured 0.53%, 0.25% and 0.02%)
+VLM_BF16_OUTLIERS = {"ties": 0.01, "model_stock-filter-wise": 0.005, "nuslerp-base": 0.001}
+
+
+@pytest.mark.parametrize("form", sorted(VLM))
+def test_a_llava_checkpoint_merges_whole_and_agrees_where_mergekit_writes(form, families, tmp_path, capsys):
+    """LLaVA saved by transformers 5 keeps the original tensor names (``language_model.model...``, ``vision_tower``);
+    mergekit 0.1.5 infers the architecture from transformers 5's module layout (``model.language_model...``), so it
+    writes the vision tower and projector under ``model.``-prefixed names and leaves the language model out (the
+    output loads with 21 weights missing). mergeopt merges every tensor of the checkpoint under its own name; on the
+    tensors mergekit writes the two agree, and the language model is merged by the same rule (checked for linear)."""
+    base, models = families["llava"]
+    config = VLM[form](base, models)
+    theirs = {name.removeprefix("model."): t for name, t in run_mergekit(config, tmp_path / "mergekit-out").items()}
+    code, ours, err = run_mergeopt(config, tmp_path, capsys)
+    assert code == 0 and "through mergekit" not in err, err
+    inputs = [read_folder(Path(f)) for f in [base, *models]]
+    assert set(ours) == set(inputs[0])
+    left_out = set(ours) - set(theirs)
+    assert left_out and all(name.startswith("language_model.") for name in left_out)
+    ulps = NUSLERP_BASE_ULPS if form == "nuslerp-base" else ULPS
+    assert_same({n: ours[n] for n in theirs}, theirs, form, ulps=ulps, inputs=inputs,
+                outliers=VLM_BF16_OUTLIERS.get(form, 0))
+    if form == "linear":
+        for name in left_out:
+            a, b = (inputs[i][name].bfloat16().float() for i in (1, 2))
+            expected = ((0.6 * a + 0.4 * b) / 1.0).bfloat16()
+            assert_same({name: ours[name]}, {name: expected}, f"linear {name}", ulps=ULPS, inputs=inputs)
+    transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "mergeopt-out")  # loads, nothing missing

@@ -40,7 +40,7 @@ def test_every_mergekit_method_is_declared_with_mergekits_parameters():
 def test_fused_and_searchable_methods():
     assert FUSED_METHODS == ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
     assert SEARCHABLE_METHODS == ("task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
-                                  "breadcrumbs_ties", "della", "della_linear")
+                                  "breadcrumbs_ties", "della", "della_linear", "slerp", "nuslerp", "model_stock")
     torch_path = {name for name, spec in METHODS.items() if spec.engine == "torch"}
     assert torch_path == {"slerp", "nuslerp", "model_stock", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
     assert all(METHODS[name].in_engine and not METHODS[name].fused for name in torch_path)
@@ -98,3 +98,25 @@ def test_cli_help_and_readme_read_the_registry():
         for p in spec.parameters:
             assert p.name in methods_help()
     assert "through mergekit" in text
+    # what a search space may vary, per searchable method
+    lines = {line.split()[0]: line for line in methods_help().splitlines()}
+    assert lines["slerp"].endswith("[genes: t]") and lines["model_stock"].endswith("[genes: use (which models)]")
+    assert lines["della"].endswith("[genes: weight, drop_rate (+ lambda, epsilon)]") and "genes" not in lines["karcher"]
+
+
+def test_a_search_space_can_bound_every_gene_the_registry_declares():
+    """space.BoundsConfig has an entry for each gene parameter of each searchable method (a new one needs a field),
+    with the registry's range as its limits."""
+    from optimizer.merge.methods import gene_parameters
+    from optimizer.space import BoundsConfig
+
+    fields = {f.alias or name for name, f in BoundsConfig.model_fields.items()}
+    declared = {p.name for name in SEARCHABLE_METHODS for p in gene_parameters(METHODS[name])}
+    assert declared | {"drop_rate"} == fields
+    for name in declared - {"weight"}:
+        spec = next(METHODS[m] for m in SEARCHABLE_METHODS if METHODS[m].has(name))
+        low, high = spec.parameter(name).gene
+        BoundsConfig.model_validate({name: [low, high]})
+        if spec.parameter(name).high is not None:
+            with pytest.raises(ValueError, match="must lie within"):
+                BoundsConfig.model_validate({name: [low, spec.parameter(name).high + 0.5]})

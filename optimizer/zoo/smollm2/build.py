@@ -8,6 +8,7 @@ is refused (remove its folder to rebuild it).
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 import sys
@@ -21,6 +22,7 @@ from optimizer.zoo.smollm2.convert import convert_base
 from optimizer.zoo.smollm2.data import evaluation_splits, training_items
 
 BUILD_FILE = "mergeopt-build.json"
+log = logging.getLogger("mergeopt")
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ def replay_prompts(count: int) -> list[str]:
 
 def _log(message: str, progress: bool) -> None:
     if progress:
-        print(f"[smollm2] {message}", file=sys.stderr, flush=True)
+        log.info("[smollm2] %s", message)
 
 
 def record_replay(base_dir: Path, path: Path, settings: BuildSettings, progress: bool) -> list[dict]:
