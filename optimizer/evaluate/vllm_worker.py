@@ -164,7 +164,7 @@ class UnchangedLayers:
 
         for name, tensor in weights:
             live = self.live.get(name)
-            if (live is not None and live.shape == tensor.shape and live.dtype == tensor.dtype
+            if (live is not None and not live.is_meta and live.shape == tensor.shape and live.dtype == tensor.dtype
                     and torch.equal(live, tensor.to(live.device))):
                 self.skipped.append(name)
                 self.unreported[self.layer_class[name]] += 1

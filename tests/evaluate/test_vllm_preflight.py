@@ -70,3 +70,41 @@ def test_a_folders_weights_are_read_from_safetensors_only(tmp_path):
     torch.save({"w": torch.zeros(2)}, pickled / "pytorch_model.bin")
     with pytest.raises(MergeoptError, match="pickled weights"):
         list(folder_tensors(pickled))
+
+
+def test_only_single_tensor_layers_holding_the_same_values_are_left_out_of_a_reload():
+    """UnchangedLayers on a plain torch model laid out as vLLM's are (the worker runs it on vLLM's live model)."""
+    import logging
+
+    from optimizer.evaluate.vllm_worker import RELOAD_LOGGERS, UnchangedLayers, _ReloadNotices
+
+    model = torch.nn.Module()
+    model.embed = torch.nn.Embedding(64, 4)  # vLLM pads a vocabulary: the checkpoint's has 60 rows
+    model.norm = torch.nn.LayerNorm(4, elementwise_affine=True, bias=False)  # one tensor
+    model.proj = torch.nn.Linear(4, 4)  # weight and bias: never left out, even when both are equal
+    unchanged = UnchangedLayers(model)
+    weights = [("embed.weight", model.embed.weight.data[:60].clone()),
+               ("norm.weight", model.norm.weight.data.clone()),
+               ("proj.weight", model.proj.weight.data.clone()), ("proj.bias", model.proj.bias.data.clone()),
+               ("extra.weight", torch.zeros(2))]
+    assert [name for name, _ in unchanged.changed(weights)] == ["embed.weight", "proj.weight", "proj.bias",
+                                                                "extra.weight"]
+    assert unchanged.skipped == ["norm.weight"] and unchanged.unreported == {"LayerNorm": 1}
+    changed_norm = UnchangedLayers(model)
+    assert [n for n, _ in changed_norm.changed([("norm.weight", model.norm.weight.data + 1)])] == ["norm.weight"]
+    assert not changed_norm.skipped
+    # vLLM's warnings: the layer left out on purpose is dropped once, any other layer or weight still shows
+    notices = _ReloadNotices()
+    notices.expected = unchanged
+
+    def record(logger, msg, *args):
+        return logging.LogRecord(logger, logging.WARNING, __file__, 0, msg, args, None)
+
+    layerwise, inplace = RELOAD_LOGGERS
+    assert not notices.filter(record(layerwise, "%s: Failed to load weights", "LayerNorm"))
+    assert notices.filter(record(layerwise, "%s: Failed to load weights", "LayerNorm"))  # a second one: not ours
+    assert notices.filter(record(layerwise, "%s: Failed to load weights", "Linear"))
+    assert not notices.filter(record(layerwise, "%s: Failed to load weights", "RotaryEmbedding"))
+    message = "Following weights were not loaded from checkpoint: %s"
+    assert not notices.filter(record(inplace, message, {"norm.weight"}))
+    assert notices.filter(record(inplace, message, {"norm.weight", "proj.bias"}))
