@@ -124,8 +124,9 @@ def family(name: str, folder: Path) -> tuple[str, list[str], str]:
         models = family_models(None, reduced=True)
         return (str(models["base"]), [str(models["adder"]), str(models["multiplier"])],
                 "SmolLM2-135M-Instruct (tied) + 2 reduced fine-tunes (adder, multiplier; embeddings and norms frozen)")
-    return (str(folder / "base"), [str(folder / "sibling1"), str(folder / "sibling2")],
-            "SmolLM2-135M-Instruct (tied) + 2 perturbed siblings (every tensor perturbed)")
+    described = ("SmolLM2-135M-Instruct (tied) + 2 perturbed siblings (every tensor perturbed)" if name == "perturbed"
+                 else f"base + sibling1 + sibling2 of {folder}")
+    return str(folder / "base"), [str(folder / "sibling1"), str(folder / "sibling2")], described
 
 
 def profile_builds(worker, recipes: list[dict]) -> dict:
@@ -232,10 +233,11 @@ def main() -> None:
     prep.add_argument("--out", type=Path, default=CACHE)
     prep.add_argument("--noise", type=float, default=0.02, help="sibling noise, as a fraction of each tensor's std")
     go = sub.add_parser("run", help="time the paths (vLLM venv)")
-    go.add_argument("--family", choices=("smollm2-reduced", "perturbed"), default="smollm2-reduced",
+    go.add_argument("--family", choices=("smollm2-reduced", "perturbed", "folder"), default="smollm2-reduced",
                     help="smollm2-reduced: base + adder + multiplier of the reduced family (mergeopt zoo --family "
-                         "smollm2 --build --reduced); perturbed: the folders `prepare` wrote")
-    go.add_argument("--models", type=Path, default=CACHE, help="the perturbed family's folder")
+                         "smollm2 --build --reduced); perturbed: the folders `prepare` wrote; folder: base, sibling1 "
+                         "and sibling2 under --models")
+    go.add_argument("--models", type=Path, default=CACHE, help="the perturbed (or folder) family's folder")
     go.add_argument("--tasks", default="smollm2", help="a task set (default: the family's own), or 'arithmetic'")
     go.add_argument("--candidates", type=int, default=4)
     go.add_argument("--items", type=int, default=16, help="items per task (0: the whole task set)")
