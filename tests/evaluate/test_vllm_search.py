@@ -162,3 +162,9 @@ def test_search_on_smollm2_records_the_scores_transformers_gives(smollm2_reduced
     run_dir = tmp_path / "run"
     search_writing_no_weights(path, run_dir, tmp_path, "--quiet")
     assert_recorded_scores_are_transformers(run_dir, trials=3)
+    # `eval` of the run's best recipe on the vllm backend, its merge engine mapped on the host: the recorded scores
+    best = yaml.safe_load((run_dir / "best.yaml").read_text())["mergeopt"]["scores"]
+    done = mergeopt("eval", run_dir, "--tasks", "smollm2", "--limit", "5", "--backend", "vllm", "--engine-device", "cpu",
+                    "--json")
+    again = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {t: s["value"] for t, s in again.items()} == {t: s["value"] for t, s in best.items()}
