@@ -164,11 +164,12 @@ class UnchangedLayers:
 
         for name, tensor in weights:
             live = self.live.get(name)
-            if (live is not None and not live.is_meta and live.shape == tensor.shape and live.dtype == tensor.dtype
-                    and torch.equal(live, tensor.to(live.device))):
-                self.skipped.append(name)
-                self.unreported[self.layer_class[name]] += 1
-                continue
+            if live is not None and not live.is_meta and live.shape == tensor.shape and live.dtype == tensor.dtype:
+                tensor = tensor.to(live.device)  # moved once: vLLM's loader gets this copy if it is loaded after all
+                if torch.equal(live, tensor):
+                    self.skipped.append(name)
+                    self.unreported[self.layer_class[name]] += 1
+                    continue
             yield name, tensor
 
 
