@@ -11,7 +11,8 @@ delta sparsified at drop rate p in {0, .1, .3, .5, .7, .9, .95, .99}:
   (deterministic, so one "seed").
 
 Each point is the mean over seeds of the exact match, with the standard error over the items of one score
-(binomial) and, with several seeds, the standard error of the seed mean. Prints a markdown table, writes the raw
+(binomial; the items are the same for every seed) and, with several seeds, the standard deviation over the seeds
+(the mask's own noise). Prints a markdown table, writes the raw
 numbers as JSON and a small PNG plot (``--plot``). The family must be built first
 (``mergeopt zoo --family smollm2 --build``).
 """
@@ -121,20 +122,19 @@ def main() -> None:
     plot(results, args.plot)
 
 
-def summary(points: list) -> tuple[float, float, int]:
-    """Mean over seeds, and its standard error: over seeds when there are several, else the binomial one."""
+def summary(points: list) -> tuple[float, float, int, float]:
+    """Mean over seeds, the items' standard error of one score (binomial, averaged over seeds: the items are the
+    same for every seed), the seed count, and the standard deviation over seeds (the mask's own noise)."""
     values = [v for v, _ in points]
-    mean = statistics.fmean(values)
-    if len(values) > 1:
-        return mean, statistics.stdev(values) / len(values) ** 0.5, len(values)
-    return mean, points[0][1], 1
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), statistics.fmean(se for _, se in points), len(values), spread
 
 
 def table(results: dict) -> str:
     lines = []
     for name, data in results.items():
         rates = sorted({float(k.split("@")[1]) for k in data["points"] if "@" in k})
-        base_mean, base_se, _ = summary(data["points"]["base"])
+        base_mean, base_se, _, _ = summary(data["points"]["base"])
         lines += [f"\n{name} on {data['task']} ({data['items']} held-out items; base {base_mean:.3f} +- {base_se:.3f})\n",
                   "| p | " + " | ".join(VARIANTS) + " |", "|---" * (len(VARIANTS) + 1) + "|"]
         for p in rates:
@@ -144,8 +144,8 @@ def table(results: dict) -> str:
                 if not points:
                     cells.append("")
                     continue
-                mean, se, n = summary(points)
-                cells.append(f"{mean:.3f} +- {se:.3f}" + (f" ({n} seeds)" if n > 1 else ""))
+                mean, se, n, spread = summary(points)
+                cells.append(f"{mean:.3f} +- {se:.3f}" + (f" ({n} seeds, sd {spread:.3f})" if n > 1 else ""))
             lines.append(f"| {p:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -161,7 +161,7 @@ def plot(results: dict, path: Path) -> None:
         for variant, style in zip(VARIANTS, ("o-", "s--", "^:")):
             rates = sorted(float(k.split("@")[1]) for k in data["points"] if k.startswith(variant + "@"))
             stats = [summary(data["points"][f"{variant}@{p:g}"]) for p in rates]
-            ax.errorbar(rates, [m for m, _, _ in stats], yerr=[s for _, s, _ in stats], fmt=style, ms=3,
+            ax.errorbar(rates, [m for m, _, _, _ in stats], yerr=[s for _, s, _, _ in stats], fmt=style, ms=3,
                         capsize=2, label=variant.replace("_", " "))
         ax.axhline(summary(data["points"]["base"])[0], color="gray", lw=0.8, label="base")
         ax.set_title(f"{name} ({data['task']})", fontsize=9)
