@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -83,6 +84,7 @@ class MergeEngine:
         self._rows = {path: row for row, path in enumerate(self.model_paths)}
         self._l1: dict[tuple[str, int], float] = {}  # dense L1 norms of deltas, for the l1 rescale rule
         self._checked: set[str] = set()
+        self._unchanged: dict[str, frozenset[int]] = {}  # per tensor: the fine-tunes storing the base's own bytes
         if verify:
             for name in tqdm(self.names, desc="checking weights", unit="tensor", disable=not progress, leave=False):
                 self._check_inputs(name)
@@ -125,6 +127,7 @@ class MergeEngine:
         return max(sizes, key=sizes.__getitem__)
 
     def _check_inputs(self, name: str) -> None:
+        """Refuse non-finite inputs of one tensor, and note which fine-tunes left it as the base stores it."""
         if name in self._checked:
             return
         for store in self._stored:
@@ -132,6 +135,9 @@ class MergeEngine:
             if bad:
                 raise MergeoptError(f"tensor {name} of {store.folder} holds {bad} NaN or infinite value{'s' * (bad > 1)}; "
                                     "the checkpoint is damaged: re-export or re-download that model")
+        base = self._stored[0][name]
+        self._unchanged[name] = frozenset(row for row, store in enumerate(self._stored[1:])
+                                          if _same_bytes(store[name], base))
         self._checked.add(name)
 
     def release(self, name: str) -> None:
@@ -199,6 +205,17 @@ class MergeEngine:
             flat.copy_(plan.merge(base, models))
             return target
         n = flat.numel()
+        unchanged = self._unchanged[slot.name]
+        if unchanged and all(row in unchanged for row in np.flatnonzero(plan.keep_mode != sparsify.KEEP_NONE)):
+            # every delta the plan keeps anything of is zero: the base (as the kernels would give it), no masks
+            for start in range(0, n, TORCH_RANGE):
+                stop = min(n, start + TORCH_RANGE)
+                part = sparsify.merge_range_unchanged(base, plan, start, stop)
+                if part is None:
+                    break
+                flat[start:stop].copy_(part)
+            else:
+                return target
         if self.kernel == "numba":
             if flat.dtype == torch.float32 and flat.device.type == "cpu":
                 sparsify.merge_range_cpu(flat, 0, base, models, plan)  # straight into the target
@@ -270,6 +287,11 @@ class MergeEngine:
 
         write_chat_template(recipe, out)
         return out
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two stored flat tensors hold the same bytes (a fine-tune that left this tensor as the base)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
 def _scatter(values, rows: list[int], n: int, fill):

@@ -10,7 +10,7 @@ from helpers import make_family
 from safetensors.torch import load_file, save_file
 
 from optimizer.errors import MergeoptError
-from optimizer.merge import checkpoint, engine as engine_module
+from optimizer.merge import checkpoint, engine as engine_module, sparsify
 from optimizer.merge.engine import MergeEngine
 from optimizer.recipe import ModelSpec, Recipe
 
@@ -142,3 +142,56 @@ def test_truncated_header_and_data_are_one_line(tmp_path, half_families):
     bad.write_bytes(data[:20])
     with pytest.raises(MergeoptError, match="corrupt or truncated"):
         checkpoint.read_safetensors_header(bad)
+
+
+@pytest.fixture(scope="module")
+def frozen_family(tmp_path_factory):
+    """bf16 fine-tunes that left the embeddings and every norm as the base stores them (frozen in training), over a
+    base with negative zeros in a frozen and a trained tensor (the signed-zero corner of the shortcut)."""
+    root = tmp_path_factory.mktemp("frozen")
+    base, models = make_family(root, "llama", n_models=3, delta_scale=0.01)
+    base_weights = {k: v.to(torch.bfloat16) for k, v in load_file(base / "model.safetensors").items()}
+    frozen = [k for k in base_weights if "embed" in k or "norm" in k]
+    trained = next(k for k in base_weights if "q_proj" in k)
+    for name in (frozen[0], trained):
+        base_weights[name].view(-1)[::7] = -0.0
+    out = []
+    for i, folder in enumerate([base, *models]):
+        target = convert(folder, root / f"bf16-{i}", torch.bfloat16)
+        weights = {k: v.to(torch.bfloat16) for k, v in load_file(folder / "model.safetensors").items()}
+        weights = {k: base_weights[k] if (i == 0 or k in frozen) else v for k, v in weights.items()}
+        save_file(weights, target / "model.safetensors", metadata={"format": "pt"})
+        out.append(target)
+    return out, frozen
+
+
+FUSED_FORMS = [  # (method, per-model weights, global parameters): every sign case of the kernels' zero
+    ("dare_ties", [0.6, 0.3, 0.4], {}),
+    ("dare_linear", [0.6, -0.9, 0.1], {"normalize": True}),  # a negative weight sum: -0 after normalising
+    ("dare_linear", [0.5, 0.5, 0.2], {"lambda": -1.0}),
+    ("ties", [0.6, 0.3, 0.4], {"lambda": 0.7}),
+    ("task_arithmetic", [1.0, -0.5, 0.25], {"normalize": True, "lambda": -2.0}),
+    ("linear", [0.2, 0.5, 0.3], {"weight": 0.4}),  # the base averaged in: its coefficient is not 1
+]
+
+
+@pytest.mark.parametrize("kernel", ["numba", "torch"])
+@pytest.mark.parametrize("method,weights,params", FUSED_FORMS)
+def test_tensors_every_fine_tune_left_alone_skip_the_kernel_and_keep_its_bits(frozen_family, kernel, method,
+                                                                              weights, params, monkeypatch):
+    folders, frozen = frozen_family
+    shortcut = sparsify.merge_range_unchanged
+    taken = []
+    monkeypatch.setattr(sparsify, "merge_range_unchanged", lambda *a: taken.append(1) or shortcut(*a))
+    fast = MergeEngine(folders[0], folders[1:], device="cpu", kernel=kernel)
+    assert set(frozen) == {name for name, rows in fast._unchanged.items() if rows == {0, 1, 2}}
+    slow = MergeEngine(folders[0], folders[1:], device="cpu", kernel=kernel)
+    slow._unchanged = {name: frozenset() for name in slow._unchanged}  # every tensor through the kernel
+    r = Recipe(method, [ModelSpec(str(m), {"weight": w, "density": 0.6}) for m, w in zip(folders[1:], weights)],
+               base_model=str(folders[0]), seed=5, parameters=params)
+    for dtype in (torch.float32, torch.bfloat16):
+        got, want = fast.state_dict(r, dtype), slow.state_dict(r, dtype)
+        for key in want:  # bits, not values: -0 and +0 must come out as the kernel writes them
+            assert torch.equal(got[key].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                               want[key].view(torch.int16 if dtype == torch.bfloat16 else torch.int32)), (key, dtype)
+    assert len(taken) >= 2 * len(frozen)  # the frozen tensors did take the shortcut, in both dtypes
