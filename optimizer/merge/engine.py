@@ -207,14 +207,11 @@ class MergeEngine:
         n = flat.numel()
         unchanged = self._unchanged[slot.name]
         if unchanged and all(row in unchanged for row in np.flatnonzero(plan.keep_mode != sparsify.KEEP_NONE)):
-            # every delta the plan keeps anything of is zero: the base (as the kernels would give it), no masks
-            for start in range(0, n, TORCH_RANGE):
-                stop = min(n, start + TORCH_RANGE)
-                part = sparsify.merge_range_unchanged(base, plan, start, stop)
-                if part is None:
-                    break
-                flat[start:stop].copy_(part)
-            else:
+            tail = sparsify.unchanged_tail(plan)  # every kept delta is zero: the base, as the kernels write it
+            if tail is not None:
+                for start in range(0, n, TORCH_RANGE):
+                    stop = min(n, start + TORCH_RANGE)
+                    sparsify.merge_range_unchanged(flat[start:stop], base, plan, tail, start, stop)
                 return target
         if self.kernel == "numba":
             if flat.dtype == torch.float32 and flat.device.type == "cpu":

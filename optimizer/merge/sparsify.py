@@ -268,15 +268,14 @@ def merge_range_torch(base: torch.Tensor, models: list[torch.Tensor], plan: Tens
     return float(np.float32(plan.base_coef)) * source + float(np.float32(plan.lam)) * mix
 
 
-def merge_range_unchanged(base: torch.Tensor, plan: TensorPlan, start: int, stop: int) -> torch.Tensor | None:
-    """Elements ``start:stop`` of the merge when every model the plan keeps anything of stores exactly the base's
-    values: what both kernels give, bit for bit, without reading the models or drawing a mask. None where that
-    shortcut would not be exact (a non-finite coefficient, whose product with a zero delta is NaN).
+def unchanged_tail(plan: TensorPlan) -> float | None:
+    """What the kernels add to ``base_coef * base`` when every model the plan keeps anything of stores exactly the
+    base's values: a signed zero. None where skipping the kernel would not be exact (a non-finite coefficient,
+    whose product with a zero delta is NaN).
 
-    Why it is exact: each kept row is a finite coefficient times a delta of +0 (x - x), so a signed zero; the
+    Why a signed zero: each kept row is a finite coefficient times a delta of +0 (x - x), so a signed zero; the
     kernels' mix starts at +0 and +0 plus a signed zero is +0; only the non-consensus normalisation can turn it
-    into -0 (a negative weight sum), and lambda may flip that sign once more. Frozen embeddings and norms of
-    fine-tunes (and every untouched tensor of an adapter merged into its base) take this path."""
+    into -0 (a negative weight sum), and lambda may flip that sign once more. Adding it matters: -0 + +0 is +0."""
     kept = plan.keep_mode != KEEP_NONE
     coefs = plan.weights[kept].astype(np.float32) * plan.scales[kept].astype(np.float32)
     if not np.all(np.isfinite(coefs)):
@@ -284,8 +283,21 @@ def merge_range_unchanged(base: torch.Tensor, plan: TensorPlan, start: int, stop
     mix = np.float32(0.0)
     if plan.normalize and not plan.consensus:
         mix = mix / np.float32(plan.weight_sum)
-    tail = torch.tensor(np.float32(plan.lam) * mix, dtype=torch.float32, device=base.device)
-    return float(np.float32(plan.base_coef)) * base[start:stop].float() + tail
+    return float(np.float32(plan.lam) * mix)
+
+
+def merge_range_unchanged(out: torch.Tensor, base: torch.Tensor, plan: TensorPlan, tail: float, start: int,
+                          stop: int) -> None:
+    """Write elements ``start:stop`` of such a merge into ``out`` (any float dtype): ``base_coef * base + tail``
+    in float32, as the kernels compute it, bit for bit, without reading the models or drawing a mask (one pass
+    over the base where its coefficient is 1, the usual case: frozen embeddings and norms of fine-tunes)."""
+    source = base[start:stop]
+    if source.dtype != torch.float32:
+        source = source.float()
+    coef = float(np.float32(plan.base_coef))
+    if coef != 1.0:
+        source = coef * source
+    torch.add(source, torch.tensor(tail, dtype=torch.float32, device=source.device), out=out)
 
 
 def delta_l1_torch(base: torch.Tensor, tuned: torch.Tensor, threshold: int, key: int,
