@@ -179,7 +179,8 @@ def test_a_bad_space_through_the_real_command(search_setup, tmp_path):
     proc = mergeopt_cli("search", path, "--run-dir", tmp_path / "run")
     assert proc.returncode == 1 and proc.stdout == "", proc.stdout
     assert proc.stderr == f"mergeopt search: error: {path}: bounds.weight: low 1.0 is above high 0.2 " \
-                          "(expected {weight: [lo, hi], drop_rate: [lo, hi]})\n"
+                          "(expected {weight: [lo, hi], drop_rate: [lo, hi]} and the method's other genes, e.g. t, " \
+                          "gamma, epsilon, lambda)\n"
 
 
 def test_a_model_with_nan_or_inf_weights_is_refused_before_the_search(search_setup, inf_model, tmp_path, figures):
