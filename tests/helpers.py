@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -98,3 +99,16 @@ def assert_one_line_error(proc, *fragments: str) -> None:
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
     for fragment in fragments:
         assert fragment in proc.stderr, proc.stderr
+
+
+def write_search_setup(root: Path, tied: bool = False) -> Path:
+    """A folder with tiny char-level models (models/m0..m3, ``tied``: input and output embeddings shared) and a
+    two-task task set (gen + mc) for ``write_space``."""
+    tiny_family(root / "models", 3, tied=tied)
+    (root / "gen.jsonl").write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "target": str(2 * i)}) + "\n"
+                                            for i in range(30)))
+    (root / "mc.jsonl").write_text("".join(json.dumps({"prompt": f"{i}=", "choices": [str(i), str(i + 1), "x"],
+                                                       "answer": i % 3}) + "\n" for i in range(30)))
+    (root / "tasks.yaml").write_text("tasks:\n  - {name: gen, path: gen.jsonl, max_new_tokens: 3}\n"
+                                     "  - {name: mc, kind: multiple_choice, path: mc.jsonl}\n")
+    return root

@@ -20,7 +20,7 @@ import pytest
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm")
 
-from helpers import tiny_family, write_space  # noqa: E402
+from helpers import write_search_setup, write_space  # noqa: E402
 
 from optimizer.evaluate.hf import HFBackend  # noqa: E402
 from optimizer.evaluate.scoring import evaluate_candidate  # noqa: E402
@@ -115,13 +115,7 @@ def assert_recorded_scores_are_transformers(run_dir, trials):
 
 
 def test_search_on_a_tied_model_records_the_scores_transformers_gives(tmp_path):
-    tiny_family(tmp_path / "models", 3, tied=True)
-    (tmp_path / "gen.jsonl").write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "target": str(2 * i)}) + "\n"
-                                                for i in range(30)))
-    (tmp_path / "mc.jsonl").write_text("".join(json.dumps({"prompt": f"{i}=", "choices": [str(i), str(i + 1), "x"],
-                                                           "answer": i % 3}) + "\n" for i in range(30)))
-    (tmp_path / "tasks.yaml").write_text("tasks:\n  - {name: gen, path: gen.jsonl, max_new_tokens: 3}\n"
-                                         "  - {name: mc, kind: multiple_choice, path: mc.jsonl}\n")
+    write_search_setup(tmp_path, tied=True)
     space = write_space(tmp_path, "tied-vllm", backend="vllm", budget={"trials": 3})
     run_dir = tmp_path / "run"
     search_writing_no_weights(space, run_dir, tmp_path, "--engine-device", "cpu")
