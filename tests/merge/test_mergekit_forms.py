@@ -166,6 +166,14 @@ def run_mergeopt(config: dict, tmp_path: Path, capsys) -> tuple[int, dict[str, t
     return code, (read_folder(out) if code == 0 else {}), err
 
 
+def merge_both(config: dict, tmp_path: Path, capsys) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], str]:
+    """mergekit's and mergeopt's merge of one recipe, mergeopt's having succeeded: (theirs, ours, mergeopt's stderr)."""
+    theirs = run_mergekit(config, tmp_path / "mergekit-out")
+    code, ours, err = run_mergeopt(config, tmp_path, capsys)
+    assert code == 0, err
+    return theirs, ours, err
+
+
 def assert_same(ours: dict, theirs: dict, form: str, ulps: int = 0, inputs: list[dict] | None = None,
                 exempt=None, outliers: float = 0.0, rel: float = 0.0) -> None:
     """Every tensor mergekit writes, in the same dtype; float32 to rounding; bf16/fp16 within ``ulps`` units in the
@@ -434,9 +442,7 @@ REFUSED = {
 def test_agree_with_mergekit(form, families, tmp_path, capsys):
     family, build = AGREE[form]
     config = build(*families[family])
-    theirs = run_mergekit(config, tmp_path / "mergekit-out")
-    code, ours, err = run_mergeopt(config, tmp_path, capsys)
-    assert code == 0, err
+    theirs, ours, err = merge_both(config, tmp_path, capsys)
     assert "through mergekit" not in err  # the fused engine ran it
     assert_same(ours, theirs, form, **tie_exemption(form, families[family]))
 
@@ -445,9 +451,7 @@ def test_agree_with_mergekit(form, families, tmp_path, capsys):
 def test_agree_with_mergekit_within_ulps_in_low_precision(form, families, tmp_path, capsys):
     family, build = AGREE_ULPS[form]
     config = build(*families[family])
-    theirs = run_mergekit(config, tmp_path / "mergekit-out")
-    code, ours, err = run_mergeopt(config, tmp_path, capsys)
-    assert code == 0, err
+    theirs, ours, err = merge_both(config, tmp_path, capsys)
     base, models = families[family]
     assert_same(ours, theirs, form, ulps=ULPS, inputs=[read_folder(Path(f)) for f in [base, *models]],
                 **tie_exemption(form, families[family]))
@@ -468,9 +472,7 @@ def tie_exemption(form: str, family) -> dict:
 def test_other_forms_go_through_mergekit(form, families, tmp_path, capsys):
     family, build = THROUGH_MERGEKIT[form]
     config = build(*families[family])
-    theirs = run_mergekit(config, tmp_path / "mergekit-out")
-    code, ours, err = run_mergeopt(config, tmp_path, capsys)
-    assert code == 0, err
+    theirs, ours, err = merge_both(config, tmp_path, capsys)
     notes = [line for line in err.splitlines() if "merging through mergekit" in line]
     assert len(notes) == 1, err
     assert set(ours) == set(theirs)
@@ -482,9 +484,7 @@ def test_other_forms_go_through_mergekit(form, families, tmp_path, capsys):
 def test_torch_path_forms_agree_with_mergekit(form, families, tmp_path, capsys):
     family, build = TORCH_PATH[form]
     config = build(*families[family])
-    theirs = run_mergekit(config, tmp_path / "mergekit-out")
-    code, ours, err = run_mergeopt(config, tmp_path, capsys)
-    assert code == 0, err
+    theirs, ours, err = merge_both(config, tmp_path, capsys)
     assert "through mergekit" not in err  # mergeopt's engine ran it
     if config.get("dtype") in ("bfloat16", "float16"):
         base, models = families[family]
@@ -498,9 +498,8 @@ def test_torch_path_forms_agree_with_mergekit(form, families, tmp_path, capsys):
 def test_della_forms_move_the_same_share_of_elements(form, families, tmp_path, capsys):
     family, build = DELLA[form]
     config = build(*families[family])
-    theirs = run_mergekit(config, tmp_path / "mergekit-out")
-    code, ours, err = run_mergeopt(config, tmp_path, capsys)
-    assert code == 0 and "through mergekit" not in err, err
+    theirs, ours, err = merge_both(config, tmp_path, capsys)
+    assert "through mergekit" not in err, err
     base = read_folder(Path(families[family][0]))
     assert set(theirs) <= set(ours)
     moved = [sum(int((out[n] != base[n]).sum()) for n in theirs) for out in (ours, theirs)]
@@ -530,9 +529,8 @@ def test_tokenizer_source_copies_the_tokenizer_mergekit_builds(source, families,
     """mergekit builds the union of identical tokenizers: the base's. The merged folder loads with it."""
     base, models = families["llama"]
     config = models_form(base, models, "task_arithmetic", W3, tokenizer_source=source)
-    theirs = run_mergekit(config, tmp_path / "mergekit-out")
-    code, ours, err = run_mergeopt(config, tmp_path, capsys)
-    assert code == 0 and "through mergekit" not in err, err
+    theirs, ours, err = merge_both(config, tmp_path, capsys)
+    assert "through mergekit" not in err, err
     assert_same(ours, theirs, source)
     assert tokenizer_of(tmp_path / "mergeopt-out").get_vocab() == tokenizer_of(tmp_path / "mergekit-out").get_vocab()
 
@@ -546,9 +544,8 @@ def test_tokenizer_source_with_a_different_vocabulary_goes_through_mergekit(fami
         (small / name).unlink(missing_ok=True)
     bpe_tokenizer(small, size=40)
     config = models_form(str(small), models, "task_arithmetic", W3, tokenizer_source="base")
-    theirs = run_mergekit(config, tmp_path / "mergekit-out")
-    code, ours, err = run_mergeopt(config, tmp_path, capsys)
-    assert code == 0 and "merging through mergekit" in err, err
+    theirs, ours, err = merge_both(config, tmp_path, capsys)
+    assert "merging through mergekit" in err, err
     assert ours["model.embed_tokens.weight"].shape[0] == theirs["model.embed_tokens.weight"].shape[0] == 40
 
 
@@ -622,9 +619,8 @@ def test_recipes_searched_over_a_methods_own_parameters_merge_as_mergekit_merges
     family, n, keys = SEARCHED[form]
     config = searched_recipe(families[family], n, keys)
     assert "mergeopt" in config  # mergekit reads the exported file as it is, with mergeopt's block
-    theirs = run_mergekit(config, tmp_path / "mergekit-out")
-    code, ours, err = run_mergeopt(config, tmp_path, capsys)
-    assert code == 0 and "through mergekit" not in err, err
+    theirs, ours, err = merge_both(config, tmp_path, capsys)
+    assert "through mergekit" not in err, err
     assert_same(ours, theirs, form, rel=TORCH_REL)
 
 
@@ -633,9 +629,8 @@ def test_a_searched_della_recipe_moves_the_share_of_elements_mergekit_moves(fami
     config = searched_recipe(families["llama"], 3, {"merge_method": "della", "bounds": {"epsilon": [0.05, 0.3]},
                                                     "granularity": {"layer_groups": 3}}, seed=1)
     assert all("epsilon" in m["parameters"] for m in config["models"])
-    theirs = run_mergekit(config, tmp_path / "mergekit-out")
-    code, ours, err = run_mergeopt(config, tmp_path, capsys)
-    assert code == 0 and "through mergekit" not in err, err
+    theirs, ours, err = merge_both(config, tmp_path, capsys)
+    assert "through mergekit" not in err, err
     base = read_folder(Path(families["llama"][0]))
     moved = [sum(int((out[n] != base[n]).sum()) for n in theirs) for out in (ours, theirs)]
     total = sum(t.numel() for t in theirs.values())
