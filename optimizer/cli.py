@@ -352,7 +352,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     if args.family == "smollm2" or args.build or args.reduced:
         return _zoo_family(args)
     if args.rebuild:
-        from optimizer.zoo.train import rebuild
+        from optimizer.builders.tiny import rebuild
 
         models = rebuild(out_dir=args.out, seed=args.seed, progress=True)
     else:
@@ -373,7 +373,7 @@ def _zoo_family(args: argparse.Namespace) -> int:
     if args.rebuild or args.out is not None:
         raise MergeoptError("--rebuild and --out are for the tiny zoo; the smollm2 family uses --build (and MERGEOPT_CACHE)")
     if args.build:
-        from optimizer.zoo.smollm2.build import build_family
+        from optimizer.builders.smollm2 import build_family
 
         models = build_family(_cache_root(), reduced=args.reduced, progress=True)
     else:

@@ -2,7 +2,7 @@
 
 ``base`` is pretrained on copying plus easy addition, reversal and sorting; ``adder``, ``reverser`` and
 ``sorter`` are fine-tuned from it on the mid-difficulty version of one skill each. Everything here is rebuilt by
-``optimizer.zoo.train.rebuild`` (``python -m optimizer.zoo.train``).
+``optimizer.builders.tiny.rebuild`` (``python -m optimizer.builders.tiny``).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ EVAL_SIZE = 200
 
 SHIPPED_EVAL_SIZE = 400
 """Items per skill in the shipped task files: the ``EVAL_SIZE`` excluded ones, then items checked against a replay of
-the actual training streams (see ``optimizer.zoo.train.trained_prompts``), so a search can select on one half
+the actual training streams (see ``optimizer.builders.tiny.trained_prompts``), so a search can select on one half
 and report the other."""
 
 LETTERS = string.ascii_lowercase

@@ -79,7 +79,7 @@ def reduced_family(request):
     pytest.importorskip("gguf")
     cache = os.environ.get("MERGEOPT_CACHE")
     smollm2.set_cache_root(Path(cache) if cache else None)
-    from optimizer.zoo.smollm2.build import build_family
+    from optimizer.builders.smollm2 import build_family
 
     models = build_family(reduced=True, progress=True)
     yield models
@@ -90,7 +90,7 @@ def reduced_family(request):
 def test_reduced_family_is_built_listed_and_differs_only_in_linear_layers(reduced_family, capsys, caplog):
     from safetensors import safe_open
 
-    from optimizer.zoo.smollm2.build import BUILD_FILE, build_family, is_trained
+    from optimizer.builders.smollm2 import BUILD_FILE, build_family, is_trained
 
     assert list(reduced_family) == ["base", "adder", "multiplier", "alphabet"]
     config = json.loads((reduced_family["base"] / "config.json").read_text())

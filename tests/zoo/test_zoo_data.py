@@ -70,7 +70,7 @@ def test_heldout_split_is_disjoint_from_training_streams():
 
 
 def test_shipped_task_files_match_the_generator_and_skip_every_trained_prompt():
-    from optimizer.zoo.train import trained_prompts
+    from optimizer.builders.tiny import trained_prompts
 
     trained = trained_prompts()
     for skill, path in zoo_tasks().items():

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optimizer.evaluate.generation import greedy_generate
 from optimizer.zoo import MODEL_NAMES, zoo_models, zoo_tasks
-from optimizer.zoo.train import rebuild
+from optimizer.builders.tiny import rebuild
 
 
 def test_smoke_rebuild(tmp_path):

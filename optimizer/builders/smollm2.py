@@ -18,7 +18,7 @@ from pathlib import Path
 
 from optimizer.errors import MergeoptError
 from optimizer.zoo.smollm2 import MODEL_NAMES, SPECIALIST_TASK, family_dir
-from optimizer.zoo.smollm2.convert import convert_base
+from optimizer.builders.smollm2_convert import convert_base
 from optimizer.zoo.smollm2.data import evaluation_splits, training_items
 
 BUILD_FILE = "mergeopt-build.json"

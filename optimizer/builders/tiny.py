@@ -1,6 +1,6 @@
 """Train the zoo from scratch: a char-level Llama base and one specialist per skill, fine-tuned from it.
 
-    python -m optimizer.zoo.train [OUT_DIR] [--seed 0] [--scale 1.0]
+    python -m optimizer.builders.tiny [OUT_DIR] [--seed 0] [--scale 1.0]
 
 The base is pretrained on copying plus the easy level of every skill, so it partly has each skill; each
 specialist is fine-tuned briefly (small lr, few steps) on the mid level of one skill, with 25% of its training items
@@ -205,7 +205,7 @@ def write_tasks(folder: Path, n: int = SHIPPED_EVAL_SIZE, seed: int = EVAL_SEED,
         paths[skill] = path
     lines = [
         "# Held-out tasks of the embedded zoo (mid difficulty; never seen in training).",
-        "# Rebuilt by `python -m optimizer.zoo.train`; paths are relative to this file.",
+        "# Rebuilt by `python -m optimizer.builders.tiny`; paths are relative to this file.",
         "tasks:",
     ]
     for skill in SKILLS:
@@ -277,7 +277,7 @@ def rebuild(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Retrain the embedded zoo (example: python -m optimizer.zoo.train)")
+    parser = argparse.ArgumentParser(description="Retrain the embedded zoo (example: python -m optimizer.builders.tiny)")
     parser.add_argument("out_dir", nargs="?", type=Path, default=None, help="default: the package's zoo folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every step count")
