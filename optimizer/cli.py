@@ -112,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, help="items per task (a fixed-seed subset)")
     ev.add_argument("--seed", type=int, default=None, help="seed of the subsets (default: the task set's, else 0)")
     ev.add_argument("--holdout", action="store_true",
-                    help="score the items the (--limit, --seed) subset leaves out: a search's held-out check")
+                    help="score the test range: items a search with this --limit neither scored nor validated on")
+    ev.add_argument("--split", choices=("search", "validation", "test"), default=None,
+                    help="which range of the items to score (default search; --holdout is test)")
     ev.add_argument("--backend", choices=tuple(BACKENDS), default="hf", help="inference engine (default hf)")
     ev.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     ev.add_argument("--batch-size", type=int, default=64, help="generation batch size of the hf backend")
@@ -152,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--storage", default=None, help="Optuna storage URL, if the search used one")
     ex.add_argument("--study", default=None, help="study name, if not the space's name")
     ex.add_argument("--materialize", action="store_true", help="also write the merged models of the front")
-    ex.add_argument("--device", default=None, help="device for --materialize")
+    ex.add_argument("--device", default=None, help="device for --materialize and --validate")
+    ex.add_argument("--validate", type=int, default=None, metavar="K",
+                    help="first re-score the K best of the front and the best baseline on the validation items")
 
     rp = command("report", "Summarize a run's trade-offs here and in a self-contained HTML report.")
     rp.add_argument("run", type=Path, help="run folder")
@@ -183,6 +187,8 @@ def print_front(result) -> None:
     print(f"recipes:     {result.run_dir / 'pareto'}/trial-NNNN.yaml (one per front member)")
     print(f"best recipe: {result.best.path}  (* above)")
     print(f"all trials:  {result.run_dir / 'trials.csv'}")
+    if result.line:
+        print(result.line)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -257,6 +263,11 @@ def _search_report(run_dir: Path, storage: str | None, study: str | None) -> Non
 def cmd_export(args: argparse.Namespace) -> int:
     from optimizer.export import export_run
 
+    if args.validate is not None:
+        from optimizer.search.validation import validate_run
+
+        validate_run(args.run, args.validate, storage=args.storage, study_name=args.study, device=args.device,
+                     progress=True)
     print_front(export_run(args.run, storage=args.storage, study_name=args.study, materialize=args.materialize,
                            device=args.device, progress=True))
     return 0
@@ -286,7 +297,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise MergeoptError("--limit must be a positive number of items")
     if args.show < 0:
         raise MergeoptError("--show must be a number of items (0 or more)")
-    if args.holdout and args.limit is None:
+    if args.holdout and args.split not in (None, "test"):
+        raise MergeoptError("--holdout is --split test; give one of them")
+    if (args.holdout or args.split in ("validation", "test")) and args.limit is None:
         raise MergeoptError("--holdout needs the --limit the search used (its subset is what is held out from)")
     target = args.target
     run_record = Path(target) / "space.yaml"
@@ -309,7 +322,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # a recipe records the dtype its search scored in: the same dtype gives the same scores
     # a recipe is scored in the dtype its search used; a plain mergekit file without one, and a folder, in float32
     dtype = args.dtype or (recipe.dtype if recipe is not None else None) or "float32"
-    task_set = load_task_set(args.tasks, limit=args.limit, seed=args.seed, holdout=args.holdout)
+    task_set = load_task_set(args.tasks, limit=args.limit, seed=args.seed, holdout=args.holdout, split=args.split)
     extra = {"batch_size": args.batch_size} if args.backend == "hf" else {"swaps": recipe is not None}
     engine = None
     if recipe is not None:

@@ -46,6 +46,7 @@ from optimizer.merge.methods import (
     gene_parameters,
 )
 from optimizer.recipe import ModelSpec, Recipe, read_yaml_file, zoo_path
+from optimizer.search.baselines import DEFAULT_FINALISTS, ValidationConfig, check_baselines
 from optimizer.search.optimizers import OPTIMIZERS
 
 DIRECTIONS = ("maximize", "minimize")
@@ -71,10 +72,13 @@ _KEYS = {
     "backend": "hf | vllm",
     "dtype": "float32 | bfloat16 | float16",
     "threads": "CPU threads for torch, numba and BLAS together (--threads overrides; default: the free cores)",
+    "baselines": "default | none | a list of parents, task_arithmetic, own, {method, weight} or {recipe: FILE}: "
+                 "merges scored before the search, to set its best against",
+    "validation": "{finalists: K}: the K best of the front and the best baseline re-scored on the validation items",
     "resolved": "written by mergeopt search into a run's space.yaml (what the space resolved to); ignored on input",
 }
 # the parts of a run's configuration that a resume may change: the budget (it may grow a run) and the thread count
-BUDGET_KEYS = ("budget", "threads")
+BUDGET_KEYS = ("budget", "threads", "baselines", "validation")
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,8 @@ class SearchSpace:
     backend: str = "hf"
     dtype: str = "float32"
     threads: int | None = None  # CPU threads (a machine setting: a resume may change it)
+    baselines: Any = "default"  # optimizer/search/baselines.py
+    finalists: int = DEFAULT_FINALISTS  # validation.finalists
     num_layers: int = 1
     uses_drop_rate: bool = True  # the method sparsifies at random (DARE): drop rates are genes
     source: dict[str, Any] = field(default_factory=dict)  # the YAML as written (before CLI overrides)
@@ -178,6 +184,10 @@ class SearchSpace:
             config["threads"] = self.threads
         if self.fidelity_low is not None:
             config["fidelity"] = {"low": self.fidelity_low, "promote": self.fidelity_promote}
+        if self.baselines != "default":
+            config["baselines"] = copy.deepcopy(self.baselines)
+        if self.finalists != DEFAULT_FINALISTS:
+            config["validation"] = {"finalists": self.finalists}
         return config
 
     def _bounds_config(self) -> dict[str, list[float]]:
@@ -524,13 +534,16 @@ class SpaceConfig(_Strict):
     backend: Annotated[str, _one_of(tuple(BACKENDS))] = "hf"
     dtype: Annotated[str, _one_of(DTYPES, "float32, bfloat16 or float16")] = "float32"
     threads: PositiveInt | None = None
+    baselines: Annotated[Any, BeforeValidator(check_baselines)] = "default"
+    validation: ValidationConfig | None = None
     resolved: dict[str, Any] | None = None  # a run's record (space.yaml): ignored on input
 
 
 _ALLOWED = {"": [k for k in _KEYS if k != "resolved"],
             "bounds": [f.alias or k for k, f in BoundsConfig.model_fields.items()],
             "objectives[]": list(ObjectiveConfig.model_fields),
-            "budget": list(BudgetConfig.model_fields), "fidelity": list(FidelityConfig.model_fields)}
+            "budget": list(BudgetConfig.model_fields), "fidelity": list(FidelityConfig.model_fields),
+            "validation": list(ValidationConfig.model_fields)}
 _MESSAGES = {"too_short": "must be a non-empty list", "list_type": "must be a list", "dict_type": "must be a mapping",
              "model_type": "must be a mapping"}
 
@@ -651,7 +664,8 @@ def parse_space(data: Any, source: str = "space", root: Path = Path("."), defaul
         scalarization=dict(scalarization), optimizer=opt["name"],
         optimizer_settings=settings, trials=trials, minutes=minutes, seed=seed, tasks=str(tasks), limit=limit,
         fidelity_low=low, fidelity_promote=float(promote), backend=backend, dtype=dtype, threads=config.threads,
-        uses_drop_rate=uses_drop_rate, source=raw)
+        uses_drop_rate=uses_drop_rate, source=raw, baselines=config.baselines,
+        finalists=config.validation.finalists if config.validation else DEFAULT_FINALISTS)
     for key, value in (overrides or {}).items():
         if value is None:
             continue

@@ -36,7 +36,8 @@ from optimizer.evaluate.tasks import load_task_set
 from optimizer.files import write_atomic
 from optimizer.merge.engine import MergeEngine
 from optimizer.run import RECORD_ATTR, SPACE_FILE, check_same_run, read_record, record_of, record_text
-from optimizer.search import faults, study_store
+from optimizer.evaluate.stats import pack
+from optimizer.search import baselines, faults, study_store, validation
 from optimizer.search.interrupts import Interrupts
 from optimizer.search.optimizers import FINISHED, make_optimizer, make_sampler, spends_budget
 from optimizer.search.study_store import storage_url
@@ -56,6 +57,7 @@ class SearchResult:
     interrupted: bool = False
     stopped_reason: str | None = None
     parents: dict = field(default_factory=dict)
+    baselines: dict = field(default_factory=dict)  # label -> record (optimizer/search/baselines.py)
     seconds: dict = field(default_factory=dict)  # this worker's time: evaluating, coordination (lock), waiting
 
 
@@ -194,9 +196,11 @@ def _score_parents_now(space, study, backend, task_set, progress: bool, engine: 
     parents = {}
     labels = ["base", *model_labels(space.models)]
     for index, (label, folder) in enumerate(zip(labels, [space.base_model, *space.models])):
+        start = time.perf_counter()
         backend.load_parent(engine, index)  # from the engine's own mapped weights (vLLM: its worker's engine)
         result = evaluate_candidate(backend, task_set)
-        parents[label] = {"path": folder, "scores": result.to_dict()}
+        parents[label] = {"path": folder, "scores": result.to_dict(), "seconds": round(time.perf_counter() - start, 3),
+                          "items": {t: pack(v) for t, v in result.items().items()}}
         if progress:
             shown = ", ".join(f"{t} {s.value:.3f}" for t, s in result.scores.items() if s.value is not None)
             log.info("  parent %-12s %s", label, shown)
@@ -274,14 +278,14 @@ def _preflight(space: SearchSpace, engine_device: str | None = None):
                             f"(it has {', '.join(task_set.names)})")
     low_set = (load_task_set(space.tasks, limit=space.fidelity_low, seed=space.seed)
                if space.fidelity_low else None)
-    return task_set, low_set
+    return task_set, low_set, validation.plan(space)  # the validation range, or why there is none
 
 
 def _run(space, run_dir, storage, study_name, device, progress, shared, worker_trials, task_sets, engine,
          interrupts, engine_device=None) -> SearchResult:
 
     _save_record(space, run_dir)
-    task_set, low_set = task_sets
+    task_set, low_set, validation_plan = task_sets
     lock = StudyLock(storage_url(run_dir, storage), study_name or space.name)
     study = open_study(space, run_dir, storage, study_name, lock=lock)
     genes = [g.name for g in space.genes()]
@@ -296,8 +300,11 @@ def _run(space, run_dir, storage, study_name, device, progress, shared, worker_t
     # closed however the search ends, so an inference engine (vLLM's worker processes) is always shut down
     with contextlib.closing(make_backend(space.backend, space.base_model, device=device, dtype=space.dtype,
                                          engine_device=engine_device)) as backend:
-        return _search(space, run_dir, study, optimizer, lock, backend, engine, task_set, low_set, progress,
-                       worker_trials, interrupts)
+        result = _search(space, run_dir, study, optimizer, lock, backend, engine, task_set, low_set, progress,
+                         worker_trials, interrupts)
+        if not (result.interrupted or result.stopped_reason):  # finalists re-scored on the validation range
+            validation.after_search(space, study, backend, engine, validation_plan, lock, progress)
+        return result
 
 
 def _search(space, run_dir, study, optimizer, lock, backend, engine, task_set, low_set, progress, worker_trials,
@@ -307,6 +314,8 @@ def _search(space, run_dir, study, optimizer, lock, backend, engine, task_set, l
 
     result = SearchResult(run_dir=run_dir, study=study)
     result.parents = _score_parents(space, study, backend, task_set, progress, lock, engine)
+    result.baselines = baselines.before_search(space, study, backend, task_set, engine, result.parents, lock,
+                                               optimizer, progress)
 
     def finished() -> int:
         return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED) if spends_budget(t))
@@ -408,6 +417,8 @@ def _evaluate_trial(space, trial, engine, backend, task_set, low_set, study) -> 
 def _record(trial, space, result: CandidateResult, fidelity: str, timings: dict) -> list[float] | None:
     timings.update({k: round(v, 4) for k, v in result.seconds.items()})
     trial.set_user_attr("scores", result.to_dict())
+    if fidelity == "full" and not result.failed:  # per-item values: paired comparisons (compact: "0110...")
+        trial.set_user_attr("items", {t: pack(v) for t, v in result.items().items()})
     trial.set_user_attr("fidelity", fidelity)
     trial.set_user_attr("seconds", timings)
     values = _objective_values(space, result)
