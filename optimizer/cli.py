@@ -32,7 +32,8 @@ EXAMPLES = {
   mergeopt search space.yaml --device cuda --engine-device cpu   # models mapped on the host, scoring on the GPU""",
     "export": """examples:
   mergeopt export runs/demo                      # pareto/*.yaml, pareto/front.csv, best.yaml, trials.csv
-  mergeopt export runs/demo --materialize        # also the merged model of every front recipe""",
+  mergeopt export runs/demo --materialize        # also the merged model of every front recipe
+  mergeopt export runs/demo --validate 5         # re-score the 5 best of the front on the validation items""",
     "report": """examples:
   mergeopt report runs/demo                      # summary here, runs/demo/report.html (opens offline)
   mergeopt report runs/demo --html /tmp/demo.html
@@ -42,7 +43,7 @@ EXAMPLES = {
   mergeopt eval search_spaces/example_recipe.yaml --tasks zoo --limit 50 --json   # merged in memory
   mergeopt eval ./my-model --tasks tasks.yaml --backend vllm
   mergeopt eval ./my-model --tasks arc_easy,hellaswag --limit 200   # lm-eval tasks by name
-  mergeopt eval runs/demo/best.yaml --tasks zoo --limit 100 --holdout   # items the demo search never saw
+  mergeopt eval runs/demo/best.yaml --tasks zoo --limit 200 --holdout   # the test range: no run looks at it
   mergeopt eval zoo:adder --tasks zoo --show 5        # also print 5 prompts per task, the generation and target""",
 }
 

@@ -16,7 +16,8 @@ model at weight W) or ``{recipe: FILE}`` (a recipe YAML over the space's models;
 They are recorded in the study's user attribute ``baselines`` (label -> recipe, per-task scores, per-item values,
 scalarized score, seconds), not as trials: samplers, the budget and the front never see them. When the best of
 them is a recipe the space's genome can express exactly (the space's own method, every value inside its bounds),
-the optimiser starts there (CMA-ES: its mean; the others: that genome is the first trial).
+CMA-ES starts there (its first mean) and TPE takes that genome as its first trial; random search and NSGA-II are
+left as they are.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ GROUPS = DEFAULT
 OWN_DENSITY = 0.5  # a sparsifying method's usual density
 DEFAULT_FINALISTS = 3
 BASELINES_ATTR = "baselines"
+WARM_STARTS = ("cma", "tpe")  # optimisers that start somewhere (random search and NSGA-II sample as they are)
 
 
 class BaselineRecipe(BaseModel):
@@ -298,7 +300,8 @@ def warm_start(space, study, optimizer, baselines: dict, progress: bool = False)
     from optimizer.recipe import Recipe
 
     best = best_baseline(space, baselines)
-    if best is None or best[1].get("kind") != "recipe" or study.get_trials(deepcopy=False):
+    if space.optimizer not in WARM_STARTS or best is None or best[1].get("kind") != "recipe" \
+            or study.get_trials(deepcopy=False):
         return None
     genome = genome_of(space, Recipe.from_dict(yaml.safe_load(best[1]["recipe"])))
     if genome is None:
