@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from optimizer.errors import MergeoptError
+from optimizer.recipe import DTYPES
 
-DTYPES = ("float32", "bfloat16", "float16")
 
 EXAMPLES = {
     "zoo": """examples:
@@ -64,7 +64,7 @@ def _size(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from optimizer.evaluate.scoring import BACKENDS
-    from optimizer.search.optimizers import OPTIMIZERS
+    from optimizer.catalogue import CATALOGUE
 
     parser = argparse.ArgumentParser(
         prog="mergeopt",
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--reduced", action="store_true", help="the reduced smollm2 family (a few training steps; for CI)")
 
     merge = command("merge", "Merge the models of a recipe YAML into a safetensors model folder.")
-    from optimizer.merge.methods import methods_help
+    from optimizer.methods import methods_help
 
     merge.description = (f"{merge.description}\n\nAny mergekit configuration: forms the fused engine does not run go "
                          f"through mergekit (pip install mergekit).\nmerge methods and their parameters:\n"
@@ -131,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--run-dir", type=Path, default=None, help="run folder (default runs/<space name>)")
     se.add_argument("--trials", type=int, default=None, help="total trials of the study (overrides budget.trials)")
     se.add_argument("--minutes", type=float, default=None, help="time budget of this invocation")
-    se.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default=None, help="overrides the space's optimizer: "
-                    + "; ".join(f"{name}: {spec.summary}" for name, spec in OPTIMIZERS.items()))
+    se.add_argument("--optimizer", choices=tuple(CATALOGUE), default=None, help="overrides the space's optimizer: "
+                    + "; ".join(f"{name}: {info.summary}" for name, info in CATALOGUE.items()))
     se.add_argument("--seed", type=int, default=None, help="sampler and DARE mask seed (overrides the space)")
     se.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite in the run folder)")
     se.add_argument("--study", default=None, help="study name in the storage (default: the space's name)")
@@ -190,8 +190,6 @@ def cmd_search(args: argparse.Namespace) -> int:
     from optimizer.search.loop import run_search
     from optimizer.space import load_space
 
-    if args.trials is not None and args.trials < 1:
-        raise MergeoptError("--trials must be at least 1")
     overrides = {"trials": args.trials, "minutes": args.minutes, "optimizer": args.optimizer, "seed": args.seed,
                  "backend": args.backend}
     space = load_space(args.space, overrides)
@@ -217,7 +215,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def _trims_by_magnitude(method: str) -> bool:
-    from optimizer.merge.methods import METHODS
+    from optimizer.methods import METHODS
 
     spec = METHODS.get(method)
     return spec is not None and spec.sparsification == "magnitude"

@@ -35,11 +35,14 @@ from optimizer.evaluate.scoring import (OWN_MERGE_ENGINE, CandidateResult, check
 from optimizer.evaluate.tasks import load_task_set
 from optimizer.files import write_atomic
 from optimizer.merge.engine import MergeEngine
-from optimizer.run import RECORD_ATTR, SPACE_FILE, check_same_run, read_record, record_of, record_text
-from optimizer.search import faults, study_store
+from optimizer.run import (FINISHED, RECORD_ATTR, SPACE_FILE, check_same_run, read_record, record_of, record_text,
+                           spends_budget)
+from optimizer import study_store
+from optimizer.study_store import Attr
+from optimizer.search import faults
 from optimizer.search.interrupts import Interrupts
-from optimizer.search.optimizers import FINISHED, make_optimizer, make_sampler, spends_budget
-from optimizer.search.study_store import storage_url
+from optimizer.search.optimizers import make_optimizer, make_sampler
+from optimizer.study_store import storage_url
 from optimizer.search.workers import (Coordinated, StudyLock, heartbeat_settings, join_study, stale_trials,
                                       worker_id)
 from optimizer.space import BUDGET_KEYS, SearchSpace, model_labels
@@ -87,7 +90,7 @@ def open_study(space: SearchSpace, run_dir: Path, storage: str | None = None, st
                                        else ["scalarized"])
         worker = 0
         if lock is not None and lock.shared:  # same space for all; a number per worker, so draws differ
-            worker = join_study(study, space.identity())
+            worker = join_study(study)
     if existing or worker:
         # A resumed run (or another worker) must not replay the random draws of the first one: the sampler's
         # seed moves on with the study, deterministically.
@@ -180,13 +183,13 @@ def _objective_values(space: SearchSpace, result: CandidateResult) -> list[float
 
 
 def _score_parents(space, study, backend, task_set, progress: bool, lock: StudyLock, engine: MergeEngine) -> dict:
-    if "parents" in study.user_attrs:
-        return study.user_attrs["parents"]
+    if Attr.PARENTS in study.user_attrs:
+        return study.user_attrs[Attr.PARENTS]
     with lock.claim("parents") as mine:  # one of several workers starting together scores them
         if not mine:
             return {}
-        if "parents" in study.user_attrs:
-            return study.user_attrs["parents"]
+        if Attr.PARENTS in study.user_attrs:
+            return study.user_attrs[Attr.PARENTS]
         return _score_parents_now(space, study, backend, task_set, progress, engine)
 
 
@@ -200,13 +203,13 @@ def _score_parents_now(space, study, backend, task_set, progress: bool, engine: 
         if progress:
             shown = ", ".join(f"{t} {s.value:.3f}" for t, s in result.scores.items() if s.value is not None)
             log.info("  parent %-12s %s", label, shown)
-    study.set_user_attr("parents", parents)
+    study.set_user_attr(Attr.PARENTS, parents)
     return parents
 
 
 def _promote(study: optuna.Study, space: SearchSpace, low_value: float) -> bool:
     """Successive-halving rule: go to the full subset when the low-fidelity score is in the top fraction so far."""
-    earlier = [t.user_attrs.get("low_value") for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    earlier = [t.user_attrs.get(Attr.LOW_VALUE) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     earlier = sorted(v for v in earlier if v is not None)
     if len(earlier) < 3:
         return True
@@ -344,8 +347,8 @@ def _search(space, run_dir, study, optimizer, lock, backend, engine, task_set, l
             continue
         finally:
             evaluating += time.perf_counter() - evaluate_start
-        reason = trial.user_attrs.get("error", "unknown") if values is None else None
-        kind = str(trial.user_attrs.get("failure_kind", "unknown")) if values is None else ""
+        reason = trial.user_attrs.get(Attr.ERROR, "unknown") if values is None else None
+        kind = str(trial.user_attrs.get(Attr.FAILURE_KIND, "unknown")) if values is None else ""
         with interrupts.deferred():
             optimizer.tell(study, trial, values)
         result.new_trials += 1
@@ -375,7 +378,7 @@ def _best_value(study: optuna.Study, space: SearchSpace) -> float | None:
     if space.multi_objective:
         return None
     values = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-              if t.user_attrs.get("fidelity") == "full" and t.value is not None]
+              if t.user_attrs.get(Attr.FIDELITY) == "full" and t.value is not None]
     return max(values) if values else None
 
 
@@ -384,8 +387,8 @@ def _evaluate_trial(space, trial, engine, backend, task_set, low_set, study) -> 
     if not genome:
         genome = {g.name: trial.suggest_float(g.name, 0.0, 1.0) for g in space.genes()}
     recipe = space.recipe(genome)
-    trial.set_user_attr("recipe", recipe.to_yaml())
-    trial.set_user_attr("seed", recipe.seed)
+    trial.set_user_attr(Attr.RECIPE, recipe.to_yaml())
+    trial.set_user_attr(Attr.SEED, recipe.seed)
     timings: dict[str, float] = {}
     fidelity = "full"
     if low_set is not None:
@@ -395,8 +398,8 @@ def _evaluate_trial(space, trial, engine, backend, task_set, low_set, study) -> 
         if low_values is None:
             return _record(trial, space, low, "low", timings)
         low_scalar = space.scalarize({n: s.value for n, s in low.scores.items()})
-        trial.set_user_attr("low_value", low_scalar)
-        trial.set_user_attr("low_scores", low.to_dict())
+        trial.set_user_attr(Attr.LOW_VALUE, low_scalar)
+        trial.set_user_attr(Attr.LOW_SCORES, low.to_dict())
         if not _promote(study, space, low_scalar):
             return _record(trial, space, low, "low", timings)
         result = evaluate_candidate(backend, task_set, engine, recipe)
@@ -407,13 +410,13 @@ def _evaluate_trial(space, trial, engine, backend, task_set, low_set, study) -> 
 
 def _record(trial, space, result: CandidateResult, fidelity: str, timings: dict) -> list[float] | None:
     timings.update({k: round(v, 4) for k, v in result.seconds.items()})
-    trial.set_user_attr("scores", result.to_dict())
-    trial.set_user_attr("fidelity", fidelity)
-    trial.set_user_attr("seconds", timings)
+    trial.set_user_attr(Attr.SCORES, result.to_dict())
+    trial.set_user_attr(Attr.FIDELITY, fidelity)
+    trial.set_user_attr(Attr.SECONDS, timings)
     values = _objective_values(space, result)
     if values is None:
-        trial.set_user_attr("error", result.error or "an objective has no finite score")
-        trial.set_user_attr("failure_kind", result.kind or NonFiniteOutput.kind)
+        trial.set_user_attr(Attr.ERROR, result.error or "an objective has no finite score")
+        trial.set_user_attr(Attr.FAILURE_KIND, result.kind or NonFiniteOutput.kind)
     else:
-        trial.set_user_attr("scalarized", space.scalarize({n: s.value for n, s in result.scores.items()}))
+        trial.set_user_attr(Attr.SCALARIZED, space.scalarize({n: s.value for n, s in result.scores.items()}))
     return values

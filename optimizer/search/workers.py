@@ -20,7 +20,6 @@ and heartbeat that do nothing.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import socket
@@ -34,8 +33,10 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import TrialState
 
-from optimizer.search import study_store
-from optimizer.search.optimizers import FINISHED, Optimizer, spends_budget
+from optimizer import study_store
+from optimizer.study_store import Attr
+from optimizer.run import FINISHED, spends_budget
+from optimizer.search.optimizers import Optimizer
 
 HEARTBEAT_ENV = "MERGEOPT_HEARTBEAT"  # "INTERVAL[,GRACE]" in whole seconds; default 20,60
 
@@ -57,22 +58,11 @@ def heartbeat_settings() -> tuple[int, int]:
     return interval, grace
 
 
-def join_study(study: optuna.Study, identity: dict) -> int:
-    """Under the lock: check this worker searches the study's space, and take the next worker number."""
-    text = json.dumps(identity, sort_keys=True, default=str)  # canonical: JSON would turn int keys into strings
-    first = study.user_attrs.get("space")
-    if first is None:
-        study.set_user_attr("space", text)
-    elif first != text:
-        from optimizer.errors import MergeoptError
-
-        old, new = json.loads(first), json.loads(text)
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)) or ["?"]
-        raise MergeoptError(f"study {study.study_name!r} was started with a different search space (key "
-                            f"{changed[0]!r} differs); start every worker with the same space file, or use another "
-                            "--study")
-    number = int(study.user_attrs.get("workers", 0))
-    study.set_user_attr("workers", number + 1)
+def join_study(study: optuna.Study) -> int:
+    """Under the lock: take the next worker number (the run's identity was checked just before, by
+    :func:`optimizer.run.check_same_run` on the study's record: one check for a resume and a joining worker)."""
+    number = int(study.user_attrs.get(Attr.WORKERS, 0))
+    study.set_user_attr(Attr.WORKERS, number + 1)
     return number
 
 
@@ -210,7 +200,7 @@ class Coordinated:
                 if trial is not None:
                     if interval:
                         self._beats[study_store.trial_id(trial)] = Heartbeat(study, trial, interval)
-                    trial.set_user_attr("worker", self.worker)
+                    trial.set_user_attr(Attr.WORKER, self.worker)
                     return trial
             if not self.lock.shared:
                 raise RuntimeError("the optimiser had no candidate to give although no other worker is running")
