@@ -186,20 +186,28 @@ def print_front(result) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    import os
+
     from optimizer.export import export_run
-    from optimizer.search.loop import run_search
+    from optimizer.search import faults
+    from optimizer.search.loop import SearchOptions, run_search
+    from optimizer.search.workers import HEARTBEAT_ENV, heartbeat_settings
     from optimizer.space import load_space
 
     overrides = {"trials": args.trials, "minutes": args.minutes, "optimizer": args.optimizer, "seed": args.seed,
                  "backend": args.backend}
     space = load_space(args.space, overrides)
+    # the testing hook and the heartbeat timing come from the environment, read here only (never in the library)
+    options = SearchOptions(storage=args.storage, study_name=args.study, device=args.device,
+                            engine_device=args.engine_device, progress=not args.quiet,
+                            faults=faults.parse(os.environ.get(faults.ENV, "")),
+                            heartbeat=heartbeat_settings(os.environ.get(HEARTBEAT_ENV)))
     if args.threads is None and space.threads is not None:  # the space's own thread count, unless --threads
         configure_threads(space.threads)
     run_dir = args.run_dir or Path("runs") / space.name
     if not _search_plan(space, args):
         return 0
-    result = run_search(space, run_dir, storage=args.storage, study_name=args.study, device=args.device,
-                        progress=not args.quiet, engine_device=args.engine_device)
+    result = run_search(space, run_dir, options)
     exported = export_run(run_dir, storage=args.storage, study_name=args.study)
     print_front(exported)
     if exported.front:

@@ -124,7 +124,7 @@ class Recipe:
             _refuse_zero_weight_sums(self)
         if spec.sparsification == "della":
             _refuse_della_bounds(self, spec)
-        from optimizer.merge.side_files import check_chat_template
+        from optimizer.side_files import check_chat_template
 
         check_chat_template(self.chat_template)
 
@@ -306,7 +306,7 @@ def resolve_reference(reference: str, root: Path | None = None) -> str:
         return str((root / path).resolve())
     if path.exists():
         return reference
-    from optimizer.merge import hub
+    from optimizer import hub
 
     if hub.looks_like_hub_id(reference):
         return hub.resolve(reference)

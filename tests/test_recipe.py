@@ -215,7 +215,7 @@ def cache_model(cache: Path, repo: str, source: Path, revision: str, refs: tuple
 
 
 def test_hub_ids_resolve_from_the_local_cache(llama_family, tmp_path):
-    from optimizer.merge import hub
+    from optimizer import hub
 
     base, models = llama_family
     cache = tmp_path / "hub"

@@ -280,7 +280,7 @@ class MergeEngine:
         out = checkpoint.stream_model_folder(out_dir, layout, merged, self.base_path, dtype,
                                              max_shard_bytes=max_shard_bytes, tokenizer_folder=tokenizer,
                                              progress=progress)
-        from optimizer.merge.side_files import write_chat_template  # the recipe's chat_template (issue 14)
+        from optimizer.side_files import write_chat_template  # the recipe's chat_template (issue 14)
 
         write_chat_template(recipe, out)
         return out

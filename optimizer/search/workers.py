@@ -41,11 +41,15 @@ from optimizer.search.optimizers import Optimizer
 HEARTBEAT_ENV = "MERGEOPT_HEARTBEAT"  # "INTERVAL[,GRACE]" in whole seconds; default 20,60
 
 
-def heartbeat_settings() -> tuple[int, int]:
-    """Heartbeat interval and grace period (seconds) for shared storage; tests shorten them through the env."""
-    text = os.environ.get(HEARTBEAT_ENV, "").strip()
+DEFAULT_HEARTBEAT = (20, 60)
+
+
+def heartbeat_settings(text: str | None = None) -> tuple[int, int]:
+    """Heartbeat interval and grace period (seconds) for shared storage, from ``INTERVAL[,GRACE]`` (the CLI passes
+    $MERGEOPT_HEARTBEAT; tests shorten them so); None or empty: the defaults."""
+    text = (text or "").strip()
     if not text:
-        return 20, 60
+        return DEFAULT_HEARTBEAT
     try:
         parts = [int(p) for p in text.split(",")]
         interval, grace = (parts[0], parts[1]) if len(parts) == 2 else (parts[0], 3 * parts[0])
@@ -175,13 +179,14 @@ class Coordinated:
     lock: StudyLock
     recover_stale: Callable[[optuna.Study], list]  # trials marked lost; run under the lock when shared
     worker: str
+    heartbeat: tuple[int, int] = DEFAULT_HEARTBEAT  # (interval, grace) seconds, with shared storage
     # coordination: ask and tell with the lock (waiting for it included); waiting: idle polls for other workers
     seconds: dict = field(default_factory=lambda: {"coordination": 0.0, "waiting": 0.0})
     _beats: dict = field(default_factory=dict)
 
     def ask(self, study: optuna.Study, target: int, deadline: float | None, stop=None):
         """The next trial to score, or None: budget met, deadline passed, or ``stop()`` true while polling."""
-        interval, _ = heartbeat_settings() if self.lock.shared else (None, None)
+        interval = self.heartbeat[0] if self.lock.shared else None
         # poll soon (a generation usually completes within one candidate's time), then back off: many waiting
         # workers must not keep the lock busy for the ones that come to tell
         poll, cap = 0.2, max(0.2, min(2.0, (interval or 1) / 2))
