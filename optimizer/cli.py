@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from optimizer.errors import MergeoptError
+from optimizer.recipe import DTYPES
 
-DTYPES = ("float32", "bfloat16", "float16")
 
 EXAMPLES = {
     "zoo": """examples:
@@ -65,7 +65,7 @@ def _size(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from optimizer.evaluate.scoring import BACKENDS
-    from optimizer.search.optimizers import OPTIMIZERS
+    from optimizer.catalogue import CATALOGUE
 
     parser = argparse.ArgumentParser(
         prog="mergeopt",
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--reduced", action="store_true", help="the reduced smollm2 family (a few training steps; for CI)")
 
     merge = command("merge", "Merge the models of a recipe YAML into a safetensors model folder.")
-    from optimizer.merge.methods import methods_help
+    from optimizer.methods import methods_help
 
     merge.description = (f"{merge.description}\n\nAny mergekit configuration: forms the fused engine does not run go "
                          f"through mergekit (pip install mergekit).\nmerge methods and their parameters:\n"
@@ -134,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--run-dir", type=Path, default=None, help="run folder (default runs/<space name>)")
     se.add_argument("--trials", type=int, default=None, help="total trials of the study (overrides budget.trials)")
     se.add_argument("--minutes", type=float, default=None, help="time budget of this invocation")
-    se.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default=None, help="overrides the space's optimizer: "
-                    + "; ".join(f"{name}: {spec.summary}" for name, spec in OPTIMIZERS.items()))
+    se.add_argument("--optimizer", choices=tuple(CATALOGUE), default=None, help="overrides the space's optimizer: "
+                    + "; ".join(f"{name}: {info.summary}" for name, info in CATALOGUE.items()))
     se.add_argument("--seed", type=int, default=None, help="sampler and DARE mask seed (overrides the space)")
     se.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite in the run folder)")
     se.add_argument("--study", default=None, help="study name in the storage (default: the space's name)")
@@ -193,22 +193,28 @@ def print_front(result) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    import os
+
     from optimizer.export import export_run
-    from optimizer.search.loop import run_search
+    from optimizer.search import faults
+    from optimizer.search.loop import SearchOptions, run_search
+    from optimizer.search.workers import HEARTBEAT_ENV, heartbeat_settings
     from optimizer.space import load_space
 
-    if args.trials is not None and args.trials < 1:
-        raise MergeoptError("--trials must be at least 1")
     overrides = {"trials": args.trials, "minutes": args.minutes, "optimizer": args.optimizer, "seed": args.seed,
                  "backend": args.backend}
     space = load_space(args.space, overrides)
+    # the testing hook and the heartbeat timing come from the environment, read here only (never in the library)
+    options = SearchOptions(storage=args.storage, study_name=args.study, device=args.device,
+                            engine_device=args.engine_device, progress=not args.quiet,
+                            faults=faults.parse(os.environ.get(faults.ENV, "")),
+                            heartbeat=heartbeat_settings(os.environ.get(HEARTBEAT_ENV)))
     if args.threads is None and space.threads is not None:  # the space's own thread count, unless --threads
         configure_threads(space.threads)
     run_dir = args.run_dir or Path("runs") / space.name
     if not _search_plan(space, args):
         return 0
-    result = run_search(space, run_dir, storage=args.storage, study_name=args.study, device=args.device,
-                        progress=not args.quiet, engine_device=args.engine_device)
+    result = run_search(space, run_dir, options)
     exported = export_run(run_dir, storage=args.storage, study_name=args.study)
     print_front(exported)
     if exported.front:
@@ -224,7 +230,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def _trims_by_magnitude(method: str) -> bool:
-    from optimizer.merge.methods import METHODS
+    from optimizer.methods import METHODS
 
     spec = METHODS.get(method)
     return spec is not None and spec.sparsification == "magnitude"
@@ -301,7 +307,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.holdout and args.split not in (None, "test"):
         raise MergeoptError("--holdout is --split test; give one of them")
     if (args.holdout or args.split in ("validation", "test")) and args.limit is None:
-        raise MergeoptError("--holdout needs the --limit the search used (its subset is what is held out from)")
+        flag = "--holdout" if args.holdout else f"--split {args.split}"
+        raise MergeoptError(f"{flag} needs the --limit the search used (its subset is what is held out from)")
     target = args.target
     run_record = Path(target) / "space.yaml"
     if run_record.is_file():  # a run folder: its best recipe, as `mergeopt export` wrote it

@@ -27,77 +27,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from optimizer.space import BASELINE_GROUPS
+from optimizer.study_store import Attr
 
 log = logging.getLogger("mergeopt")
 
 SWEEP = (0.4, 0.6, 0.8, 1.0)  # the shared weights of the task-arithmetic baselines
-DEFAULT = ("parents", "task_arithmetic", "own")
-GROUPS = DEFAULT
+DEFAULT = BASELINE_GROUPS  # baselines: default (the key's schema: optimizer/space.py, check_baselines)
 OWN_DENSITY = 0.5  # a sparsifying method's usual density
-DEFAULT_FINALISTS = 3
-BASELINES_ATTR = "baselines"
+BASELINES_ATTR = Attr.BASELINES
 WARM_STARTS = ("cma", "tpe")  # optimisers that start somewhere (random search and NSGA-II sample as they are)
-
-
-class BaselineRecipe(BaseModel):
-    """One explicit baseline: a method with one shared weight (and density), or a recipe file."""
-
-    model_config = ConfigDict(extra="forbid")
-    method: str | None = None
-    weight: float | None = None
-    density: float | None = None
-    parameters: dict[str, Any] | None = None
-    recipe: str | None = None
-    label: str | None = None
-
-
-class ValidationConfig(BaseModel):
-    """The space's ``validation:`` key: how many of the front's best are re-scored on the validation range."""
-
-    model_config = ConfigDict(extra="forbid")
-    finalists: int = Field(DEFAULT_FINALISTS, ge=0)
-
-
-def check_baselines(value: Any) -> Any:
-    """The ``baselines:`` key in canonical form: ``default``, ``none`` or a list of entries (see the docstring)."""
-    if value is None:
-        return "default"
-    if value in ("default", "none"):
-        return value
-    if not isinstance(value, list) or not value:
-        raise ValueError(f"must be default, none or a non-empty list of baselines, got {value!r}")
-    out: list[Any] = []
-    for i, entry in enumerate(value):
-        if isinstance(entry, str):
-            if entry not in GROUPS:
-                raise ValueError(f"entry {i}: {entry!r} is not one of {', '.join(GROUPS)} (or a mapping with method "
-                                 "or recipe)")
-            out.append(entry)
-            continue
-        if not isinstance(entry, dict):
-            raise ValueError(f"entry {i}: {entry!r} is not a group name or a mapping")
-        allowed = list(BaselineRecipe.model_fields)
-        unknown = next((k for k in entry if k not in allowed), None)
-        if unknown is not None:
-            from optimizer.errors import did_you_mean
-
-            raise ValueError(f"entry {i}: unknown key {unknown!r}{did_you_mean(str(unknown), allowed)}; allowed: "
-                             f"{', '.join(allowed)}")
-        try:
-            parsed = BaselineRecipe.model_validate(entry)
-        except Exception as exc:
-            error = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
-            raise ValueError(f"entry {i}: {'.'.join(map(str, error['loc']))}: {error['msg']}") from None
-        if (parsed.method is None) == (parsed.recipe is None):
-            raise ValueError(f"entry {i}: give either 'method' (with 'weight') or 'recipe' (a recipe YAML)")
-        if parsed.method is not None:
-            from optimizer.merge.methods import METHODS
-
-            if parsed.method not in METHODS:
-                raise ValueError(f"entry {i}: method {parsed.method!r} is not a merge method")
-        out.append(parsed.model_dump(exclude_none=True))
-    return out
 
 
 @dataclass
@@ -111,7 +50,7 @@ class Baseline:
 
 def _shared_weight_recipe(space, method: str, weight: float, density: float | None = None,
                           parameters: dict | None = None):
-    from optimizer.merge.methods import METHODS
+    from optimizer.methods import METHODS
     from optimizer.recipe import ModelSpec, Recipe
 
     spec = METHODS[method]
@@ -129,7 +68,7 @@ def _shared_weight_recipe(space, method: str, weight: float, density: float | No
 
 def own_default(space):
     """The space's own method at its usual defaults (None when one of its parameters has no usual value)."""
-    from optimizer.merge.methods import METHODS
+    from optimizer.methods import METHODS
 
     spec = METHODS[space.merge_method]
     if spec.selects_models:
@@ -249,7 +188,7 @@ def genome_of(space, recipe) -> dict[str, float] | None:
     Only a recipe of the space's own method with one value per parameter and model (no depth or module
     variation) that lies inside the bounds: each gene takes its parameter's value (a drop rate is 1 - density).
     """
-    from optimizer.merge.methods import METHODS
+    from optimizer.methods import METHODS
 
     if recipe is None or recipe.merge_method != space.merge_method or METHODS[space.merge_method].selects_models:
         return None
@@ -312,8 +251,8 @@ def warm_start(space, study, optimizer, baselines: dict, progress: bool = False)
             return None
         inner.x0 = [genome[name] for name in inner.names]
     else:
-        study.enqueue_trial(genome, user_attrs={"warm_start": best[0]})
-    study.set_user_attr("warm_start", best[0])
+        study.enqueue_trial(genome, user_attrs={Attr.WARM_START: best[0]})
+    study.set_user_attr(Attr.WARM_START, best[0])
     if progress:
         log.info("  the search starts from the best baseline, %s", best[0])
     return best[0]

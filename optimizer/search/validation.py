@@ -22,9 +22,10 @@ from typing import Any
 
 from optimizer.evaluate import stats
 from optimizer.search.baselines import BASELINES_ATTR, best_baseline
+from optimizer.study_store import Attr
 
 log = logging.getLogger("mergeopt")
-VALIDATION_ATTR = "validation"
+VALIDATION_ATTR = Attr.VALIDATION
 
 
 def coefficients(space) -> dict[str, float]:
@@ -201,7 +202,7 @@ def comparison_line(space, study, records) -> str | None:
         where, what = "validated", "validation items"
     else:  # nothing validated: say so, and compare on the search items
         trial = max(scored, key=lambda t: (t.user_attrs["scalarized"], -t.number))
-        mine = _items({"items": trial.user_attrs.get("items") or {}}, coefs)
+        mine = _items({"items": trial.user_attrs.get(Attr.ITEMS) or {}}, coefs)
         theirs = None if best_base is None else _items(best_base[1], coefs)
         reason = validation.get("reason")
         where, what = "search", "search items, not validated" + (f": {reason}" if reason else "")
