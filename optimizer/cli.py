@@ -89,9 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--rebuild", action="store_true", help="retrain base and specialists from scratch")
     zoo.add_argument("--out", type=Path, default=None, help="folder for --rebuild (default: the package's own zoo)")
     zoo.add_argument("--seed", type=int, default=0, help="training seed for --rebuild (default 0)")
-    zoo.add_argument("--family", choices=("tiny", "smollm2"), default="tiny",
+    zoo.add_argument("--family", choices=("tiny", "smollm2", "mix"), default="tiny",
                      help="tiny: the embedded zoo (default); smollm2: a real LLM family built into the cache folder")
-    zoo.add_argument("--build", action="store_true", help="build the --family smollm2 models (resumes; ~30 min on 2 cores)")
+    zoo.add_argument("--build", action="store_true", help="build the --family smollm2 or mix models (resumes; ~30 min on 2 cores)")
     zoo.add_argument("--reduced", action="store_true", help="the reduced smollm2 family (a few training steps; for CI)")
 
     merge = command("merge", "Merge the models of a recipe YAML into a safetensors model folder.")
@@ -370,7 +370,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_zoo(args: argparse.Namespace) -> int:
     from optimizer import zoo
 
-    if args.family == "smollm2" or args.build or args.reduced:
+    if args.family in ("smollm2", "mix") or args.build or args.reduced:
         return _zoo_family(args)
     if args.rebuild:
         from optimizer.builders.tiny import rebuild
@@ -387,23 +387,27 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def _zoo_family(args: argparse.Namespace) -> int:
-    from optimizer.zoo import smollm2
+    from optimizer.zoo import mix, smollm2
 
-    if args.family != "smollm2":
+    if args.family not in ("smollm2", "mix"):
         raise MergeoptError("--build and --reduced build a real family: add --family smollm2")
     if args.rebuild or args.out is not None:
         raise MergeoptError("--rebuild and --out are for the tiny zoo; the smollm2 family uses --build (and MERGEOPT_CACHE)")
+    family = {"smollm2": smollm2, "mix": mix}[args.family]
     if args.build:
-        from optimizer.builders.smollm2 import build_family
+        if args.family == "mix":
+            from optimizer.builders.mix import build_family
+        else:
+            from optimizer.builders.smollm2 import build_family
 
         models = build_family(_cache_root(), reduced=args.reduced, progress=True)
     else:
-        models = smollm2.family_models(_cache_root(), reduced=args.reduced)
+        models = family.family_models(_cache_root(), reduced=args.reduced)
         missing = [name for name, folder in models.items() if not (folder / "config.json").is_file()]
         if missing:
             flags = " --reduced" if args.reduced else ""
-            raise MergeoptError(f"the smollm2 model {missing[0]} is not built in {models[missing[0]].parent}; "
-                                f"run 'mergeopt zoo --family smollm2 --build{flags}'")
+            raise MergeoptError(f"the {args.family} model {missing[0]} is not built in {models[missing[0]].parent}; "
+                                f"run 'mergeopt zoo --family {args.family} --build{flags}'")
     for name, folder in models.items():
         print(f"{name}\t{Path(folder).resolve()}")
     return 0

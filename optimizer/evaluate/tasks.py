@@ -542,6 +542,10 @@ def task_specs(spec: str | Path, limit: int | None = None) -> tuple[list[TaskSpe
         from optimizer.zoo import zoo_task_spec
 
         return task_specs(zoo_task_spec(), limit)
+    if text in ("mix", "mix-heldout"):  # the mix family's search split (test range: held-out), or its held-out split
+        from optimizer.zoo.mix import task_set_path as mix_tasks
+
+        return task_specs(mix_tasks("heldout" if text.endswith("heldout") else "search"), limit)
     if text in ("smollm2", "smollm2-heldout"):  # the smollm2 family's search split, or its held-out split
         from optimizer.zoo.smollm2 import task_set_path
 
