@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 FRONT_ROWS = 12  # the terminal shows the best of the front by mean; front.csv has all of it
 
 
-def print_front(result) -> None:
+def print_front(result, verdict: bool = True) -> None:
     if not result.front:
         print("no completed full-fidelity trial yet: nothing to export")
         return
@@ -188,7 +188,7 @@ def print_front(result) -> None:
     print(f"recipes:     {result.run_dir / 'pareto'}/trial-NNNN.yaml (one per front member)")
     print(f"best recipe: {result.best.path}  (* above)")
     print(f"all trials:  {result.run_dir / 'trials.csv'}")
-    if result.line:
+    if verdict and result.line:
         print(result.line)
 
 
@@ -216,9 +216,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         return 0
     result = run_search(space, run_dir, options)
     exported = export_run(run_dir, storage=args.storage, study_name=args.study)
-    print_front(exported)
+    print_front(exported, verdict=False)
     if exported.front:
         _search_report(run_dir, args.storage, args.study)
+    if exported.line:  # the run's verdict, last: the validated best against the best baseline
+        print(exported.line)
     if result.stopped_reason:
         print(f"mergeopt search: stopped: {result.stopped_reason}", file=sys.stderr)
         return 1

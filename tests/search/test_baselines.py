@@ -163,14 +163,19 @@ def test_baselines_none_and_a_warm_start_from_an_expressible_baseline(search_set
 
 
 def test_export_validate_rescores_the_finalists_of_a_run_that_validated_none(search_setup, tmp_path, capsys):
-    space = load_space(write_space(search_setup, "later", validation={"finalists": 0}, budget={"trials": 3},
-                                   baselines=["task_arithmetic"]))
-    result = run_search(space, tmp_path / "run", progress=False)
-    assert "search items, not validated: validation: {finalists: 0}" in export_run(tmp_path / "run").line
+    path = write_space(search_setup, "later", validation={"finalists": 0}, budget={"trials": 3},
+                       baselines=["task_arithmetic"])
+    # the command line: the search's last line is its verdict (here: nothing validated, and why)
+    assert main(["search", str(path), "--run-dir", str(tmp_path / "run"), "--quiet"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert re.match(r"^best \(search\) \d\.\d{3} \+- \d\.\d{3} vs best baseline task_arithmetic w=[\d.]+ \d\.\d{3}: "
+                    r"(within noise|better by|worse by).* \(paired, 24 search items, not validated: validation: "
+                    r"\{finalists: 0\}\)$", last), last
     assert main(["export", str(tmp_path / "run"), "--validate", "2"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert LINE.match(out[-1]), out[-1]
-    assert len(result.study.user_attrs["validation"]["trials"]) == 2
+    study = load_run(tmp_path / "run").study
+    assert len(study.user_attrs["validation"]["trials"]) == 2
 
 
 def test_bad_baselines_and_validation_keys_are_one_line_each():
