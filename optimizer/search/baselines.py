@@ -119,8 +119,13 @@ def baselines_of(space, parent_labels: list[str]) -> list[Baseline]:
             out.append(Baseline(entry.get("label") or _describe(entry["method"], entry.get("weight", 1.0),
                                                                 entry.get("density")), recipe))
     seen: dict[str, Baseline] = {}
-    for b in out:
-        seen.setdefault(b.label, b)
+    recipes: set[str] = set()
+    for b in out:  # one of each label, and one of each recipe (a task_arithmetic space's own default is w=1)
+        text = b.recipe.to_yaml() if b.recipe is not None else ""
+        if b.label in seen or (text and text in recipes):
+            continue
+        seen[b.label] = b
+        recipes.add(text)
     return list(seen.values())
 
 

@@ -189,3 +189,19 @@ def test_bad_baselines_and_validation_keys_are_one_line_each():
         with pytest.raises(MergeoptError, match=re.escape(fragment)) as info:
             parse_space({**base, **extra}, resolve_models=False)
         assert "\n" not in str(info.value)
+
+
+def test_default_baselines_of_a_space_and_no_recipe_twice():
+    from optimizer.search.baselines import baselines_of, genome_of
+
+    base = {"base_model": "b", "models": ["m1", "m2"], "objectives": ["a"]}
+    dare = parse_space({**base, "merge_method": "dare_ties"}, resolve_models=False)
+    labels = [b.label for b in baselines_of(dare, ["base", "m1", "m2"])]
+    assert labels == ["parent base", "parent m1", "parent m2", "task_arithmetic w=0.4", "task_arithmetic w=0.6",
+                      "task_arithmetic w=0.8", "task_arithmetic w=1", "dare_ties w=1 density=0.5 (defaults)"]
+    own = baselines_of(dare, ["base", "m1", "m2"])[-1].recipe
+    assert genome_of(dare, own) == {g.name: g.unit(1.0 if g.param == "weight" else 0.5) for g in dare.genes()}
+    # a task_arithmetic space's own default is task arithmetic at weight 1: scored once
+    ta = parse_space({**base, "merge_method": "task_arithmetic"}, resolve_models=False)
+    assert [b.label for b in baselines_of(ta, ["base", "m1", "m2"])][-1] == "task_arithmetic w=1"
+    assert baselines_of(parse_space({**base, "baselines": "none"}, resolve_models=False), ["base"]) == []
