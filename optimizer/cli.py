@@ -170,14 +170,13 @@ def print_front(result) -> None:
     if not result.front:
         print("no completed full-fidelity trial yet: nothing to export")
         return
+    from optimizer.report import front_lines
+
     tasks = list(result.front[0].objectives)
     print("Pareto front (" + ", ".join(tasks) + "):")
-    print(f"  {'trial':>5}  " + "  ".join(f"{t:>8}" for t in tasks) + f"  {'mean':>8}  file")
     shown = result.front[:FRONT_ROWS]
-    for e in shown:
-        star = "*" if result.best and e.trial == result.best.trial else " "
-        print(f" {star}{e.trial:>5}  " + "  ".join(f"{v:>8.3f}" for v in e.objectives.values())
-              + f"  {e.scalarized:>8.3f}  {e.path}")
+    rows = [(e.trial, list(e.objectives.values()), e.scalarized, str(e.path)) for e in shown]
+    print("\n".join(front_lines(tasks, rows, best=result.best.trial if result.best else None)))
     if len(result.front) > len(shown):
         print(f"  ... {len(result.front) - len(shown)} more in {result.run_dir / 'pareto' / 'front.csv'}")
     print(f"recipes:     {result.run_dir / 'pareto'}/trial-NNNN.yaml (one per front member)")

@@ -542,6 +542,15 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def relative_depth(layer: int | None, num_layers: int) -> float:
+    """A tensor's ``t`` for gradients, as mergekit computes it: ``layer / (num_layers - 1)`` inside the layer stack,
+    1 for the one layer of a one-layer model, 0 outside the stack (embeddings, final norm, head). The engine and
+    the report both read it here."""
+    if layer is None:
+        return 0.0
+    return layer / (num_layers - 1) if num_layers > 1 else 1.0
+
+
 def resolve_setting(setting: Any, tensor_name: str, t: float) -> Any:
     """Value of one parameter setting for one tensor, with mergekit's semantics.
 

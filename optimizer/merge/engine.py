@@ -25,7 +25,7 @@ from optimizer.errors import MergeoptError
 from optimizer.merge import checkpoint, sparsify, torch_methods
 from optimizer.merge.plan import TensorSlot, tensor_plan
 from optimizer.methods import METHODS
-from optimizer.recipe import Recipe
+from optimizer.recipe import Recipe, relative_depth
 
 KERNELS = ("numba", "torch")
 # Elements merged per call when the result needs a cast or runs on torch: bounds the float32 scratch (64 MiB)
@@ -99,10 +99,7 @@ class MergeEngine:
                    verify=verify)
 
     def _depth(self, name: str) -> float:
-        layer = checkpoint.layer_index(name)
-        if layer is None:
-            return 0.0
-        return layer / (self.num_layers - 1) if self.num_layers > 1 else 1.0
+        return relative_depth(checkpoint.layer_index(name), self.num_layers)
 
     # ---- the stored inputs --------------------------------------------------------------------------------
     def stored_weights(self, index: int) -> checkpoint.StoredWeights:
