@@ -401,6 +401,19 @@ def _cache_root() -> Path | None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    """A merge that fails after it started takes back the --out folder it created (a folder that was there stays)."""
+    created = not args.out.exists()
+    try:
+        return _merge(args)
+    except BaseException:
+        if created and args.out.is_dir():
+            import shutil
+
+            shutil.rmtree(args.out, ignore_errors=True)
+        raise
+
+
+def _merge(args: argparse.Namespace) -> int:
     from optimizer.merge import mergekit_fallback
     from optimizer.recipe import Recipe, read_yaml_file
 

@@ -300,6 +300,15 @@ def resolve_reference(reference: str, root: Path | None = None) -> str:
     if reference.startswith("zoo:"):
         return zoo_path(reference)
     path = Path(reference).expanduser()
+    folder, at, revision = reference.partition("@")
+    whole = Path(reference).expanduser()
+    if at and "+" not in revision and not (whole.exists() or (root is not None and (root / whole).exists())):
+        local = Path(folder).expanduser()
+        local = local if local.is_absolute() or root is None or not (root / local).is_dir() else root / local
+        if local.is_dir():
+            raise MergeoptError(f"{reference}: a revision (@{revision}) is read for Hugging Face ids only, and "
+                                f"{folder} is a local folder; drop '@{revision}', or check that revision out "
+                                "into a folder of its own")
     if path.is_absolute():
         return str(path)
     if root is not None and (root / path).exists():
@@ -510,11 +519,15 @@ def read_yaml_file(path: Path, kind: str) -> Any:
     if not path.is_file():
         raise MergeoptError(f"{kind} {path} does not exist")
     try:
-        return yaml.safe_load(path.read_text())
+        documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
         raise MergeoptError(f"{path}: not valid YAML{where}; fix the syntax and retry") from None
+    if len(documents) > 1:
+        raise MergeoptError(f"{path}: holds {len(documents)} YAML documents (separated by '---'); a {kind} is one "
+                            "document: keep one per file")
+    return documents[0] if documents else None
 
 
 def zoo_path(reference: str) -> str:
