@@ -256,7 +256,7 @@ def _search_report(run_dir: Path, storage: str | None, study: str | None) -> Non
               file=sys.stderr)
         return
     print(f"report:      {path}")
-    print(f"next:        mergeopt merge {run_dir / 'best.yaml'} --out merged   # the best recipe as a model")
+    print(f"next:        mergeopt merge {run_dir / 'best.yaml'} --out {run_dir / 'merged'}   # the best recipe as a model")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
