@@ -56,6 +56,7 @@ _TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "tok
              "out_dtype", "chat_template", "name"}
 # mergekit forms the fused engine does not run; `mergeopt merge` hands them to mergekit.
 MERGEKIT_ONLY_KEYS = ("slices", "modules", "tokenizer")
+_MODEL_KEYS = {"model", "parameters"}  # an entry of models:
 _MERGEOPT_KEYS = {"seed", "rescale", "trial", "scores", "objectives", "study"}
 
 
@@ -226,7 +227,12 @@ class Recipe:
         for i, entry in enumerate(data["models"]):
             if isinstance(entry, str):
                 entry = {"model": entry}
-            if not isinstance(entry, dict) or "model" not in entry:
+            if not isinstance(entry, dict):
+                raise MergeoptError(f"{source}: models[{i}] needs a 'model' key")
+            if set(entry) - _MODEL_KEYS:  # e.g. 'paramters:' would silently merge with no parameters
+                raise unknown_key(source, str(sorted(set(entry) - _MODEL_KEYS)[0]), sorted(_MODEL_KEYS),
+                                  where=f"models[{i}]")
+            if "model" not in entry:
                 raise MergeoptError(f"{source}: models[{i}] needs a 'model' key")
             params = entry.get("parameters") or {}
             if not isinstance(params, dict):
@@ -241,7 +247,7 @@ class Recipe:
             raise MergeoptError(f"{source}: 'mergeopt' must be a mapping")
         bad = set(block) - _MERGEOPT_KEYS
         if bad:
-            raise MergeoptError(f"{source}: unknown key mergeopt.{sorted(bad)[0]}; allowed: {', '.join(sorted(_MERGEOPT_KEYS))}")
+            raise unknown_key(source, str(sorted(bad)[0]), sorted(_MERGEOPT_KEYS), where="mergeopt")
         method = data["merge_method"]
         spec = method_spec(method)
         if spec.sparsification == "random":

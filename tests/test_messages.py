@@ -54,3 +54,24 @@ def test_a_merge_refused_after_it_started_leaves_no_out_folder(search_setup, tmp
     (kept / "notes.txt").write_text("mine")
     assert run_cli("merge", recipe, "--out", kept).returncode != 0
     assert (kept / "notes.txt").read_text() == "mine"
+
+
+def test_one_formatter_answers_misspelt_keys_in_spaces_recipes_and_task_sets(search_setup, tmp_path):
+    """The same words wherever a key is misspelt: unknown key 'x' (did you mean 'y'?); allowed keys: ..."""
+    import pytest
+
+    from optimizer.errors import MergeoptError
+    from optimizer.evaluate.tasks import load_task_set
+    from optimizer.recipe import Recipe
+
+    entry = {"merge_method": "ties", "base_model": "b", "models": [{"model": "a", "paramters": {"weight": 1}}]}
+    with pytest.raises(MergeoptError, match=r"models\[0\]: unknown key 'paramters' \(did you mean 'parameters'\?\); "
+                                            "allowed keys: model, parameters"):
+        Recipe.from_dict(entry)  # was merged silently without its parameters
+    block = {"merge_method": "ties", "base_model": "b", "models": ["a"], "mergeopt": {"sed": 1}}
+    with pytest.raises(MergeoptError, match=r"mergeopt: unknown key 'sed' \(did you mean 'seed'\?\)"):
+        Recipe.from_dict(block)
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text("tasks:\n  - {name: a, path: a.jsonl}\nsed: 3\n")
+    with pytest.raises(MergeoptError, match=r"unknown key 'sed' \(did you mean 'seed'\?\)"):
+        load_task_set(str(tasks))
