@@ -30,6 +30,12 @@ def _space(search_setup, **keys):
     return lambda: load_space(write_space(search_setup, "readme", **keys))
 
 
+def _spent(trials: int) -> str:
+    from optimizer.search.loop import SPENT  # tests/search/test_config.py runs a search into it
+
+    return SPENT % (trials, trials)
+
+
 def _objectivs(search_setup):
     import yaml
 
@@ -41,6 +47,11 @@ def _objectivs(search_setup):
 
 
 PRODUCERS = {
+    "--minutes: must be a positive number, got -1.0": lambda setup: _refusal(
+        lambda: load_space(write_space(setup, "readme-minutes"), {"minutes": -1.0})),
+    "optimizer.popsize: must be a positive integer, got 'eight'": lambda setup: _refusal(
+        _space(setup, optimizer={"name": "cma", "popsize": "eight"})),
+    "the run has spent its budget (96 of 96 trials); raise it with --trials to search on": lambda setup: _spent(96),
     "unknown key 'objectivs' (did you mean 'objectives'?)": lambda setup: _refusal(_objectivs(setup)),
     "densty: unknown parameter (did you mean 'density'?)": lambda setup: _refusal(_recipe(densty=0.5)),
     "density: 1.5 is outside [0, 1]": lambda setup: _refusal(_recipe(density=1.5)),
