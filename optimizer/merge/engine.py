@@ -22,9 +22,9 @@ import torch
 from tqdm import tqdm
 
 from optimizer.errors import MergeoptError
-from optimizer.merge import checkpoint, sparsify, torch_methods
+from optimizer.merge import checkpoint, lora, sparsify, torch_methods
 from optimizer.merge.methods import METHODS, TensorSlot, tensor_plan
-from optimizer.recipe import Recipe
+from optimizer.recipe import Recipe, reference_model, split_lora
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 KERNELS = ("numba", "torch")
@@ -61,12 +61,17 @@ class MergeEngine:
             raise MergeoptError(f"kernel {self.kernel!r} cannot run on {self.device}; use one of {', '.join(KERNELS)} "
                                 "(numba runs on the CPU only)")
         self.base_path = _key(base)
-        self.model_paths = [_key(m) for m in models]
+        # a fine-tune is a model folder, an adapter folder or mergekit's ``base+adapter`` (applied to this base)
+        adapters = [adapter_of(m, self.base_path) for m in models]
+        self.model_paths = [_key(m) if a is None else f"{self.base_path}+{_key(a)}" for m, a in zip(models, adapters)]
         if not self.model_paths:
             raise MergeoptError("no models to merge; list at least one fine-tuned model")
         base_info = checkpoint.inspect_model(base, allow_pickle)
-        infos = [checkpoint.inspect_model(m, allow_pickle) for m in models]
+        infos = [checkpoint.inspect_model(m, allow_pickle) for m, a in zip(models, adapters) if a is None]
         checkpoint.check_homologous(base_info, infos)
+        read = {a: lora.LoraAdapter(a, allow_pickle) for a in adapters if a is not None}  # headers only
+        for adapter in read.values():
+            adapter.check_base(base, base_info.shapes)
         self.config = base_info.config
         self.names = list(base_info.shapes)
         self.shapes = dict(base_info.shapes)
@@ -74,11 +79,16 @@ class MergeEngine:
         self.slots = [TensorSlot(name, self._depth(name)) for name in self.names]
         self._slot_by_name = {slot.name: slot for slot in self.slots}
 
-        folders = [base, *models]
-        bar = tqdm(total=len(folders), desc="loading models", unit="model", disable=not progress, leave=False)
-        self._stored: list[checkpoint.StoredWeights] = []
-        for folder in folders:
-            self._stored.append(checkpoint.StoredWeights(folder, allow_pickle, self.device))
+        bar = tqdm(total=1 + len(models), desc="loading models", unit="model", disable=not progress, leave=False)
+        self._stored: list[checkpoint.StoredWeights | lora.AdapterWeights] = []
+        base_store = checkpoint.StoredWeights(base, allow_pickle, self.device)
+        self._stored.append(base_store)
+        bar.update()
+        for folder, adapter in zip(models, adapters):
+            if adapter is None:
+                self._stored.append(checkpoint.StoredWeights(folder, allow_pickle, self.device))
+            else:  # the adapter's own tensors; its adapted tensors are formed one at a time while merging
+                self._stored.append(lora.AdapterWeights(read[adapter], base_store, self.shapes, self.device))
             bar.update()
         bar.close()
         self._rows = {path: row for row, path in enumerate(self.model_paths)}
@@ -93,7 +103,7 @@ class MergeEngine:
     def for_recipe(cls, recipe: Recipe, device: str | torch.device | None = None, allow_pickle: bool = False,
                    progress: bool = False, kernel: str | None = None, verify: bool = True) -> MergeEngine:
         """An engine holding exactly the models a recipe names."""
-        base = recipe.base_model or recipe.models[0].model
+        base = recipe.base_model or reference_model(recipe.models[0].model)
         models = [m.model for _, m in recipe.delta_models()]
         return cls(base, models, device=device, allow_pickle=allow_pickle, progress=progress, kernel=kernel,
                    verify=verify)
@@ -105,8 +115,8 @@ class MergeEngine:
         return layer / (self.num_layers - 1) if self.num_layers > 1 else 1.0
 
     # ---- the stored inputs --------------------------------------------------------------------------------
-    def stored_weights(self, index: int) -> checkpoint.StoredWeights:
-        """The stored tensors of the base (index 0) or of fine-tune ``index - 1``."""
+    def stored_weights(self, index: int) -> checkpoint.StoredWeights | lora.AdapterWeights:
+        """The stored tensors of the base (index 0) or of fine-tune ``index - 1`` (an adapter's: formed on demand)."""
         return self._stored[index]
 
     def inputs(self, name: str, rows: Sequence[int] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -131,13 +141,16 @@ class MergeEngine:
         if name in self._checked:
             return
         for store in self._stored:
+            if isinstance(store, lora.AdapterWeights):  # its own tensors were checked as it loaded
+                continue
             bad = sparsify.count_nonfinite(store[name])
             if bad:
                 raise MergeoptError(f"tensor {name} of {store.folder} holds {bad} NaN or infinite value{'s' * (bad > 1)}; "
                                     "the checkpoint is damaged: re-export or re-download that model")
         base = self._stored[0][name]
-        self._unchanged[name] = frozenset(row for row, store in enumerate(self._stored[1:])
-                                          if _same_bytes(store[name], base))
+        self._unchanged[name] = frozenset(
+            row for row, store in enumerate(self._stored[1:])
+            if (name not in store.touched if isinstance(store, lora.AdapterWeights) else _same_bytes(store[name], base)))
         self._checked.add(name)
 
     def release(self, name: str) -> None:
@@ -154,7 +167,8 @@ class MergeEngine:
             raise MergeoptError(f"recipe base_model {recipe.base_model} is not the engine's base {self.base_path}")
         positions: list[int | None] = [None] * len(self.model_paths)
         for pos, spec in recipe.delta_models():
-            row = self._rows.get(_key(spec.model))
+            adapter = adapter_of(spec.model, self.base_path)
+            row = self._rows.get(_key(spec.model) if adapter is None else f"{self.base_path}+{_key(adapter)}")
             if row is None:
                 raise MergeoptError(f"recipe model {spec.model} was not loaded into the engine; "
                                     f"it holds {', '.join(self.model_paths)}")
@@ -284,6 +298,18 @@ class MergeEngine:
 
         write_chat_template(recipe, out)
         return out
+
+
+def adapter_of(reference: str | Path, base_path: str) -> Path | None:
+    """The adapter folder a fine-tune reference names (an adapter folder, or ``base+adapter`` on this base), or None
+    for a model folder. ``model+adapter`` on a model other than the engine's base is refused in one line."""
+    parts = split_lora(str(reference))
+    if parts is not None:
+        if _key(parts[0]) != base_path:
+            raise MergeoptError(f"{reference} applies the adapter to {parts[0]}, not to the base {base_path}; the "
+                                "engine applies adapters to the base only ('mergeopt merge' hands this to mergekit)")
+        return Path(parts[1])
+    return Path(reference) if lora.is_adapter(reference) else None
 
 
 def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
