@@ -296,8 +296,8 @@ class AdapterWeights:
         if tensor.kind == "full":  # the stored replacement, as the adapted checkpoint holds it
             adapted = start if tensor.whole is not None else base
         else:
-            # PEFT's merge on a CPU: the float32 delta rounded to the weight's dtype, added, rounded again
-            adapted = (start.float() + self.delta(name).to(base.dtype).float()).to(base.dtype)
+            # as PEFT's merge_and_unload on a CPU: the sum in float32, rounded once to the weight's dtype
+            adapted = (start.float() + self.delta(name)).to(base.dtype)
         self._formed = (name, adapted)
         return adapted
 
