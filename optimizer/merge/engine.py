@@ -119,14 +119,27 @@ class MergeEngine:
         """The stored tensors of the base (index 0) or of fine-tune ``index - 1`` (an adapter's: formed on demand)."""
         return self._stored[index]
 
-    def inputs(self, name: str, rows: Sequence[int] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The flat stored base tensor ``name`` and those of the fine-tunes ``rows`` (all by default)."""
+    def inputs(self, name: str, rows: Sequence[int] | None = None,
+               round_to: torch.dtype | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The flat stored base tensor ``name`` and those of the fine-tunes ``rows`` (all by default); ``round_to``:
+        float32 inputs rounded to that half-precision dtype first (copies, for this tensor only)."""
         rows = range(len(self.model_paths)) if rows is None else rows
-        return self._stored[0][name], [self._stored[1 + r][name] for r in rows]
+        return (_rounded(self._stored[0][name], round_to),
+                [_rounded(self._stored[1 + r][name], round_to) for r in rows])
 
-    def delta(self, name: str, row: int) -> torch.Tensor:
+    def delta(self, name: str, row: int, round_to: torch.dtype | None = None) -> torch.Tensor:
         """Fine-tune ``row`` minus the base for one tensor, in float32 (made on demand, never kept)."""
-        return self._stored[1 + row][name].float() - self._stored[0][name].float()
+        base, (tuned,) = self.inputs(name, [row], round_to)
+        return tuned.float() - base.float()
+
+    @staticmethod
+    def input_rounding(recipe: Recipe) -> torch.dtype | None:
+        """The dtype float32 inputs are rounded to before a recipe merges them: TIES with a half-precision ``dtype``
+        trims and elects signs on the rounded deltas, as mergekit does (it casts every input to ``dtype`` first).
+        None for every other recipe (the fused kernel reads the stored values, computes in float32, rounds once)."""
+        if METHODS[recipe.merge_method].sparsification == "magnitude" and recipe.dtype in ("bfloat16", "float16"):
+            return DTYPES[recipe.dtype]
+        return None
 
     def stored_dtype(self) -> torch.dtype:
         """The dtype most of the base checkpoint's weights are stored in."""
@@ -182,14 +195,16 @@ class MergeEngine:
         if METHODS[recipe.merge_method].engine == "torch":  # a torch function per tensor (issue 14)
             return torch_methods.TorchPlan(recipe, slot.name, slot.t, tuple(self.shapes[slot.name]), positions)
         active = [row for row, pos in enumerate(positions) if pos is not None]
+        round_to = self.input_rounding(recipe)
         sub = tensor_plan(recipe, slot, [p for p in positions if p is not None],
-                          delta_rows=lambda i: self.delta(slot.name, active[i]),
+                          delta_rows=lambda i: self.delta(slot.name, active[i], round_to),
                           l1_norms=lambda i, threshold, key: self._l1_norms(slot.name, active[i], threshold, key))
+        sub.round_inputs = round_to
         if len(active) == len(positions):
             return sub
         # Models the recipe leaves out take part with weight 0 and nothing kept.
         n = len(positions)
-        return sparsify.TensorPlan(
+        return sparsify.TensorPlan(round_inputs=round_to,
             weights=_scatter(sub.weights, active, n, 0),
             scales=_scatter(sub.scales, active, n, 1),
             keep_mode=_scatter(sub.keep_mode, active, n, sparsify.KEEP_NONE),
@@ -213,11 +228,12 @@ class MergeEngine:
                     target: torch.Tensor) -> torch.Tensor:
         """Merge one tensor into ``target`` (any dtype and device, viewed flat); returns ``target``."""
         self._check_inputs(slot.name)
-        base, models = self.inputs(slot.name)
-        flat = target.view(-1)
         if isinstance(plan, torch_methods.TorchPlan):
-            flat.copy_(plan.merge(base, models))
+            base, models = self.inputs(slot.name)
+            target.view(-1).copy_(plan.merge(base, models))
             return target
+        base, models = self.inputs(slot.name, round_to=plan.round_inputs)
+        flat = target.view(-1)
         n = flat.numel()
         unchanged = self._unchanged[slot.name]
         if unchanged and all(row in unchanged for row in np.flatnonzero(plan.keep_mode != sparsify.KEEP_NONE)):
@@ -310,6 +326,13 @@ def adapter_of(reference: str | Path, base_path: str) -> Path | None:
                                 "engine applies adapters to the base only ('mergeopt merge' hands this to mergekit)")
         return Path(parts[1])
     return Path(reference) if lora.is_adapter(reference) else None
+
+
+def _rounded(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A stored float32 tensor rounded to a half-precision dtype (a copy); any other tensor as it is."""
+    if dtype is None or tensor.dtype != torch.float32:
+        return tensor
+    return tensor.to(dtype)
 
 
 def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
