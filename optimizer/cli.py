@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from optimizer.errors import MergeoptError
+from optimizer.recipe import DTYPES
 
-DTYPES = ("float32", "bfloat16", "float16")
 
 EXAMPLES = {
     "zoo": """examples:
@@ -64,7 +64,7 @@ def _size(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from optimizer.evaluate.scoring import BACKENDS
-    from optimizer.search.optimizers import OPTIMIZERS
+    from optimizer.catalogue import CATALOGUE
 
     parser = argparse.ArgumentParser(
         prog="mergeopt",
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--reduced", action="store_true", help="the reduced smollm2 family (a few training steps; for CI)")
 
     merge = command("merge", "Merge the models of a recipe YAML into a safetensors model folder.")
-    from optimizer.merge.methods import methods_help
+    from optimizer.methods import methods_help
 
     merge.description = (f"{merge.description}\n\nAny mergekit configuration: forms the fused engine does not run go "
                          f"through mergekit (pip install mergekit).\nmerge methods and their parameters:\n"
@@ -131,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--run-dir", type=Path, default=None, help="run folder (default runs/<space name>)")
     se.add_argument("--trials", type=int, default=None, help="total trials of the study (overrides budget.trials)")
     se.add_argument("--minutes", type=float, default=None, help="time budget of this invocation")
-    se.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default=None, help="overrides the space's optimizer: "
-                    + "; ".join(f"{name}: {spec.summary}" for name, spec in OPTIMIZERS.items()))
+    se.add_argument("--optimizer", choices=tuple(CATALOGUE), default=None, help="overrides the space's optimizer: "
+                    + "; ".join(f"{name}: {info.summary}" for name, info in CATALOGUE.items()))
     se.add_argument("--seed", type=int, default=None, help="sampler and DARE mask seed (overrides the space)")
     se.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite in the run folder)")
     se.add_argument("--study", default=None, help="study name in the storage (default: the space's name)")
@@ -170,14 +170,13 @@ def print_front(result) -> None:
     if not result.front:
         print("no completed full-fidelity trial yet: nothing to export")
         return
+    from optimizer.report import front_lines
+
     tasks = list(result.front[0].objectives)
     print("Pareto front (" + ", ".join(tasks) + "):")
-    print(f"  {'trial':>5}  " + "  ".join(f"{t:>8}" for t in tasks) + f"  {'mean':>8}  file")
     shown = result.front[:FRONT_ROWS]
-    for e in shown:
-        star = "*" if result.best and e.trial == result.best.trial else " "
-        print(f" {star}{e.trial:>5}  " + "  ".join(f"{v:>8.3f}" for v in e.objectives.values())
-              + f"  {e.scalarized:>8.3f}  {e.path}")
+    rows = [(e.trial, list(e.objectives.values()), e.scalarized, str(e.path)) for e in shown]
+    print("\n".join(front_lines(tasks, rows, best=result.best.trial if result.best else None)))
     if len(result.front) > len(shown):
         print(f"  ... {len(result.front) - len(shown)} more in {result.run_dir / 'pareto' / 'front.csv'}")
     print(f"recipes:     {result.run_dir / 'pareto'}/trial-NNNN.yaml (one per front member)")
@@ -186,22 +185,28 @@ def print_front(result) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    import os
+
     from optimizer.export import export_run
-    from optimizer.search.loop import run_search
+    from optimizer.search import faults
+    from optimizer.search.loop import SearchOptions, run_search
+    from optimizer.search.workers import HEARTBEAT_ENV, heartbeat_settings
     from optimizer.space import load_space
 
-    if args.trials is not None and args.trials < 1:
-        raise MergeoptError("--trials must be at least 1")
     overrides = {"trials": args.trials, "minutes": args.minutes, "optimizer": args.optimizer, "seed": args.seed,
                  "backend": args.backend}
     space = load_space(args.space, overrides)
+    # the testing hook and the heartbeat timing come from the environment, read here only (never in the library)
+    options = SearchOptions(storage=args.storage, study_name=args.study, device=args.device,
+                            engine_device=args.engine_device, progress=not args.quiet,
+                            faults=faults.parse(os.environ.get(faults.ENV, "")),
+                            heartbeat=heartbeat_settings(os.environ.get(HEARTBEAT_ENV)))
     if args.threads is None and space.threads is not None:  # the space's own thread count, unless --threads
         configure_threads(space.threads)
     run_dir = args.run_dir or Path("runs") / space.name
     if not _search_plan(space, args):
         return 0
-    result = run_search(space, run_dir, storage=args.storage, study_name=args.study, device=args.device,
-                        progress=not args.quiet, engine_device=args.engine_device)
+    result = run_search(space, run_dir, options)
     exported = export_run(run_dir, storage=args.storage, study_name=args.study)
     print_front(exported)
     if exported.front:
@@ -217,7 +222,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def _trims_by_magnitude(method: str) -> bool:
-    from optimizer.merge.methods import METHODS
+    from optimizer.methods import METHODS
 
     spec = METHODS.get(method)
     return spec is not None and spec.sparsification == "magnitude"

@@ -36,19 +36,18 @@ mergekit file verbatim. The search space speaks in drop rates and converts.
 from __future__ import annotations
 
 import copy
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from optimizer.errors import MergeoptError
-from optimizer.merge.methods import METHODS, check_parameters, method_spec
+from optimizer.errors import MergeoptError, unknown_key
+from optimizer.methods import METHODS, check_parameters, method_spec
 
 RESCALE_RULES = ("dare", "l1", "none")
 # Arithmetic and written dtypes a recipe may name; None (no `dtype:`) keeps the checkpoint's dtype, as mergekit does.
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float16")  # the dtypes a merge or a scoring model may use (the one table)
 # tokenizer_source words that are not model references (mergekit's meaning).
 TOKENIZER_WORDS = ("base", "union")
 # Keys of the mergekit top level the fused engine understands; anything else is refused, not ignored.
@@ -125,7 +124,7 @@ class Recipe:
             _refuse_zero_weight_sums(self)
         if spec.sparsification == "della":
             _refuse_della_bounds(self, spec)
-        from optimizer.merge.side_files import check_chat_template
+        from optimizer.side_files import check_chat_template
 
         check_chat_template(self.chat_template)
 
@@ -217,9 +216,7 @@ class Recipe:
                                 "'mergeopt merge' does that (pip install mergekit)")
         unknown = sorted(set(data) - _TOP_KEYS)
         if unknown:
-            near = difflib.get_close_matches(str(unknown[0]), sorted(_TOP_KEYS), n=1, cutoff=0.6)
-            hint = f"did you mean {near[0]}?" if near else f"allowed: {', '.join(sorted(_TOP_KEYS))}"
-            raise MergeoptError(f"{source}: unknown key {unknown[0]!r}; {hint}")
+            raise unknown_key(source, str(unknown[0]), sorted(_TOP_KEYS))
         for key in ("merge_method", "models"):
             if key not in data:
                 raise MergeoptError(f"{source}: missing key {key!r}")
@@ -312,7 +309,7 @@ def resolve_reference(reference: str, root: Path | None = None) -> str:
         return str((root / path).resolve())
     if path.exists():
         return reference
-    from optimizer.merge import hub
+    from optimizer import hub
 
     if hub.looks_like_hub_id(reference):
         return hub.resolve(reference)
@@ -571,6 +568,15 @@ def _same_path(a: str | None, b: str | None) -> bool:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def relative_depth(layer: int | None, num_layers: int) -> float:
+    """A tensor's ``t`` for gradients, as mergekit computes it: ``layer / (num_layers - 1)`` inside the layer stack,
+    1 for the one layer of a one-layer model, 0 outside the stack (embeddings, final norm, head). The engine and
+    the report both read it here."""
+    if layer is None:
+        return 0.0
+    return layer / (num_layers - 1) if num_layers > 1 else 1.0
 
 
 def resolve_setting(setting: Any, tensor_name: str, t: float) -> Any:

@@ -23,10 +23,10 @@ from tqdm import tqdm
 
 from optimizer.errors import MergeoptError
 from optimizer.merge import checkpoint, lora, sparsify, torch_methods
-from optimizer.merge.methods import METHODS, TensorSlot, tensor_plan
-from optimizer.recipe import Recipe, reference_model, split_lora
+from optimizer.merge.plan import TensorSlot, tensor_plan
+from optimizer.methods import METHODS
+from optimizer.recipe import Recipe, reference_model, relative_depth, split_lora
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 KERNELS = ("numba", "torch")
 # Elements merged per call when the result needs a cast or runs on torch: bounds the float32 scratch (64 MiB)
 # and the torch twin's int64 hash temporaries (a 152k x 3584 embedding at once would need > 4 GB of them).
@@ -70,8 +70,8 @@ class MergeEngine:
         infos = [checkpoint.inspect_model(m, allow_pickle) for m, a in zip(models, adapters) if a is None]
         checkpoint.check_homologous(base_info, infos)
         read = {a: lora.LoraAdapter(a, allow_pickle) for a in adapters if a is not None}  # headers only
-        for adapter in read.values():
-            adapter.check_base(base, base_info.shapes)
+        for found in read.values():
+            found.check_base(base, base_info.shapes)
         self.config = base_info.config
         self.names = list(base_info.shapes)
         self.shapes = dict(base_info.shapes)
@@ -84,11 +84,11 @@ class MergeEngine:
         base_store = checkpoint.StoredWeights(base, allow_pickle, self.device)
         self._stored.append(base_store)
         bar.update()
-        for folder, adapter in zip(models, adapters):
-            if adapter is None:
+        for folder, adapter_folder in zip(models, adapters):
+            if adapter_folder is None:
                 self._stored.append(checkpoint.StoredWeights(folder, allow_pickle, self.device))
             else:  # the adapter's own tensors; its adapted tensors are formed one at a time while merging
-                self._stored.append(lora.AdapterWeights(read[adapter], base_store, self.shapes, self.device))
+                self._stored.append(lora.AdapterWeights(read[adapter_folder], base_store, self.shapes, self.device))
             bar.update()
         bar.close()
         self._rows = {path: row for row, path in enumerate(self.model_paths)}
@@ -109,10 +109,7 @@ class MergeEngine:
                    verify=verify)
 
     def _depth(self, name: str) -> float:
-        layer = checkpoint.layer_index(name)
-        if layer is None:
-            return 0.0
-        return layer / (self.num_layers - 1) if self.num_layers > 1 else 1.0
+        return relative_depth(checkpoint.layer_index(name), self.num_layers)
 
     # ---- the stored inputs --------------------------------------------------------------------------------
     def stored_weights(self, index: int) -> checkpoint.StoredWeights | lora.AdapterWeights:
@@ -138,7 +135,7 @@ class MergeEngine:
         trims and elects signs on the rounded deltas, as mergekit does (it casts every input to ``dtype`` first).
         None for every other recipe (the fused kernel reads the stored values, computes in float32, rounds once)."""
         if METHODS[recipe.merge_method].sparsification == "magnitude" and recipe.dtype in ("bfloat16", "float16"):
-            return DTYPES[recipe.dtype]
+            return checkpoint.torch_dtype(recipe.dtype)
         return None
 
     def stored_dtype(self) -> torch.dtype:
@@ -289,7 +286,7 @@ class MergeEngine:
     def output_dtype(self, recipe: Recipe) -> torch.dtype:
         """The dtype a recipe's merged model is written in: its out_dtype, else its dtype, else the checkpoints'."""
         name = getattr(recipe, "out_dtype", None) or recipe.dtype
-        return DTYPES[name] if name else self.stored_dtype()
+        return checkpoint.torch_dtype(name) if name else self.stored_dtype()
 
     def save(self, recipe: Recipe, out_dir: str | Path, max_shard_bytes: int = 5 * 1024**3,
              progress: bool = False) -> Path:
@@ -310,7 +307,7 @@ class MergeEngine:
         out = checkpoint.stream_model_folder(out_dir, layout, merged, self.base_path, dtype,
                                              max_shard_bytes=max_shard_bytes, tokenizer_folder=tokenizer,
                                              progress=progress)
-        from optimizer.merge.side_files import write_chat_template  # the recipe's chat_template (issue 14)
+        from optimizer.side_files import write_chat_template  # the recipe's chat_template (issue 14)
 
         write_chat_template(recipe, out)
         return out

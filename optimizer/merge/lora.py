@@ -181,7 +181,8 @@ class LoraAdapter:
     def check_base(self, base_folder: str | Path, base_shapes: dict[str, tuple[int, ...]]) -> None:
         """Refuse, in one line, an adapter whose tensors do not fit the base; note a base the adapter does not name."""
         for tensor in self.tensors.values():
-            rank_ok = tensor.kind == "full" or (_shape(self.entries[tensor.a])[0] == _shape(self.entries[tensor.b])[1])
+            rank_ok = tensor.kind == "full" or (tensor.a is not None and tensor.b is not None and
+                                                _shape(self.entries[tensor.a])[0] == _shape(self.entries[tensor.b])[1])
             if tensor.kind != "full" and tensor.whole is not None \
                     and _shape(self.entries[tensor.whole]) != self.expected_shape(tensor):
                 rank_ok = False
