@@ -76,7 +76,11 @@ def merge(base, models, method, weights=(0.7, 0.5), dtype=None, seed=0):
     return MergeEngine(base, models, verify=True).state_dict(recipe, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("form", FORMS)
+# the fast tier runs three forms that between them cover every code path; the slow tier all of them
+FAST_FORMS = ("rank8-all-linear-rank-pattern", "modules-to-save-and-embedding", "bf16-base")
+
+
+@pytest.mark.parametrize("form", [f if f in FAST_FORMS else pytest.param(f, marks=pytest.mark.slow) for f in FORMS])
 def test_a_merge_of_adapters_is_bit_for_bit_the_merge_of_their_peft_merged_checkpoints(bases, form, tmp_path):
     base, adapters, merged = adapters_and_merged(bases, form, tmp_path)
     touched = set()
@@ -210,6 +214,7 @@ def _write_recipe(path: Path, base: Path, models: list, method: str = "dare_ties
     return path
 
 
+@pytest.mark.slow  # four command-line runs
 def test_mergeopt_merge_builds_base_plus_adapter_in_the_engine_in_both_mergekit_forms(bases, tmp_path):
     base = bases["llama"]
     adapters = [make_adapter(base, tmp_path / f"a{i}", seed=i) for i in range(2)]
@@ -256,3 +261,36 @@ def test_a_search_space_lists_adapter_folders_as_models_applied_to_its_base(base
     engine = MergeEngine(space.base_model, space.models)
     reloaded = Recipe.from_dict(exported)
     assert engine.state_dict(reloaded).keys() == engine.state_dict(recipe).keys()
+
+
+def test_a_search_over_adapter_folders_scores_parents_and_exports_recipes_that_remerge_bit_for_bit(search_setup,
+                                                                                                  tmp_path):
+    """The whole loop with adapters in models: the parents (each adapter's adapted model) are scored, candidates are
+    built from the adapters into the live model, and the exported best.yaml (base+adapter, mergekit's syntax) merges
+    with `mergeopt merge` to the weights that were scored."""
+    from helpers import write_space
+
+    from optimizer.export import export_run
+    from optimizer.search.loop import run_search
+    from optimizer.space import load_space
+
+    base = search_setup / "models" / "m0"
+    adapters = [make_adapter(base, tmp_path / f"skill{i}", r=2 + 2 * i, seed=i, scale=0.3,
+                             targets=("q_proj", "v_proj", "up_proj")) for i in range(3)]
+    path = write_space(search_setup, "adapters", models=[str(a) for a in adapters], budget={"trials": 3})
+    space = load_space(path)
+    result = run_search(space, tmp_path / "run", progress=False)
+    assert set(result.parents) == {"base", "skill0", "skill1", "skill2"}
+    assert len(set(str(s) for s in result.parents.values())) > 1  # the adapters changed what the parents score
+    exported = export_run(tmp_path / "run")
+    text = exported.best.path.read_text()
+    assert f"{base.resolve()}+{adapters[0].resolve()}" in text
+    out = tmp_path / "merged"
+    proc = run_cli("merge", exported.best.path, "--out", out, "--device", "cpu")
+    assert proc.returncode == 0 and "mergekit" not in proc.stderr, proc.stderr
+    best = Recipe.load(exported.best.path)
+    trial = result.study.get_trials()[best.info["trial"]]
+    scored = MergeEngine(space.base_model, space.models).state_dict(
+        Recipe.from_dict(yaml.safe_load(trial.user_attrs["recipe"])))
+    merged = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(merged[n], scored[n]) for n in scored)

@@ -127,6 +127,7 @@ def test_dare_lora_merges_agree_with_mergekit_statistically(lora_family, method,
         assert float((theirs[name] - plain[name]).abs().sum()) == pytest.approx(l1_dense, rel=1e-4)
 
 
+@pytest.mark.slow  # the mergekit-yaml command line in a subprocess
 def test_an_exported_lora_recipe_merges_in_mergekit_yaml_as_in_mergeopt(lora_family, tmp_path):
     """The recipe as a search exports it (base+adapter, a mergeopt block) through the mergekit-yaml command line."""
     dtype, base, adapters = lora_family
