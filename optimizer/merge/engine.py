@@ -84,11 +84,13 @@ class MergeEngine:
         base_store = checkpoint.StoredWeights(base, allow_pickle, self.device)
         self._stored.append(base_store)
         bar.update()
+        widened = lora.WidenedBase(base_store)  # one float32 copy of the tensor being merged, for every adapter
         for folder, adapter_folder in zip(models, adapters):
             if adapter_folder is None:
                 self._stored.append(checkpoint.StoredWeights(folder, allow_pickle, self.device))
             else:  # the adapter's own tensors; its adapted tensors are formed one at a time while merging
-                self._stored.append(lora.AdapterWeights(read[adapter_folder], base_store, self.shapes, self.device))
+                self._stored.append(lora.AdapterWeights(read[adapter_folder], base_store, self.shapes, self.device,
+                                                        widened))
             bar.update()
         bar.close()
         self._rows = {path: row for row, path in enumerate(self.model_paths)}

@@ -225,6 +225,24 @@ def _nbytes(entry) -> int:
     return entry.stop - entry.start
 
 
+class WidenedBase:
+    """The base tensor being merged, widened to float32 once for all the adapters that start from it."""
+
+    def __init__(self, base: checkpoint.StoredWeights):
+        self._base = base
+        self._current: tuple[str, torch.Tensor] | None = None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if self._current is None or self._current[0] != name:
+            self._current = None
+            stored = self._base[name]
+            self._current = (name, stored if stored.dtype == torch.float32 else stored.float())
+        return self._current[1]
+
+    def release(self) -> None:
+        self._current = None
+
+
 class AdapterWeights:
     """An adapter as the engine holds it: its own tensors (small) on the merge device, and, like
     :class:`checkpoint.StoredWeights`, one flat tensor per base tensor name, in the base's stored dtype.
@@ -234,11 +252,12 @@ class AdapterWeights:
     tensor per adapter. A tensor the adapter does not touch is the base's own (the same tensor object)."""
 
     def __init__(self, adapter: LoraAdapter, base: checkpoint.StoredWeights, shapes: dict[str, tuple[int, ...]],
-                 device: torch.device):
+                 device: torch.device, widened: WidenedBase | None = None):
         self.adapter = adapter
         self.folder = adapter.folder
         self.device = device
         self._base = base
+        self._widened = widened or WidenedBase(base)  # the engine shares one among its adapters
         self._shapes = shapes
         self._tensors: dict[str, torch.Tensor] = {}
         file = adapter.folder / ADAPTER_WEIGHTS
@@ -258,6 +277,12 @@ class AdapterWeights:
                 raise MergeoptError(f"tensor {name} of adapter {adapter.folder} holds {bad} NaN or infinite value"
                                     f"{'s' * (bad > 1)}; the adapter is damaged: re-save or re-download it")
             self._tensors[name] = tensor.to(device)
+        # A scale that is a power of two multiplies A exactly: A is scaled once here and each tensor is formed by one
+        # addmm (base + B @ (scale A), bit for bit base + (B @ A) * scale); other scales take two passes more
+        self._prescaled: dict[str, torch.Tensor] = {}
+        for adapted in adapter.tensors.values():
+            if adapted.a is not None and math.frexp(adapted.scale)[0] == 0.5:
+                self._prescaled[adapted.target] = self._tensors[adapted.a].float() * adapted.scale
         self._formed: tuple[str, torch.Tensor] | None = None
 
     @property
@@ -280,10 +305,10 @@ class AdapterWeights:
         tensor = self.adapter.tensors[name]
         assert tensor.a is not None and tensor.b is not None
         a, b = self._tensors[tensor.a].float(), self._tensors[tensor.b].float()
-        product = b @ a
+        product = torch.mm(b, a)
         if tensor.kind == "embedding" or tensor.transpose:
-            product = product.T
-        return (product.reshape(-1) * tensor.scale).contiguous()
+            product = product.T.contiguous()
+        return product.view(-1).mul_(tensor.scale)  # in place: one float32 tensor of scratch, no more
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.adapter.tensors:
@@ -293,18 +318,33 @@ class AdapterWeights:
         self._formed = None  # the previous tensor's scratch goes before the next is formed
         base = self._base[name]
         tensor = self.adapter.tensors[name]
-        start = base if tensor.whole is None else self._tensors[tensor.whole].reshape(-1).to(base.dtype)
-        if tensor.kind == "full":  # the stored replacement, as the adapted checkpoint holds it
-            adapted = start if tensor.whole is not None else base
+        if tensor.whole is not None:  # the stored replacement, as the adapted checkpoint holds it
+            start = self._tensors[tensor.whole].reshape(-1).to(base.dtype)
+            if tensor.kind == "full":
+                self._formed = (name, start)
+                return start
+            wide = start.float()
         else:
-            # as PEFT's merge_and_unload on a CPU: the sum in float32, rounded once to the weight's dtype
-            adapted = (start.float() + self.delta(name)).to(base.dtype)
+            wide = self._widened[name]  # the stored values widen exactly
+        # as PEFT's merge_and_unload on a CPU: base + (B @ A) * scale in float32, rounded once to the weight's dtype
+        a = self._prescaled.get(name)
+        if a is None:
+            summed = self.delta(name).add_(wide)
+        else:
+            b = self._tensors[tensor.b].float()  # type: ignore[index]
+            shape = self._shapes[name]
+            if tensor.kind == "embedding" or tensor.transpose:  # (B @ A)^T = A^T @ B^T
+                summed = torch.addmm(wide.view(shape), a.T, b.T).view(-1)
+            else:
+                summed = torch.addmm(wide.view(shape), b, a).view(-1)
+        adapted = summed if base.dtype == torch.float32 else summed.to(base.dtype)
         self._formed = (name, adapted)
         return adapted
 
     def release(self, name: str) -> None:
         if self._formed is not None and self._formed[0] == name:
             self._formed = None
+        self._widened.release()
 
     def close_maps(self) -> None:
         self._formed = None

@@ -202,8 +202,8 @@ def plan_memory(base: str | Path, models: list[str | Path], *, engine_device: st
     engine_bytes = sum(s.nbytes for s in sizes)
     where = "cpu (memory-mapped: the page cache holds them)" if engine_device == "cpu" else engine_device
     dtypes = sorted({s.dtype for s in sizes})
-    plan.rows.append(("engine", f"{len(sizes)} models x {_fmt(stored.nbytes)} {'/'.join(dtypes)} on {where}",
-                      engine_bytes))
+    count = f"{len(sizes)} models x" if len(sizes) > 1 else "base"
+    plan.rows.append(("engine", f"{count} {_fmt(stored.nbytes)} {'/'.join(dtypes)} on {where}", engine_bytes))
     if adapters:  # held at their own size, on the merge device
         adapter_bytes = sum(a.nbytes for a in adapters)
         plan.rows.append(("adapters", f"{len(adapters)} LoRA adapters ({_fmt(adapter_bytes)} in all, "
