@@ -175,18 +175,18 @@ def print_front(result, verdict: bool = True) -> None:
     if not result.front:
         print("no completed full-fidelity trial yet: nothing to export")
         return
+    from optimizer.report import front_lines
+
     tasks = list(result.front[0].objectives)
     print("Pareto front (" + ", ".join(tasks) + "):")
-    print(f"  {'trial':>5}  " + "  ".join(f"{t:>8}" for t in tasks) + f"  {'mean':>8}  file")
     shown = result.front[:FRONT_ROWS]
-    for e in shown:
-        star = "*" if result.best and e.trial == result.best.trial else " "
-        print(f" {star}{e.trial:>5}  " + "  ".join(f"{v:>8.3f}" for v in e.objectives.values())
-              + f"  {e.scalarized:>8.3f}  {e.path}")
+    rows = [(e.trial, list(e.objectives.values()), e.scalarized, str(e.path)) for e in shown]
+    print("\n".join(front_lines(tasks, rows, best=result.best.trial if result.best else None)))
     if len(result.front) > len(shown):
         print(f"  ... {len(result.front) - len(shown)} more in {result.run_dir / 'pareto' / 'front.csv'}")
     print(f"recipes:     {result.run_dir / 'pareto'}/trial-NNNN.yaml (one per front member)")
-    print(f"best recipe: {result.best.path}  (* above)")
+    on_front = any(e.trial == result.best.trial for e in shown)
+    print(f"best recipe: {result.best.path}  " + ("(* above)" if on_front else f"(trial {result.best.trial})"))
     print(f"all trials:  {result.run_dir / 'trials.csv'}")
     if verdict and result.line:
         print(result.line)
@@ -266,7 +266,7 @@ def _search_report(run_dir: Path, storage: str | None, study: str | None) -> Non
               file=sys.stderr)
         return
     print(f"report:      {path}")
-    print(f"next:        mergeopt merge {run_dir / 'best.yaml'} --out merged   # the best recipe as a model")
+    print(f"next:        mergeopt merge {run_dir / 'best.yaml'} --out {run_dir / 'merged'}   # the best recipe as a model")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -423,8 +423,21 @@ def _cache_root() -> Path | None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    """A merge that fails after it started takes back the --out folder it created (a folder that was there stays)."""
+    created = not args.out.exists()
+    try:
+        return _merge(args)
+    except BaseException:
+        if created and args.out.is_dir():
+            import shutil
+
+            shutil.rmtree(args.out, ignore_errors=True)
+        raise
+
+
+def _merge(args: argparse.Namespace) -> int:
     from optimizer.merge import mergekit_fallback
-    from optimizer.recipe import Recipe, read_yaml_file
+    from optimizer.recipe import Recipe, read_yaml_file, reference_model
 
     root = args.recipe.parent
     data, reason = mergekit_fallback.route(read_yaml_file(args.recipe, "recipe file"), root)
@@ -448,7 +461,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     recipe = Recipe.from_dict(data, source=str(args.recipe))
     recipe.resolve_paths(root)
-    base = recipe.base_model or recipe.models[0].model
+    base = recipe.base_model or reference_model(recipe.models[0].model)
     device = args.device or str(default_device())
     plan = plan_memory(base, [m.model for _, m in recipe.delta_models()], engine_device=device, backend=None,
                        allow_pickle=args.allow_pickle, magnitude_trim=_trims_by_magnitude(recipe.merge_method))

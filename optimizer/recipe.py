@@ -56,6 +56,7 @@ _TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "tok
              "out_dtype", "chat_template", "name"}
 # mergekit forms the fused engine does not run; `mergeopt merge` hands them to mergekit.
 MERGEKIT_ONLY_KEYS = ("slices", "modules", "tokenizer")
+_MODEL_KEYS = {"model", "parameters"}  # an entry of models:
 _MERGEOPT_KEYS = {"seed", "rescale", "trial", "scores", "objectives", "study"}
 
 
@@ -166,11 +167,11 @@ class Recipe:
         source = self.tokenizer_source
         if source is None:
             return None
-        base = self.base_model or self.models[0].model
+        base = self.base_model or reference_model(self.models[0].model)
         if source == "base":
             return base
         if source == "union":
-            differing = first_differing_tokenizer(base, [m.model for m in self.models])
+            differing = first_differing_tokenizer(base, [reference_model(m.model) for m in self.models])
             if differing is not None:
                 raise MergeoptError(f"tokenizer_source: union of different tokenizers ({differing} differs from "
                                     f"{base}); 'mergeopt merge' runs such a recipe through mergekit")
@@ -226,7 +227,12 @@ class Recipe:
         for i, entry in enumerate(data["models"]):
             if isinstance(entry, str):
                 entry = {"model": entry}
-            if not isinstance(entry, dict) or "model" not in entry:
+            if not isinstance(entry, dict):
+                raise MergeoptError(f"{source}: models[{i}] needs a 'model' key")
+            if set(entry) - _MODEL_KEYS:  # e.g. 'paramters:' would silently merge with no parameters
+                raise unknown_key(source, str(sorted(set(entry) - _MODEL_KEYS)[0]), sorted(_MODEL_KEYS),
+                                  where=f"models[{i}]")
+            if "model" not in entry:
                 raise MergeoptError(f"{source}: models[{i}] needs a 'model' key")
             params = entry.get("parameters") or {}
             if not isinstance(params, dict):
@@ -241,7 +247,7 @@ class Recipe:
             raise MergeoptError(f"{source}: 'mergeopt' must be a mapping")
         bad = set(block) - _MERGEOPT_KEYS
         if bad:
-            raise MergeoptError(f"{source}: unknown key mergeopt.{sorted(bad)[0]}; allowed: {', '.join(sorted(_MERGEOPT_KEYS))}")
+            raise unknown_key(source, str(sorted(bad)[0]), sorted(_MERGEOPT_KEYS), where="mergeopt")
         method = data["merge_method"]
         spec = method_spec(method)
         if spec.sparsification == "random":
@@ -299,7 +305,19 @@ def resolve_reference(reference: str, root: Path | None = None) -> str:
     current one); or a Hugging Face id ``org/name[@revision]`` found in the local cache."""
     if reference.startswith("zoo:"):
         return zoo_path(reference)
+    lora = split_lora(reference, root)
+    if lora is not None:  # model+adapter: each part resolved
+        return f"{resolve_reference(lora[0], root)}+{resolve_reference(lora[1], root)}"
     path = Path(reference).expanduser()
+    folder, at, revision = reference.partition("@")
+    whole = Path(reference).expanduser()
+    if at and "+" not in revision and not (whole.exists() or (root is not None and (root / whole).exists())):
+        local = Path(folder).expanduser()
+        local = local if local.is_absolute() or root is None or not (root / local).is_dir() else root / local
+        if local.is_dir():
+            raise MergeoptError(f"{reference}: a revision (@{revision}) is read for Hugging Face ids only, and "
+                                f"{folder} is a local folder; drop '@{revision}', or check that revision out "
+                                "into a folder of its own")
     if path.is_absolute():
         return str(path)
     if root is not None and (root / path).exists():
@@ -325,10 +343,35 @@ def mergekit_only_reason(data: dict, root: Path | None = None) -> str | None:
     for entry in [data.get("base_model")] + [m.get("model") for m in data.get("models") or [] if isinstance(m, dict)]:
         if isinstance(entry, dict):
             return "a model reference with override_architecture"
+    engine_base = data.get("base_model") or next(
+        (m.get("model") for m in data.get("models") or [] if isinstance(m, dict)), None)
+    engine_base = reference_model(engine_base, root) if isinstance(engine_base, str) else None
     for reference in model_references(data):
-        if split_lora(reference, root) is not None:
+        lora = split_lora(reference, root)
+        # an adapter on the base is built by the engine (issue 22); on another model, mergekit applies it to a copy
+        if lora is not None and not _same_reference(lora[0], engine_base, root):
             return f"the LoRA reference {reference} (mergekit applies the adapter to a temporary copy of the model)"
     return None
+
+
+def reference_model(reference: str, root: Path | None = None) -> str:
+    """The model a reference names: ``model+adapter`` -> model; any other reference as it is."""
+    lora = split_lora(reference, root)
+    return reference if lora is None else lora[0]
+
+
+def _same_reference(a: str, b: str | None, root: Path | None) -> bool:
+    """Whether two model references name one folder (resolved where they can be, else as written)."""
+    if b is None:
+        return False
+
+    def resolved(ref: str) -> str:
+        try:
+            return str(Path(resolve_reference(ref, root)).expanduser().resolve())
+        except MergeoptError:
+            return ref
+
+    return a == b or resolved(a) == resolved(b)
 
 
 def plain_references(data: dict) -> dict:
@@ -510,11 +553,15 @@ def read_yaml_file(path: Path, kind: str) -> Any:
     if not path.is_file():
         raise MergeoptError(f"{kind} {path} does not exist")
     try:
-        return yaml.safe_load(path.read_text())
+        documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
         raise MergeoptError(f"{path}: not valid YAML{where}; fix the syntax and retry") from None
+    if len(documents) > 1:
+        raise MergeoptError(f"{path}: holds {len(documents)} YAML documents (separated by '---'); a {kind} is one "
+                            "document: keep one per file")
+    return documents[0] if documents else None
 
 
 def zoo_path(reference: str) -> str:
@@ -544,6 +591,15 @@ def _same_path(a: str | None, b: str | None) -> bool:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def relative_depth(layer: int | None, num_layers: int) -> float:
+    """A tensor's ``t`` for gradients, as mergekit computes it: ``layer / (num_layers - 1)`` inside the layer stack,
+    1 for the one layer of a one-layer model, 0 outside the stack (embeddings, final norm, head). The engine and
+    the report both read it here."""
+    if layer is None:
+        return 0.0
+    return layer / (num_layers - 1) if num_layers > 1 else 1.0
 
 
 def resolve_setting(setting: Any, tensor_name: str, t: float) -> Any:

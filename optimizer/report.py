@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 from optimizer.study_store import Attr
 from optimizer.errors import MergeoptError
 from optimizer.files import write_atomic
-from optimizer.recipe import Recipe, resolve_parameter
+from optimizer.recipe import Recipe, relative_depth, resolve_parameter
 from optimizer.run import Run, comparable, front_trials, load_run, open_run, param_name, signed, trials_table
 from optimizer.run import spends_budget
 from optimizer.pareto import hypervolume
@@ -126,7 +126,7 @@ def layer_values(recipe: Recipe, space) -> dict[str, dict[str, list[float]]]:
                 series = []
                 for layer in range(n):
                     tensor = f"model.layers.{layer}.{module or 'mlp'}.weight"
-                    t = layer / (n - 1) if n > 1 else 0.0
+                    t = relative_depth(layer, n)
                     if name == "drop_rate":
                         density = resolve_parameter("density", scopes, tensor, t, default=None)
                         if density is not None:
@@ -263,14 +263,25 @@ def summarize(run: Run) -> str:
         trial = row["trial"] if row["trial"] is not None else "-"
         lines.append(f"  {row['task']:<12} {_fmt(row['value']):>8} {trial:>6}"
                      f"   {parent}")
-    width = max(8, *(len(t) for t in run.tasks))
     lines.append(f"Pareto front ({_count(len(run.front), 'recipe')}, best mean first):")
-    lines.append(f"  {'trial':>5}  " + "  ".join(f"{t:>{width}}" for t in run.tasks) + f"  {'mean':>8}  file")
-    for _, row in run.front.iterrows():
-        lines.append(f"  {int(row['trial']):>5}  " + "  ".join(f"{_fmt(row[t]):>{width}}" for t in run.tasks)
-                     + f"  {_fmt(row['scalarized']):>8}  {row['file']}")
+    rows = [(int(row["trial"]), [row[t] for t in run.tasks], row["scalarized"], row["file"])
+            for _, row in run.front.iterrows()]
+    lines += front_lines(run.tasks, rows)
     lines += _verdict_lines(run)  # ends with the comparison line
     return "\n".join(lines)
+
+
+def front_lines(tasks: list[str], rows: list[tuple[int, list, float, str]], best: int | None = None,
+                limit: int | None = None) -> list[str]:
+    """The front as a table, one row per recipe (trial, a score per task, the mean, its file): the one printer of
+    the front (``mergeopt search``/``export`` and ``report`` show the same table). ``best`` is starred."""
+    width = max(8, *(len(t) for t in tasks))
+    lines = [f"  {'trial':>5}  " + "  ".join(f"{t:>{width}}" for t in tasks) + f"  {'mean':>8}  file"]
+    for trial, values, mean, path in rows[:limit]:
+        star = "*" if best is not None and trial == best else " "
+        lines.append(f" {star}{trial:>5}  " + "  ".join(f"{_fmt(v):>{width}}" for v in values)
+                     + f"  {_fmt(mean):>8}  {path}")
+    return lines
 
 
 # ---- plots (matplotlib, rendered to PNG bytes) ------------------------------------------------------

@@ -270,7 +270,8 @@ class GenerateTask(PreparedTask):
 
 class MultipleChoiceTask(PreparedTask):
     def __init__(self, spec: TaskSpec, items: list[dict]):
-        requests, self.spans, self.answers, self.lengths = [], [], [], []
+        requests: list[LoglikelihoodRequest] = []
+        self.spans, self.answers, self.lengths = [], [], []
         for item in items:
             start = len(requests)
             requests += [LoglikelihoodRequest(item["prompt"], str(choice), spec.chat_format)
@@ -309,7 +310,7 @@ class LmEvalTask(PreparedTask):
             task_name = spec.task or _yaml_task_name(spec.path)
         else:
             task_manager = TaskManager()
-            task_name = spec.task
+            task_name = str(spec.task)
         try:
             loaded = task_manager.load([task_name])
         except Exception as exc:  # lm-eval raises several types for unknown tasks or missing data
@@ -464,6 +465,7 @@ def prepare(spec: TaskSpec, seed: int, split: str = "search") -> PreparedTask:
     if split == "test" and spec.test_path is not None:
         items = read_jsonl(spec.test_path, spec.kind, spec.name)  # the declared test file, whole
     else:
+        assert spec.path is not None  # a JSONL task has a file (the schema requires it)
         items = read_jsonl(spec.path, spec.kind, spec.name)
         items = [items[i] for i in pick(spec, len(items), seed, split)]
     return GenerateTask(spec, items) if spec.kind == "generate" else MultipleChoiceTask(spec, items)

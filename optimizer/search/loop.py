@@ -49,6 +49,7 @@ from optimizer.search.workers import (DEFAULT_HEARTBEAT, Coordinated, StudyLock,
 from optimizer.space import BUDGET_KEYS, SearchSpace, model_labels
 
 MAX_SAME_FAILURES = 3
+SPENT = "the run has spent its budget (%d of %d trials); raise it with --trials to search on"
 log = logging.getLogger("mergeopt")
 
 
@@ -369,8 +370,7 @@ def _search(ctx: SearchContext) -> SearchResult:
     target = space.trials if worker_trials is None else min(space.trials, finished() + worker_trials)
     spent = finished()
     if spent >= space.trials and progress:
-        log.info("the run has spent its budget (%d of %d trials); raise it with --trials to search on", spent,
-                 space.trials)
+        log.info(SPENT, spent, space.trials)
     bar = tqdm(total=space.trials, initial=spent, desc=f"search {space.name}", unit="trial",
                disable=not progress, file=sys.stderr)
     failures: list[str] = []

@@ -72,3 +72,25 @@ def test_every_key_hint_comes_from_the_schema():
 
     assert all(field.description for field in SpaceConfig.model_fields.values())
     assert _KEYS == {name: field.description for name, field in SpaceConfig.model_fields.items()}
+
+
+def test_one_layer_depth_is_mergekits_in_the_engine_and_the_report(search_setup):
+    """A one-layer model's layer sits at t = 1 (mergekit's plan); the report read it at 0 while the engine built 1."""
+    from optimizer.recipe import relative_depth
+    from optimizer.report import layer_values
+
+    assert relative_depth(0, 1) == 1.0 and relative_depth(None, 1) == 0.0 and relative_depth(2, 5) == 0.5
+    space = dataclasses.replace(load_space(write_space(search_setup, "depth", granularity={"gradient": 2},
+                                                       merge_method="task_arithmetic")), num_layers=1)
+    recipe = space.recipe([0.0, 1.0] * 3)  # each model's weight goes 0 -> 1 over depth
+    weights = layer_values(recipe, space)["weight"]
+    assert all(series == [1.0] for series in weights.values()), weights
+
+
+def test_a_run_that_spent_its_budget_says_so(search_setup, tmp_path):
+    space = write_space(search_setup, "spent", budget={"trials": 2}, limit=4)
+    first = run_cli("search", space, "--run-dir", tmp_path / "run")
+    assert first.returncode == 0, first.stderr
+    again = run_cli("search", space, "--run-dir", tmp_path / "run", "--trials", "2")
+    assert again.returncode == 0, again.stderr
+    assert "the run has spent its budget (2 of 2 trials); raise it with --trials to search on" in again.stderr
