@@ -173,7 +173,7 @@ def score_baselines(space, study, backend, task_set, engine, parents: dict, prog
         done[b.label] = record
         if progress:
             shown = "failed" if "scalarized" not in record else f"{record['scalarized']:.3f}"
-            log.info("  baseline %-34s %s  (%.1f s)", b.label, shown, record["seconds"])
+            log.info("  baseline %-40s %s  (%.1f s)", b.label, shown, record["seconds"])
     if todo:
         study.set_user_attr(BASELINES_ATTR, done)
     return done
