@@ -49,7 +49,8 @@ def test_baselines_are_recorded_apart_from_the_optimisers_trials(searched):
     study = result.study
     assert len(study.get_trials()) == 4  # the budget: baselines are no trials
     baselines = study.user_attrs["baselines"]
-    assert list(baselines) == ["parent base", "parent m1", "parent m2", "parent m3", "task_arithmetic w=0.4",
+    assert list(baselines) == ["parent base", "parent m1", "parent m2", "parent m3", "task_arithmetic w=0.2",
+                               "task_arithmetic w=0.4",
                                "task_arithmetic w=0.6", "task_arithmetic w=0.8", "task_arithmetic w=1",
                                "dare_ties w=1 density=0.5 (defaults)"]
     recipes = {t.user_attrs["recipe"] for t in study.get_trials()}
@@ -197,7 +198,8 @@ def test_default_baselines_of_a_space_and_no_recipe_twice():
     base = {"base_model": "b", "models": ["m1", "m2"], "objectives": ["a"]}
     dare = parse_space({**base, "merge_method": "dare_ties"}, resolve_models=False)
     labels = [b.label for b in baselines_of(dare, ["base", "m1", "m2"])]
-    assert labels == ["parent base", "parent m1", "parent m2", "task_arithmetic w=0.4", "task_arithmetic w=0.6",
+    assert labels == ["parent base", "parent m1", "parent m2", "task_arithmetic w=0.2", "task_arithmetic w=0.4",
+                      "task_arithmetic w=0.6",
                       "task_arithmetic w=0.8", "task_arithmetic w=1", "dare_ties w=1 density=0.5 (defaults)"]
     own = baselines_of(dare, ["base", "m1", "m2"])[-1].recipe
     assert genome_of(dare, own) == {g.name: g.unit(1.0 if g.param == "weight" else 0.5) for g in dare.genes()}
