@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -283,6 +284,16 @@ class AdapterWeights:
         for adapted in adapter.tensors.values():
             if adapted.a is not None and math.frexp(adapted.scale)[0] == 0.5:
                 self._prescaled[adapted.target] = self._tensors[adapted.a].float() * adapted.scale
+        # On a CPU a float32 or bfloat16 tensor is formed by the fused numba loop (kernels.form_lora_*) from the
+        # factors laid out as it reads them: x (r x rows) and y (r x cols), value[p, q] = sum_k x[k, p] y[k, q]
+        self._factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        if device.type == "cpu":
+            for adapted in adapter.tensors.values():
+                if adapted.a is None or adapted.b is None or adapted.whole is not None:
+                    continue
+                a, b = self._tensors[adapted.a].float(), self._tensors[adapted.b].float()
+                x, y = (a, b.T) if adapted.kind == "embedding" or adapted.transpose else (b.T, a)
+                self._factors[adapted.target] = (x.contiguous().numpy(), y.contiguous().numpy())
         self._formed: tuple[str, torch.Tensor] | None = None
 
     @property
@@ -325,6 +336,11 @@ class AdapterWeights:
                 return start
             wide = start.float()
         else:
+            factors = self._factors.get(name)
+            if factors is not None and base.dtype in (torch.float32, torch.bfloat16):
+                adapted = self._formed_on_cpu(base, factors, tensor.scale)
+                self._formed = (name, adapted)
+                return adapted
             wide = self._widened[name]  # the stored values widen exactly
         # as PEFT's merge_and_unload on a CPU: base + (B @ A) * scale in float32, rounded once to the weight's dtype
         a = self._prescaled.get(name)
@@ -340,6 +356,21 @@ class AdapterWeights:
         adapted = summed if base.dtype == torch.float32 else summed.to(base.dtype)
         self._formed = (name, adapted)
         return adapted
+
+    @staticmethod
+    def _formed_on_cpu(base: torch.Tensor, factors: tuple[np.ndarray, np.ndarray], scale: float) -> torch.Tensor:
+        """base + (B @ A) * scale by the fused loop: the products summed in k order, without a float32 copy of the
+        tensor; equal to PEFT's merge up to the float32 rounding of B @ A (its BLAS sums in another order)."""
+        from optimizer.merge import sparsify
+
+        kernels = sparsify.numba_kernels()
+        out = torch.empty_like(base)
+        x, y = factors
+        if base.dtype == torch.float32:
+            kernels.form_lora_f32(out.numpy(), base.numpy(), x, y, np.float32(scale))
+        else:
+            kernels.form_lora_bf16(sparsify.bits_view(out)[0], sparsify.bits_view(base)[0], x, y, np.float32(scale))
+        return out
 
     def release(self, name: str) -> None:
         if self._formed is not None and self._formed[0] == name:
