@@ -11,9 +11,11 @@ when that tensor is merged, hands it to the kernels as it would a fine-tune's st
 next tensor. ``scale`` is ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``), with ``alpha_pattern``
 honoured and ``r`` read from the tensors' own shapes (so ``rank_pattern`` is too); ``fan_in_fan_out`` (GPT-2's
 Conv1D) transposes ``B @ A``; embedding adapters (``lora_embedding_A/B``) give ``(B @ A)^T``; full tensors the
-adapter stores (``modules_to_save``) replace the base's. So a merge of adapters is bit for bit the merge of their
-merged checkpoints, no adapted model is ever written or held in full, and a tensor no adapter touches is the base's
-(the engine skips it). Forms that are not ``W + scale * B @ A`` (DoRA, LoRA biases, trainable tokens, other PEFT
+adapter stores (``modules_to_save``) replace the base's. On a CPU a float32 or bfloat16 tensor is formed by a fused
+numba loop (:func:`optimizer.merge.kernels.form_lora_bf16`), which sums the rank's products in order where PEFT's
+BLAS sums them otherwise: the formed tensor is PEFT's merged checkpoint up to the float32 rounding of ``B @ A``.
+A merge of adapters is bit for bit the merge of the checkpoints the engine forms, no adapted model is ever written
+or held in full, and a tensor no adapter touches is the base's (the engine skips it). Forms that are not ``W + scale * B @ A`` (DoRA, LoRA biases, trainable tokens, other PEFT
 types) are refused in one line before anything loads.
 """
 
