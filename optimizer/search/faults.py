@@ -12,6 +12,8 @@ Kinds (all raised inside the backend's weight swap, where the real faults happen
   ``error``      RuntimeError (a bug or a driver error in the candidate's build)
   ``interrupt``  KeyboardInterrupt, as Ctrl-C delivers it mid-candidate
   ``kill``       SIGKILL of the whole process mid-candidate (as ``kill -9`` or the OOM killer)
+  ``cuda``       torch.AcceleratorError "CUDA error: an illegal memory access was encountered", as a kernel fault
+                 raises it: a fault of the engine (it poisons the process's CUDA context), not of the candidate
   ``slow=S``     a straggler: the candidate takes S seconds longer (a busy GPU, a slow disk), then builds as usual
 Trial numbers are the study's trial numbers; ``N-M`` is a closed range. Unset (the default), nothing changes.
 The variable is read in one place only, :func:`configured`: the search checks it before the run folder is made,
@@ -29,7 +31,7 @@ import torch
 from optimizer.errors import MergeoptError
 
 ENV = "MERGEOPT_FAULT"
-KINDS = ("oom", "error", "interrupt", "kill")  # and slow=S
+KINDS = ("oom", "error", "interrupt", "kill", "cuda")  # and slow=S
 
 
 def parse(spec: str) -> dict[int, str]:
@@ -87,4 +89,6 @@ class _FaultyBackend:
             raise RuntimeError(f"candidate build failed {note}")
         if self._kind == "interrupt":
             raise KeyboardInterrupt
+        if self._kind == "cuda":
+            raise torch.AcceleratorError(f"CUDA error: an illegal memory access was encountered {note}")
         os.kill(os.getpid(), signal.SIGKILL)

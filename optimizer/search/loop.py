@@ -9,7 +9,11 @@ values, recipe YAML, fidelity, timings and state. Re-running the same command co
 * Ctrl-C finishes nothing half-way: the candidate in flight is recorded as failed ("interrupted"), the tables
   are written, and the command exits 130;
 * three failures in a row with the same reason stop the run with that reason (a broken setup should not burn
-  the whole budget).
+  the whole budget);
+* a fault of the inference engine (dead, hung, a poisoned CUDA context) is not the candidate's: the backend replaces
+  its engine and scores the candidate again (each fault survived is noted in the trial's ``engine_faults``); when it
+  cannot, the candidate is left unscored as a killed worker leaves it (lost, queued again) and the run stops with
+  ``engine_fault`` set (the command restarts its process or exits 75: optimizer/search/restart.py).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from optimizer.errors import MergeoptError, NonFiniteOutput
+from optimizer.errors import EngineFault, MergeoptError, NonFiniteOutput
 from optimizer.evaluate.scoring import (OWN_MERGE_ENGINE, CandidateResult, check_backend, evaluate_candidate,
                                         make_backend)
 from optimizer.evaluate.tasks import load_task_set
@@ -57,6 +61,7 @@ class SearchResult:
     stopped_reason: str | None = None
     parents: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)  # this worker's time: evaluating, coordination (lock), waiting
+    engine_fault: EngineFault | None = None  # the engine fault that stopped the run (stopped_reason says it too)
 
 
 def open_study(space: SearchSpace, run_dir: Path, storage: str | None = None, study_name: str | None = None,
@@ -216,7 +221,9 @@ def _promote(study: optuna.Study, space: SearchSpace, low_value: float) -> bool:
 
 def run_search(space: SearchSpace, run_dir: Path, storage: str | None = None, study_name: str | None = None,
                device: str | None = None, progress: bool = True, worker_trials: int | None = None,
-               engine_device: str | None = None) -> SearchResult:
+               engine_device: str | None = None, recovery=None) -> SearchResult:
+    """``recovery``: how the backend survives its engine (optimizer/evaluate/recovery.EngineRecovery; the CLI reads
+    it from MERGEOPT_ENGINE_RESTARTS and MERGEOPT_ENGINE_TIMEOUT)."""
     run_dir = Path(run_dir)
     task_sets = _preflight(space, engine_device)  # bad input is refused before the run folder or the study is touched
     shared = storage is not None and not storage.startswith("sqlite")
@@ -237,7 +244,7 @@ def run_search(space: SearchSpace, run_dir: Path, storage: str | None = None, st
     try:
         with _worker_prefix(worker_id(device) if shared else None):
             return _run(space, run_dir, storage, study_name, device, progress, shared, worker_trials, task_sets,
-                        engine, interrupts, engine_device)
+                        engine, interrupts, engine_device, recovery)
     finally:
         interrupts.restore()
         if lock is not None and lock.exists() and lock.read_text().strip() == str(os.getpid()):
@@ -278,7 +285,7 @@ def _preflight(space: SearchSpace, engine_device: str | None = None):
 
 
 def _run(space, run_dir, storage, study_name, device, progress, shared, worker_trials, task_sets, engine,
-         interrupts, engine_device=None) -> SearchResult:
+         interrupts, engine_device=None, recovery=None) -> SearchResult:
 
     _save_record(space, run_dir)
     task_set, low_set = task_sets
@@ -295,7 +302,7 @@ def _run(space, run_dir, storage, study_name, device, progress, shared, worker_t
 
     # closed however the search ends, so an inference engine (vLLM's worker processes) is always shut down
     with contextlib.closing(make_backend(space.backend, space.base_model, device=device, dtype=space.dtype,
-                                         engine_device=engine_device)) as backend:
+                                         engine_device=engine_device, recovery=recovery)) as backend:
         return _search(space, run_dir, study, optimizer, lock, backend, engine, task_set, low_set, progress,
                        worker_trials, interrupts)
 
@@ -306,7 +313,12 @@ def _search(space, run_dir, study, optimizer, lock, backend, engine, task_set, l
     from tqdm import tqdm
 
     result = SearchResult(run_dir=run_dir, study=study)
-    result.parents = _score_parents(space, study, backend, task_set, progress, lock, engine)
+    try:
+        result.parents = _score_parents(space, study, backend, task_set, progress, lock, engine)
+    except EngineFault as fault:  # before any trial: nothing to leave unscored
+        result.engine_fault, result.stopped_reason = fault, f"engine fault ({fault.cause}): {fault}"
+        optimizer.close()
+        return result
 
     def finished() -> int:
         return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED) if spends_budget(t))
@@ -328,8 +340,11 @@ def _search(space, run_dir, study, optimizer, lock, backend, engine, task_set, l
         evaluate_start = time.perf_counter()
         try:
             interrupts.check()
-            values = _evaluate_trial(space, trial, engine, interrupts.around(faults.with_faults(backend, trial.number)),
-                                     task_set, low_set, study)
+            values = _evaluate_watching_engine(space, trial, engine, backend, interrupts, task_set, low_set, study)
+        except EngineFault as fault:
+            result.engine_fault = fault
+            result.stopped_reason = _engine_fault(study, optimizer, lock, trial, fault, interrupts)
+            break
         except KeyboardInterrupt:
             # not the candidate's fault: recorded as lost (it does not spend the budget) and queued again
             with interrupts.deferred(), lock():
@@ -364,7 +379,8 @@ def _search(space, run_dir, study, optimizer, lock, backend, engine, task_set, l
                 bar.set_postfix_str(f"best {best:.3f}")
     bar.close()
     result.interrupted = result.interrupted or interrupts.pending
-    if not result.parents and not result.interrupted:  # another worker had the claim: its scores, or (it died) ours
+    if not result.parents and not result.interrupted and result.engine_fault is None:
+        # another worker had the claim: its scores, or (it died) ours
         result.parents = _score_parents(space, study, backend, task_set, False, lock, engine)
     optimizer.close()
     result.seconds = {"evaluating": evaluating, **optimizer.seconds}
@@ -377,6 +393,31 @@ def _best_value(study: optuna.Study, space: SearchSpace) -> float | None:
     values = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
               if t.user_attrs.get("fidelity") == "full" and t.value is not None]
     return max(values) if values else None
+
+
+def _evaluate_watching_engine(space, trial, engine, backend, interrupts, task_set, low_set, study):
+    """The trial's evaluation; the engine faults the backend survived meanwhile are noted in the trial
+    (``engine_faults``: cause, detail, recovery seconds). One it could not survive is raised (:func:`_engine_fault`)."""
+    events = getattr(backend, "engine_events", [])
+    seen = len(events)
+    try:
+        return _evaluate_trial(space, trial, engine, interrupts.around(faults.with_faults(backend, trial.number)),
+                               task_set, low_set, study)
+    finally:
+        if len(events) > seen:
+            with interrupts.deferred():
+                trial.set_user_attr("engine_faults", [e.to_dict() for e in events[seen:]])
+
+
+def _engine_fault(study, optimizer, lock, trial, fault: EngineFault, interrupts) -> str:
+    """The engine failed and the backend could not replace it here: the candidate is not at fault. It is left
+    unscored as a killed worker leaves it (FAIL with ``lost``: no budget spent, the optimiser is told nothing, CMA-ES
+    queues it again); the line that stops the run."""
+    reason = f"engine fault ({fault.cause}): {fault}"
+    with interrupts.deferred(), lock():
+        _mark_lost(study, optimizer, [study_store.frozen(study, trial)], reason)
+    log.warning("trial %d left unscored: %s", trial.number, reason)
+    return reason
 
 
 def _evaluate_trial(space, trial, engine, backend, task_set, low_set, study) -> list[float] | None:
