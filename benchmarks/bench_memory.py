@@ -30,10 +30,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-HERE = Path(__file__).resolve().parent
-for p in (ROOT, HERE):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
+# the package is imported as installed (pip install -e .); sibling benchmark modules are found because Python puts
+# this script's folder first on sys.path
 
 from bench_merge import SIZES, llama_config, other_cpu_load, write_family  # noqa: E402
 

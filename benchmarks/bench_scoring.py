@@ -23,14 +23,11 @@ import random
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from optimizer.evaluate.scoring import evaluate_candidate, make_backend  # noqa: E402
 from optimizer.evaluate.tasks import load_task_set  # noqa: E402

@@ -29,8 +29,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
@@ -40,7 +38,7 @@ from optimizer.evaluate.tasks import load_task_set  # noqa: E402
 from optimizer.merge.engine import MergeEngine  # noqa: E402
 from optimizer.recipe import Recipe  # noqa: E402
 from optimizer.search.loop import run_search  # noqa: E402
-from optimizer.search.pareto import hypervolume  # noqa: E402
+from optimizer.pareto import hypervolume  # noqa: E402
 from optimizer.space import parse_space  # noqa: E402
 
 TASKS = ["add", "reverse", "sort"]

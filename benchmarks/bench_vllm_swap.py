@@ -36,8 +36,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 CACHE = Path.home() / ".cache" / "mergeopt" / "bench-smollm2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

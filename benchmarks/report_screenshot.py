@@ -14,9 +14,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for folder in (ROOT, ROOT / "tests" / "report"):
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
+if str(ROOT / "tests" / "report") not in sys.path:  # the browser helper of the report tests (not the package)
+    sys.path.insert(0, str(ROOT / "tests" / "report"))
 
 from headless import Browser, IMAGES, find_chromium  # noqa: E402
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,8 +23,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from optimizer.evaluate.generation import exact_match_score  # noqa: E402
 from optimizer.zoo import SPECIALIST_TASK, TASK_MAX_NEW_TOKENS, zoo_models, zoo_tasks  # noqa: E402

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from optimizer.errors import EngineFault, MergeoptError
+from optimizer.recipe import DTYPES
 
-DTYPES = ("float32", "bfloat16", "float16")
 
 EXAMPLES = {
     "zoo": """examples:
@@ -64,7 +64,7 @@ def _size(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from optimizer.evaluate.scoring import BACKENDS
-    from optimizer.search.optimizers import OPTIMIZERS
+    from optimizer.catalogue import CATALOGUE
 
     parser = argparse.ArgumentParser(
         prog="mergeopt",
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--reduced", action="store_true", help="the reduced smollm2 family (a few training steps; for CI)")
 
     merge = command("merge", "Merge the models of a recipe YAML into a safetensors model folder.")
-    from optimizer.merge.methods import methods_help
+    from optimizer.methods import methods_help
 
     merge.description = (f"{merge.description}\n\nAny mergekit configuration: forms the fused engine does not run go "
                          f"through mergekit (pip install mergekit).\nmerge methods and their parameters:\n"
@@ -131,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--run-dir", type=Path, default=None, help="run folder (default runs/<space name>)")
     se.add_argument("--trials", type=int, default=None, help="total trials of the study (overrides budget.trials)")
     se.add_argument("--minutes", type=float, default=None, help="time budget of this invocation")
-    se.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default=None, help="overrides the space's optimizer: "
-                    + "; ".join(f"{name}: {spec.summary}" for name, spec in OPTIMIZERS.items()))
+    se.add_argument("--optimizer", choices=tuple(CATALOGUE), default=None, help="overrides the space's optimizer: "
+                    + "; ".join(f"{name}: {info.summary}" for name, info in CATALOGUE.items()))
     se.add_argument("--seed", type=int, default=None, help="sampler and DARE mask seed (overrides the space)")
     se.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite in the run folder)")
     se.add_argument("--study", default=None, help="study name in the storage (default: the space's name)")
@@ -170,14 +170,13 @@ def print_front(result) -> None:
     if not result.front:
         print("no completed full-fidelity trial yet: nothing to export")
         return
+    from optimizer.report import front_lines
+
     tasks = list(result.front[0].objectives)
     print("Pareto front (" + ", ".join(tasks) + "):")
-    print(f"  {'trial':>5}  " + "  ".join(f"{t:>8}" for t in tasks) + f"  {'mean':>8}  file")
     shown = result.front[:FRONT_ROWS]
-    for e in shown:
-        star = "*" if result.best and e.trial == result.best.trial else " "
-        print(f" {star}{e.trial:>5}  " + "  ".join(f"{v:>8.3f}" for v in e.objectives.values())
-              + f"  {e.scalarized:>8.3f}  {e.path}")
+    rows = [(e.trial, list(e.objectives.values()), e.scalarized, str(e.path)) for e in shown]
+    print("\n".join(front_lines(tasks, rows, best=result.best.trial if result.best else None)))
     if len(result.front) > len(shown):
         print(f"  ... {len(result.front) - len(shown)} more in {result.run_dir / 'pareto' / 'front.csv'}")
     print(f"recipes:     {result.run_dir / 'pareto'}/trial-NNNN.yaml (one per front member)")
@@ -186,30 +185,35 @@ def print_front(result) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    import os
+
     from optimizer.export import export_run
-    from optimizer.search.loop import run_search
+    from optimizer.search import faults
+    from optimizer.search.loop import SearchOptions, run_search
+    from optimizer.search.workers import HEARTBEAT_ENV, heartbeat_settings
     from optimizer.space import load_space
 
-    if args.trials is not None and args.trials < 1:
-        raise MergeoptError("--trials must be at least 1")
     overrides = {"trials": args.trials, "minutes": args.minutes, "optimizer": args.optimizer, "seed": args.seed,
                  "backend": args.backend}
     space = load_space(args.space, overrides)
+    # the testing hook and the heartbeat timing come from the environment, read here only (never in the library)
+    options = SearchOptions(storage=args.storage, study_name=args.study, device=args.device,
+                            engine_device=args.engine_device, progress=not args.quiet,
+                            faults=faults.parse(os.environ.get(faults.ENV, "")),
+                            heartbeat=heartbeat_settings(os.environ.get(HEARTBEAT_ENV)),
+                            recovery=_engine_recovery())
     if args.threads is None and space.threads is not None:  # the space's own thread count, unless --threads
         configure_threads(space.threads)
     run_dir = args.run_dir or Path("runs") / space.name
     if not _search_plan(space, args):
         return 0
-    recovery = _engine_recovery()
-    result = run_search(space, run_dir, storage=args.storage, study_name=args.study, device=args.device,
-                        progress=not args.quiet, engine_device=args.engine_device, recovery=recovery)
+    result = run_search(space, run_dir, options)
     fault = result.engine_fault
     if fault is not None:  # a new process on the same study, or one line and exit 75 (optimizer/search/restart.py)
-        import os
-
+        from optimizer.evaluate.recovery import EngineRecovery
         from optimizer.search.restart import restart_if_allowed
 
-        fault = restart_if_allowed(fault, recovery, os.environ, sys.orig_argv)
+        fault = restart_if_allowed(fault, options.recovery or EngineRecovery(), os.environ, sys.orig_argv)
     exported = export_run(run_dir, storage=args.storage, study_name=args.study)
     print_front(exported)
     if exported.front:
@@ -240,7 +244,7 @@ def _engine_recovery():
 
 
 def _trims_by_magnitude(method: str) -> bool:
-    from optimizer.merge.methods import METHODS
+    from optimizer.methods import METHODS
 
     spec = METHODS.get(method)
     return spec is not None and spec.sparsification == "magnitude"
@@ -274,7 +278,7 @@ def _search_report(run_dir: Path, storage: str | None, study: str | None) -> Non
               file=sys.stderr)
         return
     print(f"report:      {path}")
-    print(f"next:        mergeopt merge {run_dir / 'best.yaml'} --out merged   # the best recipe as a model")
+    print(f"next:        mergeopt merge {run_dir / 'best.yaml'} --out {run_dir / 'merged'}   # the best recipe as a model")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -420,6 +424,19 @@ def _cache_root() -> Path | None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    """A merge that fails after it started takes back the --out folder it created (a folder that was there stays)."""
+    created = not args.out.exists()
+    try:
+        return _merge(args)
+    except BaseException:
+        if created and args.out.is_dir():
+            import shutil
+
+            shutil.rmtree(args.out, ignore_errors=True)
+        raise
+
+
+def _merge(args: argparse.Namespace) -> int:
     from optimizer.merge import mergekit_fallback
     from optimizer.recipe import Recipe, read_yaml_file
 

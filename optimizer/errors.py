@@ -72,30 +72,66 @@ def engine_fault_of(exc: BaseException) -> EngineFault | None:
     return None
 
 
-def did_you_mean(word: str, known: list[str] | tuple[str, ...]) -> str:
-    """`` (did you mean 'density'?)`` for a near miss of a known name, else nothing."""
+NEAR_MISS_CUTOFF = 0.6  # how alike a typo must be to a known name to be suggested (difflib's ratio)
+
+
+def nearest(word: str, known) -> str | None:
+    """The known name nearest to a misspelt one, or None when none is near enough."""
     import difflib
 
-    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.75)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    close = difflib.get_close_matches(str(word), [str(k) for k in known], n=1, cutoff=NEAR_MISS_CUTOFF)
+    return close[0] if close else None
 
 
-def schema_error(exc, source: str, allowed: dict[str, list[str]], hints: dict[str, str] | None = None
-                 ) -> MergeoptError:
-    """Today's one-line message for the first error of a pydantic ``ValidationError``.
+def did_you_mean(word: str, known) -> str:
+    """`` (did you mean 'density'?)`` for a near miss of a known name, else nothing: the one suggestion every
+    message of mergeopt gives (search spaces, task sets, recipes, method names and parameters)."""
+    near = nearest(word, known)
+    return f" (did you mean {near!r}?)" if near else ""
 
-    ``allowed`` maps a location ("" for the top level, "bounds", "objectives[]") to the names accepted there, for
-    unknown keys ("densty: did you mean density?"); ``hints`` maps a top-level key to what it expects.
-    """
-    error = exc.errors()[0]
-    loc = error["loc"]
+
+def unknown_key(source: str, key: str, known, where: str = "") -> MergeoptError:
+    """The one message for a key that is not allowed: ``SOURCE: [WHERE: ]unknown key 'k' (did you mean 'x'?);
+    allowed keys: ...``."""
+    place = f"{where}: " if where else ""
+    return MergeoptError(f"{source}: {place}unknown key {key!r}{did_you_mean(key, known)}; allowed keys: "
+                         f"{', '.join(str(k) for k in known)}")
+
+
+def _where(loc) -> str:
     parts: list[str] = []
     for part in loc:
         if isinstance(part, int):
             parts[-1] = f"{parts[-1]}[{part}]" if parts else f"[{part}]"
         else:
             parts.append(str(part))
-    where = ".".join(parts)
+    return ".".join(parts)
+
+
+def schema_error(exc, source: str, allowed: dict[str, list[str]], hints: dict[str, str] | None = None,
+                 flags: dict[str, str] | None = None) -> MergeoptError:
+    """The one-line message for a pydantic ``ValidationError`` (the formatter of every declared schema).
+
+    ``allowed`` maps a location ("" for the top level, "bounds", "objectives[]") to the names accepted there, for
+    unknown keys; ``hints`` maps a top-level key to what it expects; ``flags`` maps a location whose value came
+    from the command line ("budget.minutes") to its flag ("--minutes"), so the message names what the user typed.
+    An unknown key that is a near miss of a missing required key is said first ("unknown key 'objectivs' (did you
+    mean 'objectives'?)" rather than "objectives: is missing").
+    """
+    errors = exc.errors()
+    error = errors[0]
+    extras = [e for e in errors if e["type"] == "extra_forbidden"]
+    missing = [e for e in errors if e["type"] == "missing"]
+    for extra in extras:  # a typo of a required key: both errors are reported; the typo is the one to fix
+        parent = extra["loc"][:-1]
+        if any(m["loc"][:-1] == parent and nearest(str(extra["loc"][-1]), [str(m["loc"][-1])]) for m in missing):
+            error = extra
+            break
+    else:
+        if extras and error["type"] == "missing":
+            error = extras[0]
+    loc = error["loc"]
+    where = _where(loc)
     kind, message, given = error["type"], error["msg"], error.get("input")
     if kind == "extra_forbidden":
         key = str(loc[-1])
@@ -103,9 +139,8 @@ def schema_error(exc, source: str, allowed: dict[str, list[str]], hints: dict[st
         parent_key = parent + ("[]" if any(isinstance(p, int) for p in loc[:-1]) else "")
         names = allowed.get(parent_key, [])
         if not parent:
-            return MergeoptError(f"{source}: unknown key {key!r}{did_you_mean(key, names)}; allowed keys: "
-                                 f"{', '.join(names)}")
-        where = ".".join(parts[:-1])
+            return unknown_key(source, key, names)
+        where = _where(loc[:-1])
         return MergeoptError(f"{source}: {where}: unknown entry {key!r}{did_you_mean(key, names)}; allowed: "
                              f"{', '.join(names)}")
     if kind == "missing":
@@ -117,5 +152,8 @@ def schema_error(exc, source: str, allowed: dict[str, list[str]], hints: dict[st
             where = f"{where}.{key}"
     else:
         text = f"{message[0].lower()}{message[1:]}, got {given!r}"
+    flag = (flags or {}).get(where)
+    if flag is not None:  # the value came from the command line: name the flag, not the file's key
+        return MergeoptError(f"{flag}: {text}")
     hint = (hints or {}).get(str(loc[0]) if loc else "", "")
     return MergeoptError(f"{source}: {where}: {text}" + (f" (expected {hint})" if hint else ""))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from optimizer.study_store import Attr
 from optimizer.errors import MergeoptError
 from optimizer.files import write_atomic
 from optimizer.recipe import Recipe
@@ -74,8 +75,8 @@ def export_run(run_dir: str | Path, storage: str | None = None, study_name: str 
         keep.add(name)
         path = pareto / name
         _write(path, _recipe_text(t, space))
-        entry = FrontEntry(t.number, {o.task: t.user_attrs["scores"][o.task]["value"] for o in space.objectives},
-                           t.user_attrs["scalarized"], path)
+        entry = FrontEntry(t.number, {o.task: t.user_attrs[Attr.SCORES][o.task]["value"] for o in space.objectives},
+                           t.user_attrs[Attr.SCALARIZED], path)
         result.front.append(entry)
         rows.append(f"{t.number}," + ",".join(f"{v:.6g}" for v in entry.objectives.values())
                     + f",{entry.scalarized:.6g},{path.name}")
@@ -84,10 +85,10 @@ def export_run(run_dir: str | Path, storage: str | None = None, study_name: str 
             stale.unlink(missing_ok=True)
     _write(pareto / "front.csv", "\n".join(rows) + "\n")
 
-    best = max(trials, key=lambda t: t.user_attrs["scalarized"])
+    best = max(trials, key=lambda t: t.user_attrs[Attr.SCALARIZED])
     _write(run_dir / "best.yaml", _recipe_text(best, space))
-    result.best = FrontEntry(best.number, {o.task: best.user_attrs["scores"][o.task]["value"] for o in space.objectives},
-                             best.user_attrs["scalarized"], run_dir / "best.yaml")
+    result.best = FrontEntry(best.number, {o.task: best.user_attrs[Attr.SCORES][o.task]["value"] for o in space.objectives},
+                             best.user_attrs[Attr.SCALARIZED], run_dir / "best.yaml")
     if materialize:
         from optimizer.merge.engine import MergeEngine
 
@@ -98,12 +99,12 @@ def export_run(run_dir: str | Path, storage: str | None = None, study_name: str 
 
 
 def _recipe_text(trial, space) -> str:
-    recipe = Recipe.from_dict(yaml.safe_load(trial.user_attrs["recipe"]))
+    recipe = Recipe.from_dict(yaml.safe_load(trial.user_attrs[Attr.RECIPE]))
     recipe.info = {
         "trial": trial.number,
         "study": space.name,
         "scores": {task: {k: v for k, v in s.items() if k in ("metric", "value", "stderr", "n")}
-                   for task, s in trial.user_attrs["scores"].items()},
-        "objectives": {"scalarized": trial.user_attrs["scalarized"]},
+                   for task, s in trial.user_attrs[Attr.SCORES].items()},
+        "objectives": {"scalarized": trial.user_attrs[Attr.SCALARIZED]},
     }
     return recipe.to_yaml()

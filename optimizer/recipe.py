@@ -36,19 +36,18 @@ mergekit file verbatim. The search space speaks in drop rates and converts.
 from __future__ import annotations
 
 import copy
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from optimizer.errors import MergeoptError
-from optimizer.merge.methods import METHODS, check_parameters, method_spec
+from optimizer.errors import MergeoptError, unknown_key
+from optimizer.methods import METHODS, check_parameters, method_spec
 
 RESCALE_RULES = ("dare", "l1", "none")
 # Arithmetic and written dtypes a recipe may name; None (no `dtype:`) keeps the checkpoint's dtype, as mergekit does.
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float16")  # the dtypes a merge or a scoring model may use (the one table)
 # tokenizer_source words that are not model references (mergekit's meaning).
 TOKENIZER_WORDS = ("base", "union")
 # Keys of the mergekit top level the fused engine understands; anything else is refused, not ignored.
@@ -57,6 +56,7 @@ _TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "tok
              "out_dtype", "chat_template", "name"}
 # mergekit forms the fused engine does not run; `mergeopt merge` hands them to mergekit.
 MERGEKIT_ONLY_KEYS = ("slices", "modules", "tokenizer")
+_MODEL_KEYS = {"model", "parameters"}  # an entry of models:
 _MERGEOPT_KEYS = {"seed", "rescale", "trial", "scores", "objectives", "study"}
 
 
@@ -125,7 +125,7 @@ class Recipe:
             _refuse_zero_weight_sums(self)
         if spec.sparsification == "della":
             _refuse_della_bounds(self, spec)
-        from optimizer.merge.side_files import check_chat_template
+        from optimizer.side_files import check_chat_template
 
         check_chat_template(self.chat_template)
 
@@ -217,9 +217,7 @@ class Recipe:
                                 "'mergeopt merge' does that (pip install mergekit)")
         unknown = sorted(set(data) - _TOP_KEYS)
         if unknown:
-            near = difflib.get_close_matches(str(unknown[0]), sorted(_TOP_KEYS), n=1, cutoff=0.6)
-            hint = f"did you mean {near[0]}?" if near else f"allowed: {', '.join(sorted(_TOP_KEYS))}"
-            raise MergeoptError(f"{source}: unknown key {unknown[0]!r}; {hint}")
+            raise unknown_key(source, str(unknown[0]), sorted(_TOP_KEYS))
         for key in ("merge_method", "models"):
             if key not in data:
                 raise MergeoptError(f"{source}: missing key {key!r}")
@@ -229,7 +227,12 @@ class Recipe:
         for i, entry in enumerate(data["models"]):
             if isinstance(entry, str):
                 entry = {"model": entry}
-            if not isinstance(entry, dict) or "model" not in entry:
+            if not isinstance(entry, dict):
+                raise MergeoptError(f"{source}: models[{i}] needs a 'model' key")
+            if set(entry) - _MODEL_KEYS:  # e.g. 'paramters:' would silently merge with no parameters
+                raise unknown_key(source, str(sorted(set(entry) - _MODEL_KEYS)[0]), sorted(_MODEL_KEYS),
+                                  where=f"models[{i}]")
+            if "model" not in entry:
                 raise MergeoptError(f"{source}: models[{i}] needs a 'model' key")
             params = entry.get("parameters") or {}
             if not isinstance(params, dict):
@@ -244,7 +247,7 @@ class Recipe:
             raise MergeoptError(f"{source}: 'mergeopt' must be a mapping")
         bad = set(block) - _MERGEOPT_KEYS
         if bad:
-            raise MergeoptError(f"{source}: unknown key mergeopt.{sorted(bad)[0]}; allowed: {', '.join(sorted(_MERGEOPT_KEYS))}")
+            raise unknown_key(source, str(sorted(bad)[0]), sorted(_MERGEOPT_KEYS), where="mergeopt")
         method = data["merge_method"]
         spec = method_spec(method)
         if spec.sparsification == "random":
@@ -303,13 +306,22 @@ def resolve_reference(reference: str, root: Path | None = None) -> str:
     if reference.startswith("zoo:"):
         return zoo_path(reference)
     path = Path(reference).expanduser()
+    folder, at, revision = reference.partition("@")
+    whole = Path(reference).expanduser()
+    if at and "+" not in revision and not (whole.exists() or (root is not None and (root / whole).exists())):
+        local = Path(folder).expanduser()
+        local = local if local.is_absolute() or root is None or not (root / local).is_dir() else root / local
+        if local.is_dir():
+            raise MergeoptError(f"{reference}: a revision (@{revision}) is read for Hugging Face ids only, and "
+                                f"{folder} is a local folder; drop '@{revision}', or check that revision out "
+                                "into a folder of its own")
     if path.is_absolute():
         return str(path)
     if root is not None and (root / path).exists():
         return str((root / path).resolve())
     if path.exists():
         return reference
-    from optimizer.merge import hub
+    from optimizer import hub
 
     if hub.looks_like_hub_id(reference):
         return hub.resolve(reference)
@@ -513,11 +525,15 @@ def read_yaml_file(path: Path, kind: str) -> Any:
     if not path.is_file():
         raise MergeoptError(f"{kind} {path} does not exist")
     try:
-        return yaml.safe_load(path.read_text())
+        documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
         raise MergeoptError(f"{path}: not valid YAML{where}; fix the syntax and retry") from None
+    if len(documents) > 1:
+        raise MergeoptError(f"{path}: holds {len(documents)} YAML documents (separated by '---'); a {kind} is one "
+                            "document: keep one per file")
+    return documents[0] if documents else None
 
 
 def zoo_path(reference: str) -> str:
@@ -543,6 +559,15 @@ def _same_path(a: str | None, b: str | None) -> bool:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def relative_depth(layer: int | None, num_layers: int) -> float:
+    """A tensor's ``t`` for gradients, as mergekit computes it: ``layer / (num_layers - 1)`` inside the layer stack,
+    1 for the one layer of a one-layer model, 0 outside the stack (embeddings, final norm, head). The engine and
+    the report both read it here."""
+    if layer is None:
+        return 0.0
+    return layer / (num_layers - 1) if num_layers > 1 else 1.0
 
 
 def resolve_setting(setting: Any, tensor_name: str, t: float) -> Any:

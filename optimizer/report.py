@@ -23,12 +23,13 @@ from pathlib import Path
 
 from optuna.trial import TrialState
 
+from optimizer.study_store import Attr
 from optimizer.errors import MergeoptError
 from optimizer.files import write_atomic
-from optimizer.recipe import Recipe, resolve_parameter
+from optimizer.recipe import Recipe, relative_depth, resolve_parameter
 from optimizer.run import Run, comparable, front_trials, load_run, open_run, param_name, signed, trials_table
-from optimizer.search.optimizers import spends_budget
-from optimizer.search.pareto import hypervolume
+from optimizer.run import spends_budget
+from optimizer.pareto import hypervolume
 from optimizer.space import model_labels
 
 __all__ = ["Run", "comparable", "front_trials", "load_run", "open_run", "trials_table", "summarize", "write_html"]
@@ -44,31 +45,31 @@ def best_per_task(run: Run) -> list[dict]:
     trials = run.comparable_trials()
     for o in run.space.objectives:
         pick = max if o.direction == "maximize" else min
-        best = pick(trials, key=lambda t: t.user_attrs["scores"][o.task]["value"], default=None)
+        best = pick(trials, key=lambda t: t.user_attrs[Attr.SCORES][o.task]["value"], default=None)
         parents = [(label, ((info.get("scores") or {}).get(o.task) or {}).get("value"))
                    for label, info in run.parents.items()]
         parents = [(label, v) for label, v in parents if v is not None]
         parent = pick(parents, key=lambda p: float(p[1] or 0.0), default=(None, None))
         out.append({"task": o.task, "direction": o.direction,
                     "trial": best.number if best else None,
-                    "value": best.user_attrs["scores"][o.task]["value"] if best else None,
+                    "value": best.user_attrs[Attr.SCORES][o.task]["value"] if best else None,
                     "parent": parent[0], "parent_value": parent[1]})
     return out
 
 
 def budget(run: Run) -> dict:
     trials = run.records
-    seconds = sum(sum((t.user_attrs.get("seconds") or {}).values()) for t in trials)
+    seconds = sum(sum((t.user_attrs.get(Attr.SECONDS) or {}).values()) for t in trials)
     starts = [t.datetime_start for t in trials if t.datetime_start]
     ends = [t.datetime_complete for t in trials if t.datetime_complete]
     return {
         "planned": run.planned_trials,
         "finished": sum(1 for t in trials if spends_budget(t)),
         "complete": sum(1 for t in trials if t.state == TrialState.COMPLETE),
-        "failed": sum(1 for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("lost")),
-        "lost": sum(1 for t in trials if t.user_attrs.get("lost")),
+        "failed": sum(1 for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get(Attr.LOST)),
+        "lost": sum(1 for t in trials if t.user_attrs.get(Attr.LOST)),
         "running": sum(1 for t in trials if t.state == TrialState.RUNNING),
-        "low_only": sum(1 for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get("fidelity") == "low"),
+        "low_only": sum(1 for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get(Attr.FIDELITY) == "low"),
         "scoring_s": seconds,
         "wall_s": (max(ends) - min(starts)).total_seconds() if starts and ends else 0.0,
     }
@@ -86,14 +87,14 @@ def progress_curves(run: Run) -> dict:
     volume = None
     best: dict[str, float | None] = {k: None for k in ["scalarized"] + [o.task for o in space.objectives]}
     for i, t in enumerate(finished, 1):
-        if comparable(t) and (vector := signed(space, t.user_attrs["scores"])) is not None:
+        if comparable(t) and (vector := signed(space, t.user_attrs[Attr.SCORES])) is not None:
             points.append(vector)
             volume = hypervolume(points, reference)  # only changes when a point is added
             for o in space.objectives:
-                v = t.user_attrs["scores"][o.task]["value"]
+                v = t.user_attrs[Attr.SCORES][o.task]["value"]
                 better = max if o.direction == "maximize" else min
                 best[o.task] = v if best[o.task] is None else better(best[o.task], v)
-            s = t.user_attrs["scalarized"]
+            s = t.user_attrs[Attr.SCALARIZED]
             best["scalarized"] = s if best["scalarized"] is None else max(best["scalarized"], s)
         curves["evaluation"].append(i)
         for key, value in best.items():
@@ -125,7 +126,7 @@ def layer_values(recipe: Recipe, space) -> dict[str, dict[str, list[float]]]:
                 series = []
                 for layer in range(n):
                     tensor = f"model.layers.{layer}.{module or 'mlp'}.weight"
-                    t = layer / (n - 1) if n > 1 else 0.0
+                    t = relative_depth(layer, n)
                     if name == "drop_rate":
                         density = resolve_parameter("density", scopes, tensor, t, default=None)
                         if density is not None:
@@ -163,12 +164,12 @@ def param_importances(run: Run) -> tuple[dict[str, dict[str, float]], str]:
         method = "PED-ANOVA (Optuna's PedAnovaImportanceEvaluator)"
     copy = optuna.create_study(directions=["maximize"])
     copy.add_trials([optuna.trial.create_trial(params=t.params, distributions=t.distributions,
-                                               value=t.user_attrs["scalarized"], user_attrs=t.user_attrs)
+                                               value=t.user_attrs[Attr.SCALARIZED], user_attrs=t.user_attrs)
                      for t in trials])
     genes = {g.name: g for g in run.space.genes()}
     targets = {"scalarized": lambda t: t.value}
     for o in run.space.objectives:
-        targets[o.task] = (lambda task: lambda t: t.user_attrs["scores"][task]["value"])(o.task)
+        targets[o.task] = (lambda task: lambda t: t.user_attrs[Attr.SCORES][task]["value"])(o.task)
     result: dict[str, dict[str, float]] = {}
     notes = []
     for name, target in targets.items():
@@ -231,13 +232,24 @@ def summarize(run: Run) -> str:
         trial = row["trial"] if row["trial"] is not None else "-"
         lines.append(f"  {row['task']:<12} {_fmt(row['value']):>8} {trial:>6}"
                      f"   {parent}")
-    width = max(8, *(len(t) for t in run.tasks))
     lines.append(f"Pareto front ({_count(len(run.front), 'recipe')}, best mean first):")
-    lines.append(f"  {'trial':>5}  " + "  ".join(f"{t:>{width}}" for t in run.tasks) + f"  {'mean':>8}  file")
-    for _, row in run.front.iterrows():
-        lines.append(f"  {int(row['trial']):>5}  " + "  ".join(f"{_fmt(row[t]):>{width}}" for t in run.tasks)
-                     + f"  {_fmt(row['scalarized']):>8}  {row['file']}")
+    rows = [(int(row["trial"]), [row[t] for t in run.tasks], row["scalarized"], row["file"])
+            for _, row in run.front.iterrows()]
+    lines += front_lines(run.tasks, rows)
     return "\n".join(lines)
+
+
+def front_lines(tasks: list[str], rows: list[tuple[int, list, float, str]], best: int | None = None,
+                limit: int | None = None) -> list[str]:
+    """The front as a table, one row per recipe (trial, a score per task, the mean, its file): the one printer of
+    the front (``mergeopt search``/``export`` and ``report`` show the same table). ``best`` is starred."""
+    width = max(8, *(len(t) for t in tasks))
+    lines = [f"  {'trial':>5}  " + "  ".join(f"{t:>{width}}" for t in tasks) + f"  {'mean':>8}  file"]
+    for trial, values, mean, path in rows[:limit]:
+        star = "*" if best is not None and trial == best else " "
+        lines.append(f" {star}{trial:>5}  " + "  ".join(f"{_fmt(v):>{width}}" for v in values)
+                     + f"  {_fmt(mean):>8}  {path}")
+    return lines
 
 
 # ---- plots (matplotlib, rendered to PNG bytes) ------------------------------------------------------
@@ -268,7 +280,7 @@ def plot_front(run: Run) -> bytes | None:
     trials = run.comparable_trials()
     if not trials:
         return None
-    values = {task: [t.user_attrs["scores"][task]["value"] for t in trials] for task in tasks}
+    values = {task: [t.user_attrs[Attr.SCORES][task]["value"] for t in trials] for task in tasks}
     on_front = set(run.front["trial"].astype(int)) if len(run.front) else set()
     is_front = [t.number in on_front for t in trials]
     if len(tasks) == 1:

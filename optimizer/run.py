@@ -26,11 +26,12 @@ from optuna.trial import TrialState
 
 from optimizer.errors import MergeoptError
 from optimizer.recipe import Recipe, read_yaml_file
-from optimizer.search import study_store
-from optimizer.search.pareto import hypervolume, non_dominated
+from optimizer import study_store
+from optimizer.study_store import Attr
+from optimizer.pareto import hypervolume, non_dominated
 from optimizer.space import SearchSpace, load_space, parse_space, recipe_value
 
-RECORD_ATTR = "mergeopt:run"  # the study's copy of the record: {"config": ..., "resolved": ...}
+RECORD_ATTR = Attr.RUN  # the study's copy of the record: {"config": ..., "resolved": ...}
 RESOLVED_KEY = "resolved"  # space.yaml's block of resolved facts
 SPACE_FILE = "space.yaml"
 FLAGS = {"optimizer": "--optimizer", "seed": "--seed", "backend": "--backend"}  # identity keys a flag overrides
@@ -90,6 +91,43 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+# ---- the typed trial record --------------------------------------------------------------------------
+FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+
+
+def spends_budget(trial) -> bool:
+    """Finished and not lost: a candidate lost with a dead or interrupted worker is scored again, for free."""
+    return trial.state in FINISHED and not trial.user_attrs.get(Attr.LOST)
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial as the search recorded it: the typed view of its user attributes (keys: study_store.Attr)."""
+
+    number: int
+    state: str
+    scores: dict
+    scalarized: float | None
+    fidelity: str | None
+    error: str | None
+    failure_kind: str | None
+    lost: bool
+    low_value: float | None
+    seed: int | None
+    seconds: dict
+    recipe_yaml: str | None
+
+    @classmethod
+    def of(cls, trial) -> TrialRecord:
+        attrs = trial.user_attrs
+        return cls(number=trial.number, state=trial.state.name, scores=dict(attrs.get(Attr.SCORES) or {}),
+                   scalarized=attrs.get(Attr.SCALARIZED), fidelity=attrs.get(Attr.FIDELITY),
+                   error=attrs.get(Attr.ERROR), failure_kind=attrs.get(Attr.FAILURE_KIND),
+                   lost=bool(attrs.get(Attr.LOST, False)), low_value=attrs.get(Attr.LOW_VALUE),
+                   seed=attrs.get(Attr.SEED), seconds=dict(attrs.get(Attr.SECONDS) or {}),
+                   recipe_yaml=attrs.get(Attr.RECIPE))
+
+
 # ---- opening a run -----------------------------------------------------------------------------------
 def open_run(run_dir: str | Path, storage: str | None = None, study_name: str | None = None):
     """(space, study) of a run folder, from its record alone; one clear line when the folder or study is not there."""
@@ -118,8 +156,8 @@ def open_run(run_dir: str | Path, storage: str | None = None, study_name: str | 
 
 def comparable(trial) -> bool:
     """A completed, full-fidelity trial with scores: the ones the front and the curves are made of."""
-    return (trial.state == TrialState.COMPLETE and trial.user_attrs.get("fidelity") == "full"
-            and bool(trial.user_attrs.get("scores")) and trial.user_attrs.get("scalarized") is not None)
+    return (trial.state == TrialState.COMPLETE and trial.user_attrs.get(Attr.FIDELITY) == "full"
+            and bool(trial.user_attrs.get(Attr.SCORES)) and trial.user_attrs.get(Attr.SCALARIZED) is not None)
 
 
 def signed(space, scores: dict) -> list[float] | None:
@@ -137,11 +175,11 @@ def front_trials(trials, space) -> list:
     """The non-dominated comparable trials, best scalarized first (the recipes ``mergeopt export`` writes)."""
     pool, points = [], []
     for t in trials:
-        if comparable(t) and (point := signed(space, t.user_attrs["scores"])) is not None:
+        if comparable(t) and (point := signed(space, t.user_attrs[Attr.SCORES])) is not None:
             pool.append(t)
             points.append(point)
     ids = non_dominated(points)
-    return sorted((pool[i] for i in ids), key=lambda t: (-t.user_attrs["scalarized"], t.number))
+    return sorted((pool[i] for i in ids), key=lambda t: (-t.user_attrs[Attr.SCALARIZED], t.number))
 
 
 def param_name(gene_name: str, param: str) -> str:
@@ -165,11 +203,11 @@ def trials_table(study, space=None, trials=None):
     front = {t.number for t in front_trials(trials, space)} if space is not None else set()
     rows = []
     for t in trials:
-        attrs = t.user_attrs
-        row: dict[str, Any] = {"trial": t.number, "state": t.state.name, "fidelity": attrs.get("fidelity"),
-                               "on_front": t.number in front, "scalarized": attrs.get("scalarized"),
-                               "error": attrs.get("error"), "lost": bool(attrs.get("lost", False))}
-        for task, s in (attrs.get("scores") or {}).items():
+        record = TrialRecord.of(t)
+        row: dict[str, Any] = {"trial": t.number, "state": record.state, "fidelity": record.fidelity,
+                               "on_front": t.number in front, "scalarized": record.scalarized,
+                               "error": record.error, "lost": record.lost}
+        for task, s in record.scores.items():
             row[task] = s.get("value")
             row[f"{task}_stderr"] = s.get("stderr")
             row[f"{task}_n"] = s.get("n")
@@ -182,9 +220,9 @@ def trials_table(study, space=None, trials=None):
                 row[param_name(name, genes[name].param)] = recipe_value(genes[name].value(unit))
         for name, unit in t.params.items():
             row[f"gene.{name}"] = unit
-        row["low_scalarized"] = attrs.get("low_value")
-        row["seed"] = attrs.get("seed")
-        for k, v in (attrs.get("seconds") or {}).items():
+        row["low_scalarized"] = record.low_value
+        row["seed"] = record.seed
+        for k, v in record.seconds.items():
             row[f"seconds_{k}"] = v
         row["started"] = t.datetime_start.isoformat() if t.datetime_start else None
         row["duration_s"] = t.duration.total_seconds() if t.duration else None
@@ -224,13 +262,13 @@ class Run:
     def recipe(self, trial: int) -> Recipe:
         """The exact recipe a trial built and scored."""
         record = next(t for t in self.records if t.number == trial)
-        return Recipe.from_dict(yaml.safe_load(record.user_attrs["recipe"]), source=f"trial {trial}")
+        return Recipe.from_dict(yaml.safe_load(record.user_attrs[Attr.RECIPE]), source=f"trial {trial}")
 
     def comparable_trials(self) -> list:
-        return [t for t in self.records if comparable(t) and signed(self.space, t.user_attrs["scores"]) is not None]
+        return [t for t in self.records if comparable(t) and signed(self.space, t.user_attrs[Attr.SCORES]) is not None]
 
     def _points(self) -> list[list[float]]:
-        return [p for t in self.comparable_trials() if (p := signed(self.space, t.user_attrs["scores"])) is not None]
+        return [p for t in self.comparable_trials() if (p := signed(self.space, t.user_attrs[Attr.SCORES])) is not None]
 
     def reference_point(self) -> list[float]:
         """Hypervolume reference: the worst signed score seen per objective, parents included."""
@@ -256,4 +294,4 @@ def load_run(path: str | Path, storage: str | None = None, study_name: str | Non
     else:
         front = table.copy()
     front["file"] = [f"pareto/trial-{n:04d}.yaml" for n in front_numbers]
-    return Run(Path(path), space, study, table, front, dict(study.user_attrs.get("parents") or {}), records)
+    return Run(Path(path), space, study, table, front, dict(study.user_attrs.get(Attr.PARENTS) or {}), records)

@@ -31,12 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
+from pydantic import BeforeValidator, Field, ValidationError
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
-
+from optimizer.catalogue import CATALOGUE, OPTIMIZER_NAMES
 from optimizer.errors import MergeoptError, did_you_mean, schema_error
 from optimizer.evaluate.scoring import BACKENDS
-from optimizer.merge.methods import (
+from optimizer.methods import (
     DROP_RATE_GENE,
     METHODS,
     SEARCHABLE_METHODS,
@@ -45,34 +45,10 @@ from optimizer.merge.methods import (
     check_parameters,
     gene_parameters,
 )
-from optimizer.recipe import ModelSpec, Recipe, read_yaml_file, zoo_path
-from optimizer.search.optimizers import OPTIMIZERS
+from optimizer.recipe import DTYPES, ModelSpec, Recipe, read_yaml_file, zoo_path
+from optimizer.schema import Fraction, Integer, NonNegativeNumber, PositiveInt, PositiveNumber, Strict, one_of, text
 
 DIRECTIONS = ("maximize", "minimize")
-DTYPES = ("float32", "bfloat16", "float16")
-_KEYS = {
-    "name": "a name for the run (default: the file's stem)",
-    "base_model": "the base model folder or zoo:NAME",
-    "models": "the fine-tuned models (folders or zoo:NAME)",
-    "merge_method": " | ".join(SEARCHABLE_METHODS),
-    "granularity": "global | per_model | per_layer | {layer_groups: K} | {gradient: K}",
-    "modules": "a list of tensor-name substrings that get their own values, e.g. [self_attn, mlp]",
-    "bounds": "{weight: [lo, hi], drop_rate: [lo, hi]} and the method's other genes, e.g. t, gamma, epsilon, lambda",
-    "fixed": "recipe parameters held constant, e.g. {normalize: false, lambda: 1.0} (the method's own, checked "
-             "against the merge-method registry)",
-    "objectives": "a list of {task, metric, direction}",
-    "scalarization": "task weights for single-objective optimisers, e.g. {add: 1, sort: 2}",
-    "optimizer": "{name: " + "|".join(OPTIMIZERS) + ", ...settings}",
-    "budget": "{trials: N, minutes: M}",
-    "seed": "an integer: sampler seed and DARE mask seed",
-    "tasks": "the task set: zoo, a task-set YAML or lm-eval task names",
-    "limit": "items per task (the scoring subset)",
-    "fidelity": "{low: N, promote: F}: score every candidate on N items first, promote the top F to the full subset",
-    "backend": "hf | vllm",
-    "dtype": "float32 | bfloat16 | float16",
-    "threads": "CPU threads for torch, numba and BLAS together (--threads overrides; default: the free cores)",
-    "resolved": "written by mergeopt search into a run's space.yaml (what the space resolved to); ignored on input",
-}
 # the parts of a run's configuration that a resume may change: the budget (it may grow a run) and the thread count
 BUDGET_KEYS = ("budget", "threads")
 
@@ -117,8 +93,12 @@ class Gene:
         return 0.0 if self.high == self.low else (value - self.low) / (self.high - self.low)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SearchSpace:
+    """A validated search space, frozen: what parse_space built from the document (with the command line's
+    overrides written in before validation) and the facts it resolved from disk (the layer count). The run's
+    record is its two dumps, :meth:`config` and :meth:`facts`; :meth:`identity` is what a resume may not change."""
+
     name: str
     base_model: str
     models: list[str]
@@ -135,7 +115,7 @@ class SearchSpace:
     objectives: list[Objective] = field(default_factory=list)
     scalarization: dict[str, float] = field(default_factory=dict)
     optimizer: str = "cma"
-    optimizer_settings: dict[str, Any] = field(default_factory=dict)
+    optimizer_settings: Any = None  # the optimiser's typed settings (optimizer/catalogue.py); None: its defaults
     trials: int = 50
     minutes: float | None = None
     seed: int = 0
@@ -169,7 +149,7 @@ class SearchSpace:
             "objectives": [{"task": o.task, "direction": o.direction, **({"metric": o.metric} if o.metric else {})}
                            for o in self.objectives],
             "scalarization": dict(self.scalarization),
-            "optimizer": {"name": self.optimizer, **self.optimizer_settings},
+            "optimizer": self.optimizer_choice.config(),
             "budget": {"trials": self.trials, **({"minutes": self.minutes} if self.minutes else {})},
             "seed": self.seed, "tasks": self.tasks, "limit": self.limit,
             "backend": self.backend, "dtype": self.dtype,
@@ -179,6 +159,11 @@ class SearchSpace:
         if self.fidelity_low is not None:
             config["fidelity"] = {"low": self.fidelity_low, "promote": self.fidelity_promote}
         return config
+
+    @property
+    def optimizer_choice(self) -> OptimizerChoice:
+        settings = self.optimizer_settings
+        return OptimizerChoice(self.optimizer, settings if settings is not None else CATALOGUE[self.optimizer].settings())
 
     def _bounds_config(self) -> dict[str, list[float]]:
         spec = METHODS[self.merge_method]
@@ -324,7 +309,7 @@ class SearchSpace:
     # ---- objectives ---------------------------------------------------------------------------------
     @property
     def multi_objective(self) -> bool:
-        return len(self.objectives) > 1 and OPTIMIZERS[self.optimizer].multi_objective
+        return len(self.objectives) > 1 and CATALOGUE[self.optimizer].multi_objective
 
     def scalarize(self, values: dict[str, float]) -> float:
         """Weighted mean of the objectives (signs turned so that larger is better)."""
@@ -370,51 +355,7 @@ def _fail(source: str, key: str, problem: str) -> MergeoptError:
 
 
 # ---- the declared schema (pydantic): structure, types and ranges; messages are the one-liners users see ---------
-def _integer(minimum: int | None):
-    def check(value: Any) -> int:
-        if not isinstance(value, int) or isinstance(value, bool) or (minimum is not None and value < minimum):
-            raise ValueError(f"must be {'a positive integer' if minimum == 1 else 'an integer'}, got {value!r}")
-        return value
-    return BeforeValidator(check)
-
-
-def _positive_number(value: Any) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or not math.isfinite(value):
-        raise ValueError(f"must be a positive number, got {value!r}")
-    return float(value)
-
-
-def _non_negative_number(value: Any) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or not math.isfinite(value):
-        raise ValueError(f"must be a non-negative number, got {value!r}")
-    return float(value)
-
-
-def _text(what: str):
-    def check(value: Any) -> str:
-        if not isinstance(value, str) or not value:
-            raise ValueError(f"must be {what}, got {value!r}")
-        return value
-    return BeforeValidator(check)
-
-
-def _one_of(names: tuple[str, ...] | list[str], what: str = ""):
-    def check(value: Any) -> str:
-        if value not in names:
-            raise ValueError(f"{value!r} is not {what or ' or '.join(names)}")
-        return value
-    return BeforeValidator(check)
-
-
-PositiveInt = Annotated[int, _integer(1)]
-Integer = Annotated[int, _integer(None)]
-PositiveNumber = Annotated[float, BeforeValidator(_positive_number)]
-NonNegativeNumber = Annotated[float, BeforeValidator(_non_negative_number)]
-ModelRef = Annotated[str, _text("a model folder or zoo:NAME")]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+ModelRef = Annotated[str, text("a model folder or zoo:NAME")]
 
 
 def _bound_pair(lo: float | None, hi: float | None):
@@ -443,7 +384,7 @@ def _gene_limits(name: str) -> BeforeValidator:
     return _bound_pair(declared.low, declared.high)
 
 
-class BoundsConfig(_Strict):
+class BoundsConfig(Strict):
     weight: Annotated[tuple[float, float], _bound_pair(-2.0, 3.0)] = WEIGHT_GENE
     drop_rate: Annotated[tuple[float, float], _bound_pair(0.0, 0.99)] = DROP_RATE_GENE
     # the registry's other gene parameters (a test keeps this list equal to gene_parameters of SEARCHABLE_METHODS)
@@ -461,18 +402,47 @@ def _objective(value: Any) -> Any:
     return {"task": value} if isinstance(value, str) else value
 
 
-class ObjectiveConfig(_Strict):
-    task: Annotated[str, _text("a task name")]
+class ObjectiveConfig(Strict):
+    task: Annotated[str, text("a task name")]
     metric: str | None = None
-    direction: Annotated[str, _one_of(DIRECTIONS, "maximize or minimize")] = "maximize"
+    direction: Annotated[str, one_of(DIRECTIONS, "maximize or minimize")] = "maximize"
 
 
-def _optimizer(value: Any) -> Any:
+@dataclass(frozen=True)
+class OptimizerChoice:
+    """The ``optimizer:`` block validated: a catalogued optimiser and its typed settings (optimizer/catalogue.py)."""
+
+    name: str
+    settings: Any  # an instance of CATALOGUE[name].settings
+
+    def config(self) -> dict[str, Any]:
+        """The block in canonical form: the name and the settings the space gives (defaults left implicit)."""
+        return {"name": self.name, **self.settings.model_dump(exclude_unset=True)}
+
+
+def _optimizer(value: Any) -> OptimizerChoice:
+    """The optimiser's name, then its settings against the optimiser's own declared schema. Errors name the
+    sub-key (".popsize: ..."), which the formatter turns into ``optimizer.popsize: ...``."""
+    if isinstance(value, OptimizerChoice):
+        return value
     value = {"name": value} if isinstance(value, str) else value
-    if not isinstance(value, dict) or value.get("name") not in OPTIMIZERS:
+    if not isinstance(value, dict) or value.get("name") not in CATALOGUE:
         name = value.get("name") if isinstance(value, dict) else value
-        raise ValueError(f".name: {name!r} is not one of {', '.join(OPTIMIZERS)}")  # ".key": a sub-key's error
-    return value
+        raise ValueError(f".name: {name!r} is not one of {', '.join(OPTIMIZER_NAMES)}")
+    name = value["name"]
+    model = CATALOGUE[name].settings
+    settings = {k: v for k, v in value.items() if k != "name"}
+    allowed = list(model.model_fields)
+    for key in settings:
+        if key not in allowed:
+            raise ValueError(f".{key}: is not a setting of {name}{did_you_mean(key, allowed)}; allowed: "
+                             f"{', '.join(allowed) or 'none'}")
+    try:
+        return OptimizerChoice(name, model.model_validate(settings))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        problem = first["msg"].removeprefix("Value error, ")
+        raise ValueError(f".{first['loc'][0]}: {problem}") from None
 
 
 def _granularity(value: Any) -> Any:
@@ -486,57 +456,97 @@ def _granularity(value: Any) -> Any:
     raise ValueError(f"{value!r} is not valid")
 
 
-class BudgetConfig(_Strict):
+class BudgetConfig(Strict):
     trials: PositiveInt | None = None
     minutes: PositiveNumber | None = None
 
 
-class FidelityConfig(_Strict):
+class FidelityConfig(Strict):
     low: PositiveInt
-    promote: Annotated[float, BeforeValidator(lambda v: _fraction(v))] = 0.5
+    promote: Fraction = 0.5
 
 
-def _fraction(value: Any) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
-        raise ValueError(f"must be a fraction in (0, 1], got {value!r}")
-    return float(value)
+class SpaceConfig(Strict):
+    """A search-space YAML as declared: every key, its type and range, and (its description) what it expects; the
+    cross-checks that need the registries or several keys follow in parse_space. Frozen once validated."""
+
+    name: str | None = Field(None, description="a name for the run (default: the file's stem)")
+    base_model: ModelRef = Field(description="the base model folder or zoo:NAME")
+    models: Annotated[list[ModelRef], Field(min_length=1)] = Field(
+        description="the fine-tuned models (folders or zoo:NAME)")
+    merge_method: Annotated[str, text("a merge method")] = Field("dare_ties", description=" | ".join(SEARCHABLE_METHODS))
+    granularity: Annotated[Any, BeforeValidator(_granularity)] = Field(
+        "per_model", description="global | per_model | per_layer | {layer_groups: K} | {gradient: K}")
+    modules: list[Annotated[str, text("a tensor-name substring")]] | None = Field(
+        None, description="a list of tensor-name substrings that get their own values, e.g. [self_attn, mlp]")
+    bounds: BoundsConfig | None = Field(None, description="{weight: [lo, hi], drop_rate: [lo, hi]} and the method's "
+                                        "other genes, e.g. t, gamma, epsilon, lambda")
+    fixed: dict[str, Any] | None = Field(None, description="recipe parameters held constant, e.g. {normalize: false, "
+                                         "lambda: 1.0} (the method's own, checked against the merge-method registry)")
+    objectives: Annotated[list[Annotated[ObjectiveConfig, BeforeValidator(_objective)]], Field(min_length=1)] = Field(
+        description="a list of {task, metric, direction}")
+    scalarization: dict[str, NonNegativeNumber] | None = Field(
+        None, description="task weights for single-objective optimisers, e.g. {add: 1, sort: 2}")
+    optimizer: Annotated[OptimizerChoice, BeforeValidator(_optimizer)] = Field(
+        OptimizerChoice("cma", CATALOGUE["cma"].settings()),
+        description="{name: " + "|".join(OPTIMIZER_NAMES) + ", ...settings}")
+    budget: BudgetConfig | None = Field(None, description="{trials: N, minutes: M}")
+    seed: Integer = Field(0, description="an integer: sampler seed and DARE mask seed")
+    tasks: Annotated[str, text("zoo, a task-set YAML or lm-eval task names")] = Field(
+        "zoo", description="the task set: zoo, a task-set YAML or lm-eval task names")
+    limit: PositiveInt | None = Field(100, description="items per task (the scoring subset)")
+    fidelity: FidelityConfig | None = Field(None, description="{low: N, promote: F}: score every candidate on N "
+                                            "items first, promote the top F to the full subset")
+    backend: Annotated[str, one_of(tuple(BACKENDS))] = Field("hf", description="hf | vllm")
+    dtype: Annotated[str, one_of(DTYPES, "float32, bfloat16 or float16")] = Field(
+        "float32", description="float32 | bfloat16 | float16")
+    threads: PositiveInt | None = Field(None, description="CPU threads for torch, numba and BLAS together "
+                                        "(--threads overrides; default: the free cores)")
+    resolved: dict[str, Any] | None = Field(None, description="written by mergeopt search into a run's space.yaml "
+                                            "(what the space resolved to); ignored on input")
 
 
-class SpaceConfig(_Strict):
-    """A search-space YAML as declared: every key, its type and range (cross-checks follow in parse_space)."""
-
-    name: str | None = None
-    base_model: ModelRef
-    models: Annotated[list[ModelRef], Field(min_length=1)]
-    merge_method: Annotated[str, _text("a merge method")] = "dare_ties"
-    granularity: Annotated[Any, BeforeValidator(_granularity)] = "per_model"
-    modules: list[Annotated[str, _text("a tensor-name substring")]] | None = None
-    bounds: BoundsConfig | None = None
-    fixed: dict[str, Any] | None = None  # checked against the merge-method registry in parse_space
-    objectives: Annotated[list[Annotated[ObjectiveConfig, BeforeValidator(_objective)]], Field(min_length=1)]
-    scalarization: dict[str, NonNegativeNumber] | None = None
-    optimizer: Annotated[dict[str, Any], BeforeValidator(_optimizer)] = {"name": "cma"}
-    budget: BudgetConfig | None = None
-    seed: Integer = 0
-    tasks: Annotated[str, _text("zoo, a task-set YAML or lm-eval task names")] = "zoo"
-    limit: PositiveInt | None = 100
-    fidelity: FidelityConfig | None = None
-    backend: Annotated[str, _one_of(tuple(BACKENDS))] = "hf"
-    dtype: Annotated[str, _one_of(DTYPES, "float32, bfloat16 or float16")] = "float32"
-    threads: PositiveInt | None = None
-    resolved: dict[str, Any] | None = None  # a run's record (space.yaml): ignored on input
-
-
+# what each key expects, from the schema's descriptions (messages end with it: "(expected ...)")
+_KEYS: dict[str, str] = {name: str(f.description) for name, f in SpaceConfig.model_fields.items()}
 _ALLOWED = {"": [k for k in _KEYS if k != "resolved"],
             "bounds": [f.alias or k for k, f in BoundsConfig.model_fields.items()],
             "objectives[]": list(ObjectiveConfig.model_fields),
             "budget": list(BudgetConfig.model_fields), "fidelity": list(FidelityConfig.model_fields)}
 _MESSAGES = {"too_short": "must be a non-empty list", "list_type": "must be a list", "dict_type": "must be a mapping",
              "model_type": "must be a mapping"}
+# command-line overrides: the flag, and where its value goes in the document (validated with the file's values)
+FLAGS = {"trials": ("--trials", "budget.trials"), "minutes": ("--minutes", "budget.minutes"),
+         "optimizer": ("--optimizer", "optimizer.name"), "seed": ("--seed", "seed"), "backend": ("--backend", "backend")}
 
 
-def validate_config(data: Any, source: str) -> SpaceConfig:
-    """The declared schema applied, with one-line messages (unknown keys get the nearest known name)."""
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, str]]:
+    """The document with the command line's values written in (None: not given), and {location: flag} for the
+    values that came from a flag. Another optimizer than the file's drops the file's settings for it."""
+    data = copy.deepcopy(data)
+    flags: dict[str, str] = {}
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key not in FLAGS:
+            raise ValueError(f"no command-line override for {key!r}")  # a programming error, not the user's
+        flag, where = FLAGS[key]
+        flags[where] = flag
+        if key in ("trials", "minutes"):
+            budget = data.get("budget")
+            data["budget"] = {**(budget if isinstance(budget, dict) else {}), key: value}
+        elif key == "optimizer":
+            current = data.get("optimizer")
+            current_name = current.get("name") if isinstance(current, dict) else current
+            if current_name != value:
+                data["optimizer"] = {"name": value}
+        else:
+            data[key] = value
+    return data, flags
+
+
+def validate_config(data: Any, source: str, flags: dict[str, str] | None = None) -> SpaceConfig:
+    """The declared schema applied, with one-line messages (unknown keys get the nearest known name; a value from
+    the command line is named by its flag)."""
     if not isinstance(data, dict):
         raise MergeoptError(f"{source}: a search space is a mapping of keys: {', '.join(_KEYS)}")
     try:
@@ -546,7 +556,7 @@ def validate_config(data: Any, source: str) -> SpaceConfig:
         if first["type"] in _MESSAGES:
             where = ".".join(str(p) for p in first["loc"])
             raise _fail(source, where, f"{_MESSAGES[first['type']]}, got {first.get('input')!r}") from None
-        raise schema_error(exc, source, _ALLOWED, _KEYS) from None
+        raise schema_error(exc, source, _ALLOWED, _KEYS, flags) from None
 
 
 def load_space(path: str | Path, overrides: dict[str, Any] | None = None, resolve_models: bool = True) -> SearchSpace:
@@ -559,14 +569,16 @@ def load_space(path: str | Path, overrides: dict[str, Any] | None = None, resolv
 def parse_space(data: Any, source: str = "space", root: Path = Path("."), default_name: str = "search",
                 overrides: dict[str, Any] | None = None, resolve_models: bool = True,
                 facts: dict[str, Any] | None = None) -> SearchSpace:
-    """A validated SearchSpace: the declared schema first (every value checked before any model is looked at),
-    then the cross-checks that need the registries or several keys. ``facts`` (a run's record,
-    :meth:`SearchSpace.facts`) replace every look at the disk: the models are neither resolved nor opened
-    (reading a run needs no model folder, and no torch)."""
+    """A validated, frozen SearchSpace: the command line's overrides written into the document, the declared schema
+    applied to the whole (every value, the flags' included, checked before any model is looked at), then the
+    cross-checks that need the registries or several keys, then the facts read from disk (the layer count).
+    ``facts`` (a run's record, :meth:`SearchSpace.facts`) replace every look at the disk: the models are neither
+    resolved nor opened (reading a run needs no model folder, and no torch)."""
     if facts is not None:
         resolve_models = False
-    config = validate_config(data, source)
-    raw = copy.deepcopy({k: v for k, v in data.items() if k != "resolved"})
+    raw = copy.deepcopy({k: v for k, v in data.items() if k != "resolved"}) if isinstance(data, dict) else data
+    document, flags = apply_overrides(data, overrides) if isinstance(data, dict) else (data, {})
+    config = validate_config(document, source, flags)
 
     def model_ref(value: str, key: str) -> str:
         if not resolve_models:
@@ -615,14 +627,6 @@ def parse_space(data: Any, source: str = "space", root: Path = Path("."), defaul
         if task not in {o.task for o in objectives}:
             raise _fail(source, f"scalarization.{task}", "names no objective")
 
-    opt = config.optimizer
-    settings = {k: v for k, v in opt.items() if k != "name"}
-    allowed = OPTIMIZERS[opt["name"]].settings
-    bad = sorted(set(settings) - set(allowed))
-    if bad:
-        raise _fail(source, f"optimizer.{bad[0]}", f"is not a setting of {opt['name']}"
-                    f"{did_you_mean(bad[0], list(allowed))}; allowed: {', '.join(sorted(allowed)) or 'none'}")
-
     budget = config.budget
     trials = 50 if budget is None else (budget.trials or 10**9)
     minutes = budget.minutes if budget is not None else None
@@ -639,38 +643,19 @@ def parse_space(data: Any, source: str = "space", root: Path = Path("."), defaul
     base = model_ref(config.base_model, "base_model")
     models = [model_ref(m, f"models[{i}]") for i, m in enumerate(config.models)]
     modules = config.modules or []
-    weight_bounds, drop_bounds = bounds.weight, bounds.drop_rate
-    seed, backend, dtype = config.seed, config.backend, config.dtype
-    data = {"name": config.name} if config.name is not None else {}
 
-    space = SearchSpace(
-        name=str(data.get("name", default_name)), base_model=base, models=models, merge_method=method,
-        granularity=granularity, groups=groups, interpolate=interpolate, modules=list(modules),
-        weight_bounds=weight_bounds, drop_bounds=drop_bounds, extra_bounds=extra_bounds, fixed=dict(fixed),
-        objectives=objectives,
-        scalarization=dict(scalarization), optimizer=opt["name"],
-        optimizer_settings=settings, trials=trials, minutes=minutes, seed=seed, tasks=str(tasks), limit=limit,
-        fidelity_low=low, fidelity_promote=float(promote), backend=backend, dtype=dtype, threads=config.threads,
-        uses_drop_rate=uses_drop_rate, source=raw)
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
-        if key == "optimizer":
-            if value not in OPTIMIZERS:
-                raise MergeoptError(f"--optimizer {value!r} is not one of {', '.join(OPTIMIZERS)}")
-            if value != space.optimizer:
-                space.optimizer_settings = {}
-        setattr(space, key, value)
     if facts is not None:
-        space.num_layers = int(facts["num_layers"])
+        layers = int(facts["num_layers"])
     elif resolve_models:
         from optimizer.merge.checkpoint import num_layers, read_config
 
-        space.num_layers = num_layers(read_config(base))
-    if space.groups == -1:
-        space.groups = space.num_layers
-    if space.groups > max(1, space.num_layers) and not space.interpolate:
-        raise _fail(source, "granularity.layer_groups", f"{space.groups} groups but the model has {space.num_layers} layers")
+        layers = num_layers(read_config(base))
+    else:
+        layers = 1
+    if groups == -1:
+        groups = layers
+    if groups > max(1, layers) and not interpolate:
+        raise _fail(source, "granularity.layer_groups", f"{groups} groups but the model has {layers} layers")
     if facts is None and METHODS[method].selects_models:
         if granularity != "per_model" or modules:
             raise MergeoptError(f"{source}: granularity: {method} searches which models take part, one gene per model; "
@@ -681,6 +666,15 @@ def parse_space(data: Any, source: str = "space", root: Path = Path("."), defaul
     if facts is None and method == "nuslerp" and granularity == "global":
         raise MergeoptError(f"{source}: granularity: global gives both nuslerp models one weight, so they always "
                             "interpolate half way (t = w2 / (w1 + w2) = 0.5); use per_model or finer")
+
+    space = SearchSpace(
+        name=config.name if config.name is not None else default_name, base_model=base, models=models,
+        merge_method=method, granularity=granularity, groups=groups, interpolate=interpolate, modules=list(modules),
+        weight_bounds=bounds.weight, drop_bounds=bounds.drop_rate, extra_bounds=extra_bounds, fixed=dict(fixed),
+        objectives=objectives, scalarization=dict(scalarization), optimizer=config.optimizer.name,
+        optimizer_settings=config.optimizer.settings, trials=trials, minutes=minutes, seed=config.seed,
+        tasks=str(tasks), limit=limit, fidelity_low=low, fidelity_promote=float(promote), backend=config.backend,
+        dtype=config.dtype, threads=config.threads, num_layers=layers, uses_drop_rate=uses_drop_rate, source=raw)
     if facts is None and not space.searched():
         raise MergeoptError(f"{source}: fixed: fixes every parameter of {method}, so there is nothing to search; "
                             "merge the recipe once with 'mergeopt merge', or drop a parameter from fixed")

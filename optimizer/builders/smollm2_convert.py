@@ -45,7 +45,7 @@ def convert_base(out_dir: Path) -> Path:
     model = transformers.AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name,
                                                               dtype=torch.float32)
     # The weights are dequantised already: drop what marks the model as GGUF-quantised, or it refuses to save.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     partial = out_dir.with_name(out_dir.name + ".partial")

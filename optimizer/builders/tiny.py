@@ -146,7 +146,7 @@ def train_steps(
 def save_model(model: LlamaForCausalLM, folder: Path) -> None:
     """A complete transformers folder: config, float32 safetensors, generation config, tokenizer files."""
     folder.mkdir(parents=True, exist_ok=True)
-    model.to(torch.float32).save_pretrained(folder, safe_serialization=True)
+    model.float().save_pretrained(folder, safe_serialization=True)
     GenerationConfig(
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, do_sample=False, max_new_tokens=16
     ).save_pretrained(folder)

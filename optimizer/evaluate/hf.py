@@ -15,8 +15,8 @@ import torch
 from optimizer.errors import CandidateOutOfMemory, MergeoptError, NonFiniteOutput
 from optimizer.evaluate.generation import greedy_generate
 from optimizer.evaluate.tasks import GenerationRequest, LoglikelihoodRequest, cut_at_stop, render_prompt
+from optimizer.merge.checkpoint import torch_dtype
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class HFBackend:
@@ -39,7 +39,7 @@ class HFBackend:
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=trust_remote_code)
             model: Any = transformers.AutoModelForCausalLM.from_pretrained(
-                self.model_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+                self.model_path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
             self.model: Any = model.to(self.device).eval()
         except (OSError, ValueError) as exc:
             raise MergeoptError(f"cannot load {model_path} with transformers ({str(exc).splitlines()[0]})") from None

@@ -26,6 +26,10 @@ class Backend(Protocol):
     def swap(self, engine: Any, recipe: Any) -> None:
         """Build ``recipe`` with the merge ``engine`` into the live weights."""
 
+    def load_parent(self, engine: Any, index: int) -> None:
+        """Put one of the engine's own models into the live weights as it is (0: the base, i: fine-tune i), from the
+        engine's mapped weights (no second load); the parents are scored so."""
+
     def load_state(self, tensors: Iterable[tuple[str, Any]]) -> None:
         """Copy ``(name, tensor)`` pairs into the live weights (a parent model as it is)."""
 

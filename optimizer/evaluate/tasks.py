@@ -257,7 +257,8 @@ class GenerateTask(PreparedTask):
 
 class MultipleChoiceTask(PreparedTask):
     def __init__(self, spec: TaskSpec, items: list[dict]):
-        requests, self.spans, self.answers, self.lengths = [], [], [], []
+        requests: list[LoglikelihoodRequest] = []
+        self.spans, self.answers, self.lengths = [], [], []
         for item in items:
             start = len(requests)
             requests += [LoglikelihoodRequest(item["prompt"], str(choice), spec.chat_format)
@@ -296,7 +297,7 @@ class LmEvalTask(PreparedTask):
             task_name = spec.task or _yaml_task_name(spec.path)
         else:
             task_manager = TaskManager()
-            task_name = spec.task
+            task_name = str(spec.task)
         try:
             loaded = task_manager.load([task_name])
         except Exception as exc:  # lm-eval raises several types for unknown tasks or missing data
@@ -427,6 +428,7 @@ def pick(spec: TaskSpec, n: int, seed: int, holdout: bool) -> list[int]:
 def prepare(spec: TaskSpec, seed: int, holdout: bool = False) -> PreparedTask:
     if spec.kind == "lm_eval":
         return LmEvalTask(spec, seed, holdout)
+    assert spec.path is not None  # a JSONL task has a file (the schema requires it)
     items = read_jsonl(spec.path, spec.kind, spec.name)
     items = [items[i] for i in pick(spec, len(items), seed, holdout)]
     return GenerateTask(spec, items) if spec.kind == "generate" else MultipleChoiceTask(spec, items)

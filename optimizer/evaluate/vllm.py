@@ -36,7 +36,6 @@ from optimizer.evaluate.recovery import (EngineEvent, EngineProcesses, EngineRec
 from optimizer.evaluate.tasks import GenerationRequest, LoglikelihoodRequest, render_prompt
 from optimizer.evaluate.vllm_worker import ENGINE_DEVICES, OUTPUT_HEAD, folder_tensors, with_output_head
 
-_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 log = logging.getLogger("mergeopt")
 WORKER_EXTENSION = "optimizer.evaluate.vllm_worker.MergeWorker"
 _LAYER = re.compile(r"\.(\d+)\.")
@@ -154,7 +153,7 @@ class VLLMBackend:
         self.model_path = str(model_path)
         import torch
 
-        kwargs = dict(model=self.model_path, dtype=_DTYPES[dtype], seed=seed, trust_remote_code=trust_remote_code,
+        kwargs = dict(model=self.model_path, dtype=dtype, seed=seed, trust_remote_code=trust_remote_code,
                       enforce_eager=True, worker_extension_cls=WORKER_EXTENSION)
         if self.tied_embedding is not None:
             # its own output head, fed the input embedding on every load (vllm_worker says why)

@@ -62,7 +62,8 @@ class MergeWorker:
         does). ``requested_device``: ``--engine-device`` (:func:`engine_device`). The search process's engine has
         checked the weights already (``verify=False`` here)."""
         from optimizer.errors import MergeoptError
-        from optimizer.merge.engine import DTYPES, MergeEngine
+        from optimizer.merge.checkpoint import torch_dtype
+        from optimizer.merge.engine import MergeEngine
 
         try:
             self._mergeopt_engine = MergeEngine(base, models, device=engine_device(requested_device, self.device),
@@ -70,7 +71,7 @@ class MergeWorker:
         except MergeoptError as exc:
             return str(exc)
         self._mergeopt_tied_embedding = tied_embedding
-        self._mergeopt_dtype = DTYPES[dtype]
+        self._mergeopt_dtype = torch_dtype(dtype)
         return None
 
     def mergeopt_build(self, recipe: dict) -> dict:

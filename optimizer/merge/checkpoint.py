@@ -23,6 +23,7 @@ except ImportError:  # older releases
 from safetensors.torch import save_file
 
 from optimizer.errors import MergeoptError
+from optimizer.recipe import DTYPES
 
 # Files copied next to merged weights so transformers (and vLLM) load the folder as it is.
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -143,6 +144,13 @@ def load_state_dict(folder: str | Path, allow_pickle: bool = False, device: str 
 
 
 # safetensors dtype names -> torch dtypes (the ones checkpoints of language models hold)
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of one of :data:`optimizer.recipe.DTYPES` ("float32", "bfloat16", "float16")."""
+    if name not in DTYPES:
+        raise MergeoptError(f"dtype {name!r} is not supported; use one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}

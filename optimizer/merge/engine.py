@@ -23,10 +23,10 @@ from tqdm import tqdm
 
 from optimizer.errors import MergeoptError
 from optimizer.merge import checkpoint, sparsify, torch_methods
-from optimizer.merge.methods import METHODS, TensorSlot, tensor_plan
-from optimizer.recipe import Recipe
+from optimizer.merge.plan import TensorSlot, tensor_plan
+from optimizer.methods import METHODS
+from optimizer.recipe import Recipe, relative_depth
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 KERNELS = ("numba", "torch")
 # Elements merged per call when the result needs a cast or runs on torch: bounds the float32 scratch (64 MiB)
 # and the torch twin's int64 hash temporaries (a 152k x 3584 embedding at once would need > 4 GB of them).
@@ -99,10 +99,7 @@ class MergeEngine:
                    verify=verify)
 
     def _depth(self, name: str) -> float:
-        layer = checkpoint.layer_index(name)
-        if layer is None:
-            return 0.0
-        return layer / (self.num_layers - 1) if self.num_layers > 1 else 1.0
+        return relative_depth(checkpoint.layer_index(name), self.num_layers)
 
     # ---- the stored inputs --------------------------------------------------------------------------------
     def stored_weights(self, index: int) -> checkpoint.StoredWeights:
@@ -259,7 +256,7 @@ class MergeEngine:
     def output_dtype(self, recipe: Recipe) -> torch.dtype:
         """The dtype a recipe's merged model is written in: its out_dtype, else its dtype, else the checkpoints'."""
         name = getattr(recipe, "out_dtype", None) or recipe.dtype
-        return DTYPES[name] if name else self.stored_dtype()
+        return checkpoint.torch_dtype(name) if name else self.stored_dtype()
 
     def save(self, recipe: Recipe, out_dir: str | Path, max_shard_bytes: int = 5 * 1024**3,
              progress: bool = False) -> Path:
@@ -280,7 +277,7 @@ class MergeEngine:
         out = checkpoint.stream_model_folder(out_dir, layout, merged, self.base_path, dtype,
                                              max_shard_bytes=max_shard_bytes, tokenizer_folder=tokenizer,
                                              progress=progress)
-        from optimizer.merge.side_files import write_chat_template  # the recipe's chat_template (issue 14)
+        from optimizer.side_files import write_chat_template  # the recipe's chat_template (issue 14)
 
         write_chat_template(recipe, out)
         return out

@@ -1,7 +1,7 @@
 """Recipes the fused engine does not run, merged through mergekit's own Python API.
 
 `mergeopt merge` accepts every configuration `mergekit-yaml` accepts: what its own engine does (the methods
-marked ``fused`` or ``torch`` in :data:`optimizer.merge.methods.METHODS`, ``models:`` or one full-range slice per
+marked ``fused`` or ``torch`` in :data:`optimizer.methods.METHODS`, ``models:`` or one full-range slice per
 model, a tokenizer identical across the models) it merges itself; anything else (karcher, multislerp, sce,
 passthrough, partial ``slices:``, ``modules:``, a ``tokenizer:`` block, a union of different tokenizers...) goes to
 ``mergekit.merge.run_merge`` here, with one line saying so. mergekit is an optional extra
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from optimizer.errors import MergeoptError
-from optimizer.merge.methods import check_parameters, method_spec
+from optimizer.methods import check_parameters, method_spec
 from optimizer.recipe import (
     TOKENIZER_WORDS,
     first_differing_tokenizer,

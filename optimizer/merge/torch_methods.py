@@ -1,6 +1,6 @@
 """Merge methods that run in mergeopt's engine as plain torch functions on one flattened float32 tensor.
 
-The methods marked ``engine="torch"`` in :data:`optimizer.merge.methods.METHODS` (slerp, nuslerp, model_stock,
+The methods marked ``engine="torch"`` in :data:`optimizer.methods.METHODS` (slerp, nuslerp, model_stock,
 breadcrumbs, breadcrumbs_ties, della, della_linear) have no fused numba kernel: each tensor is merged here from the
 float32 values of the base and the fine-tunes, with mergekit 0.1.5's meaning (tests/merge/test_torch_methods.py
 compares each with mergekit's own implementation). They build straight into a live model like the fused methods,
@@ -165,7 +165,7 @@ class TorchPlan:
 
     def merge(self, base: torch.Tensor, rows: list[torch.Tensor]) -> torch.Tensor:
         """The merged tensor (flat float32) from the stored base and engine rows."""
-        from optimizer.merge.methods import METHODS
+        from optimizer.methods import METHODS
         from optimizer.recipe import resolve_parameter
 
         recipe, spec = self.recipe, METHODS[self.recipe.merge_method]
@@ -221,6 +221,6 @@ class TorchPlan:
 
 
 def _required():
-    from optimizer.merge.methods import REQUIRED
+    from optimizer.methods import REQUIRED
 
     return REQUIRED

@@ -16,8 +16,8 @@ Kinds (all raised inside the backend's weight swap, where the real faults happen
                  raises it: a fault of the engine (it poisons the process's CUDA context), not of the candidate
   ``slow=S``     a straggler: the candidate takes S seconds longer (a busy GPU, a slow disk), then builds as usual
 Trial numbers are the study's trial numbers; ``N-M`` is a closed range. Unset (the default), nothing changes.
-The variable is read in one place only, :func:`configured`: the search checks it before the run folder is made,
-and :func:`with_faults` applies it to every candidate.
+The command line reads the variable and parses it (:func:`parse`) before the run folder is made; the search gets
+the parsed plan (``SearchOptions.faults``) and :func:`with_faults` applies it to every candidate.
 """
 
 from __future__ import annotations
@@ -60,14 +60,10 @@ def _seconds(kind: str) -> float | None:
     return seconds if 0 <= seconds < float("inf") else None
 
 
-def configured() -> dict[int, str]:
-    """The faults ``MERGEOPT_FAULT`` asks for, by trial number (none when unset)."""
-    return parse(os.environ.get(ENV, ""))
-
-
-def with_faults(backend, trial_number: int):
-    """The backend itself, or (when ``MERGEOPT_FAULT`` names this trial) a wrapper whose swap fails or straggles."""
-    kind = configured().get(trial_number)
+def with_faults(backend, trial_number: int, planned: dict[int, str]):
+    """The backend itself, or (when ``planned``, the parsed ``MERGEOPT_FAULT``, names this trial) a wrapper whose
+    swap fails or straggles."""
+    kind = planned.get(trial_number)
     return backend if kind is None else _FaultyBackend(backend, kind, trial_number)
 
 

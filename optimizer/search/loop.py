@@ -36,20 +36,62 @@ from optuna.trial import TrialState
 from optimizer.errors import EngineFault, MergeoptError, NonFiniteOutput
 from optimizer.evaluate.scoring import (OWN_MERGE_ENGINE, CandidateResult, check_backend, evaluate_candidate,
                                         make_backend)
+from optimizer.evaluate.recovery import EngineRecovery
 from optimizer.evaluate.tasks import load_task_set
 from optimizer.files import write_atomic
 from optimizer.merge.engine import MergeEngine
-from optimizer.run import RECORD_ATTR, SPACE_FILE, check_same_run, read_record, record_of, record_text
-from optimizer.search import faults, study_store
+from optimizer.run import (FINISHED, RECORD_ATTR, SPACE_FILE, check_same_run, read_record, record_of, record_text,
+                           spends_budget)
+from optimizer import study_store
+from optimizer.study_store import Attr
+from optimizer.search import faults
 from optimizer.search.interrupts import Interrupts
-from optimizer.search.optimizers import FINISHED, make_optimizer, make_sampler, spends_budget
-from optimizer.search.study_store import storage_url
-from optimizer.search.workers import (Coordinated, StudyLock, heartbeat_settings, join_study, stale_trials,
+from optimizer.search.optimizers import make_optimizer, make_sampler
+from optimizer.study_store import storage_url
+from optimizer.search.workers import (DEFAULT_HEARTBEAT, Coordinated, StudyLock, join_study, stale_trials,
                                       worker_id)
 from optimizer.space import BUDGET_KEYS, SearchSpace, model_labels
 
 MAX_SAME_FAILURES = 3
+SPENT = "the run has spent its budget (%d of %d trials); raise it with --trials to search on"
 log = logging.getLogger("mergeopt")
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """What the command line decides besides the space (the CLI reads the environment; the library reads none)."""
+
+    storage: str | None = None  # Optuna storage URL; None: SQLite in the run folder
+    study_name: str | None = None  # default: the space's name
+    device: str | None = None  # where the candidates are scored
+    engine_device: str | None = None  # where the merge engine holds the models (default: device)
+    progress: bool = True
+    worker_trials: int | None = None  # at most this many new trials from this worker
+    faults: dict[int, str] = field(default_factory=dict)  # the testing hook (search/faults.py), by trial number
+    heartbeat: tuple[int, int] = DEFAULT_HEARTBEAT  # (interval, grace) seconds, with shared storage
+    recovery: EngineRecovery | None = None  # how the backend survives its engine (None: its defaults)
+
+    @property
+    def shared(self) -> bool:
+        return self.storage is not None and not self.storage.startswith("sqlite")
+
+
+@dataclass
+class SearchContext:
+    """Everything one worker's search loop holds, built once by :func:`run_search` (instead of a dozen positional
+    parameters handed from function to function)."""
+
+    space: SearchSpace
+    run_dir: Path
+    options: SearchOptions
+    engine: MergeEngine
+    interrupts: Interrupts
+    task_set: Any
+    low_set: Any
+    study: Any = None  # optuna.Study, once opened
+    lock: Any = None  # StudyLock
+    optimizer: Any = None  # Coordinated
+    backend: Any = None  # the live inference engine
 
 
 @dataclass
@@ -65,7 +107,7 @@ class SearchResult:
 
 
 def open_study(space: SearchSpace, run_dir: Path, storage: str | None = None, study_name: str | None = None,
-               lock: StudyLock | None = None) -> optuna.Study:
+               lock: StudyLock | None = None, heartbeat: tuple[int, int] = DEFAULT_HEARTBEAT) -> optuna.Study:
     """The run's study, created when new; its record checked (a resume may only grow the budget) and updated."""
     url = storage_url(run_dir, storage)
     local = url.startswith("sqlite")
@@ -77,7 +119,7 @@ def open_study(space: SearchSpace, run_dir: Path, storage: str | None = None, st
     with lock() if lock is not None else contextlib.nullcontext():
         if local:
             study_store.create_sqlite_whole(url)
-        rdb = study_store.open_storage(url, None if local else heartbeat_settings())
+        rdb = study_store.open_storage(url, None if local else heartbeat)
         study = optuna.create_study(study_name=name, storage=rdb, directions=directions, sampler=sampler,
                                     load_if_exists=True)
         recorded = study.user_attrs.get(RECORD_ATTR)
@@ -92,7 +134,7 @@ def open_study(space: SearchSpace, run_dir: Path, storage: str | None = None, st
                                        else ["scalarized"])
         worker = 0
         if lock is not None and lock.shared:  # same space for all; a number per worker, so draws differ
-            worker = join_study(study, space.identity())
+            worker = join_study(study)
     if existing or worker:
         # A resumed run (or another worker) must not replay the random draws of the first one: the sampler's
         # seed moves on with the study, deterministically.
@@ -184,34 +226,36 @@ def _objective_values(space: SearchSpace, result: CandidateResult) -> list[float
     return [space.scalarize(values)]
 
 
-def _score_parents(space, study, backend, task_set, progress: bool, lock: StudyLock, engine: MergeEngine) -> dict:
-    if "parents" in study.user_attrs:
-        return study.user_attrs["parents"]
-    with lock.claim("parents") as mine:  # one of several workers starting together scores them
+def _score_parents(ctx: SearchContext, progress: bool) -> dict:
+    study = ctx.study
+    if Attr.PARENTS in study.user_attrs:
+        return study.user_attrs[Attr.PARENTS]
+    with ctx.lock.claim("parents") as mine:  # one of several workers starting together scores them
         if not mine:
             return {}
-        if "parents" in study.user_attrs:
-            return study.user_attrs["parents"]
-        return _score_parents_now(space, study, backend, task_set, progress, engine)
+        if Attr.PARENTS in study.user_attrs:
+            return study.user_attrs[Attr.PARENTS]
+        return _score_parents_now(ctx, progress)
 
 
-def _score_parents_now(space, study, backend, task_set, progress: bool, engine: MergeEngine) -> dict:
+def _score_parents_now(ctx: SearchContext, progress: bool) -> dict:
+    space = ctx.space
     parents = {}
     labels = ["base", *model_labels(space.models)]
     for index, (label, folder) in enumerate(zip(labels, [space.base_model, *space.models])):
-        backend.load_parent(engine, index)  # from the engine's own mapped weights (vLLM: its worker's engine)
-        result = evaluate_candidate(backend, task_set)
+        ctx.backend.load_parent(ctx.engine, index)  # from the engine's own mapped weights (vLLM: its worker's engine)
+        result = evaluate_candidate(ctx.backend, ctx.task_set)
         parents[label] = {"path": folder, "scores": result.to_dict()}
         if progress:
             shown = ", ".join(f"{t} {s.value:.3f}" for t, s in result.scores.items() if s.value is not None)
             log.info("  parent %-12s %s", label, shown)
-    study.set_user_attr("parents", parents)
+    ctx.study.set_user_attr(Attr.PARENTS, parents)
     return parents
 
 
 def _promote(study: optuna.Study, space: SearchSpace, low_value: float) -> bool:
     """Successive-halving rule: go to the full subset when the low-fidelity score is in the top fraction so far."""
-    earlier = [t.user_attrs.get("low_value") for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    earlier = [t.user_attrs.get(Attr.LOW_VALUE) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     earlier = sorted(v for v in earlier if v is not None)
     if len(earlier) < 3:
         return True
@@ -219,34 +263,32 @@ def _promote(study: optuna.Study, space: SearchSpace, low_value: float) -> bool:
     return low_value >= cut
 
 
-def run_search(space: SearchSpace, run_dir: Path, storage: str | None = None, study_name: str | None = None,
-               device: str | None = None, progress: bool = True, worker_trials: int | None = None,
-               engine_device: str | None = None, recovery=None) -> SearchResult:
-    """``recovery``: how the backend survives its engine (optimizer/evaluate/recovery.EngineRecovery; the CLI reads
-    it from MERGEOPT_ENGINE_RESTARTS and MERGEOPT_ENGINE_TIMEOUT)."""
+def run_search(space: SearchSpace, run_dir: Path, options: SearchOptions | None = None, **settings: Any
+                ) -> SearchResult:
+    """Run (or resume) a search; ``options`` (or its fields as keywords: storage=..., progress=False, ...) say what
+    the command line decided besides the space."""
+    options = options if options is not None else SearchOptions(**settings)
     run_dir = Path(run_dir)
-    task_sets = _preflight(space, engine_device)  # bad input is refused before the run folder or the study is touched
-    shared = storage is not None and not storage.startswith("sqlite")
+    task_set, low_set = _preflight(space, options)  # bad input is refused before the run folder or the study
     check_resume(space, run_dir)  # before the (long) model loading: another run in this folder is said at once
-    if not shared:
+    if not options.shared:
         _check_lock(run_dir)
     # the weights themselves (NaN or inf in a checkpoint) are checked as they load, still before the run folder
     # the models stay memory-mapped on the host with engine_device="cpu" while a GPU scores; with vLLM the candidates
     # are built by an engine inside its worker (on engine_device), and this one only checks recipes: on the host
-    engine = MergeEngine(space.base_model, space.models, progress=progress,
-                         device="cpu" if space.backend in OWN_MERGE_ENGINE else engine_device or device)
+    engine = MergeEngine(space.base_model, space.models, progress=options.progress,
+                         device="cpu" if space.backend in OWN_MERGE_ENGINE else options.engine_device or options.device)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MergeoptError(f"cannot create run folder {run_dir} ({exc.strerror}); choose another --run-dir") from None
-    lock = _take_lock(run_dir, shared)
-    interrupts = Interrupts()
+    lock = _take_lock(run_dir, options.shared)
+    ctx = SearchContext(space, run_dir, options, engine, Interrupts(), task_set, low_set)
     try:
-        with _worker_prefix(worker_id(device) if shared else None):
-            return _run(space, run_dir, storage, study_name, device, progress, shared, worker_trials, task_sets,
-                        engine, interrupts, engine_device, recovery)
+        with _worker_prefix(worker_id(options.device) if options.shared else None):
+            return _run(ctx)
     finally:
-        interrupts.restore()
+        ctx.interrupts.restore()
         if lock is not None and lock.exists() and lock.read_text().strip() == str(os.getpid()):
             lock.unlink()
 
@@ -269,11 +311,10 @@ def _worker_prefix(worker: str | None):
         log.removeFilter(prefix)
 
 
-def _preflight(space: SearchSpace, engine_device: str | None = None):
-    """What can be checked before any weight is read: the testing hook, tasks and objectives (the engine checks the
+def _preflight(space: SearchSpace, options: SearchOptions):
+    """What can be checked before any weight is read: the backend, tasks and objectives (the engine checks the
     models next)."""
-    faults.configured()  # a mistyped MERGEOPT_FAULT is refused now, not at its first candidate
-    check_backend(space.backend, space.base_model, engine_device=engine_device)  # e.g. vLLM missing, or a tied head it cannot feed
+    check_backend(space.backend, space.base_model, engine_device=options.engine_device)  # e.g. vLLM missing
     task_set = load_task_set(space.tasks, limit=space.limit, seed=space.seed)
     missing = [o.task for o in space.objectives if o.task not in task_set.names]
     if missing:
@@ -284,37 +325,38 @@ def _preflight(space: SearchSpace, engine_device: str | None = None):
     return task_set, low_set
 
 
-def _run(space, run_dir, storage, study_name, device, progress, shared, worker_trials, task_sets, engine,
-         interrupts, engine_device=None, recovery=None) -> SearchResult:
-
-    _save_record(space, run_dir)
-    task_set, low_set = task_sets
-    lock = StudyLock(storage_url(run_dir, storage), study_name or space.name)
-    study = open_study(space, run_dir, storage, study_name, lock=lock)
+def _run(ctx: SearchContext) -> SearchResult:
+    space, options = ctx.space, ctx.options
+    _save_record(space, ctx.run_dir)
+    ctx.lock = StudyLock(storage_url(ctx.run_dir, options.storage), options.study_name or space.name)
+    ctx.study = open_study(space, ctx.run_dir, options.storage, options.study_name, lock=ctx.lock,
+                           heartbeat=options.heartbeat)
     genes = [g.name for g in space.genes()]
     inner = make_optimizer(space.optimizer, genes, space.seed, space.optimizer_settings)
-    with lock():
-        stale = recover_stale(study, inner, shared)
+    with ctx.lock():
+        stale = recover_stale(ctx.study, inner, options.shared)
     # ask/tell under the study lock, a heartbeat while scoring, stale trials of dead workers failed and re-queued
-    optimizer = Coordinated(inner, lock, lambda s: recover_stale(s, inner, shared), worker_id(device))
-    if stale and progress:
+    ctx.optimizer = Coordinated(inner, ctx.lock, lambda s: recover_stale(s, inner, options.shared),
+                                worker_id(options.device), heartbeat=options.heartbeat)
+    if stale and options.progress:
         log.info("resuming: %d unfinished trial(s) of a stopped run marked failed", len(stale))
 
     # closed however the search ends, so an inference engine (vLLM's worker processes) is always shut down
-    with contextlib.closing(make_backend(space.backend, space.base_model, device=device, dtype=space.dtype,
-                                         engine_device=engine_device, recovery=recovery)) as backend:
-        return _search(space, run_dir, study, optimizer, lock, backend, engine, task_set, low_set, progress,
-                       worker_trials, interrupts)
+    with contextlib.closing(make_backend(space.backend, space.base_model, device=options.device, dtype=space.dtype,
+                                         engine_device=options.engine_device, recovery=options.recovery)) as backend:
+        ctx.backend = backend
+        return _search(ctx)
 
 
-def _search(space, run_dir, study, optimizer, lock, backend, engine, task_set, low_set, progress, worker_trials,
-            interrupts) -> SearchResult:
+def _search(ctx: SearchContext) -> SearchResult:
     """The loop itself: ask a candidate, build and score it, tell its values; until the budget or time is spent."""
     from tqdm import tqdm
 
-    result = SearchResult(run_dir=run_dir, study=study)
+    space, study, optimizer, interrupts = ctx.space, ctx.study, ctx.optimizer, ctx.interrupts
+    progress = ctx.options.progress
+    result = SearchResult(run_dir=ctx.run_dir, study=study)
     try:
-        result.parents = _score_parents(space, study, backend, task_set, progress, lock, engine)
+        result.parents = _score_parents(ctx, progress)
     except EngineFault as fault:  # before any trial: nothing to leave unscored
         result.engine_fault, result.stopped_reason = fault, f"engine fault ({fault.cause}): {fault}"
         optimizer.close()
@@ -325,8 +367,12 @@ def _search(space, run_dir, study, optimizer, lock, backend, engine, task_set, l
 
     start = time.monotonic()
     deadline = start + space.minutes * 60 if space.minutes else None
+    worker_trials = ctx.options.worker_trials
     target = space.trials if worker_trials is None else min(space.trials, finished() + worker_trials)
-    bar = tqdm(total=space.trials, initial=finished(), desc=f"search {space.name}", unit="trial",
+    spent = finished()
+    if spent >= space.trials and progress:
+        log.info(SPENT, spent, space.trials)
+    bar = tqdm(total=space.trials, initial=spent, desc=f"search {space.name}", unit="trial",
                disable=not progress, file=sys.stderr)
     failures: list[str] = []
     best = _best_value(study, space)
@@ -340,14 +386,13 @@ def _search(space, run_dir, study, optimizer, lock, backend, engine, task_set, l
         evaluate_start = time.perf_counter()
         try:
             interrupts.check()
-            values = _evaluate_watching_engine(space, trial, engine, backend, interrupts, task_set, low_set, study)
+            values = _evaluate_watching_engine(ctx, trial)
         except EngineFault as fault:
-            result.engine_fault = fault
-            result.stopped_reason = _engine_fault(study, optimizer, lock, trial, fault, interrupts)
+            result.engine_fault, result.stopped_reason = fault, _engine_fault(ctx, trial, fault)
             break
         except KeyboardInterrupt:
             # not the candidate's fault: recorded as lost (it does not spend the budget) and queued again
-            with interrupts.deferred(), lock():
+            with interrupts.deferred(), ctx.lock():
                 _mark_lost(study, optimizer, [study_store.frozen(study, trial)], "interrupted")
             result.interrupted = True
             break
@@ -359,8 +404,8 @@ def _search(space, run_dir, study, optimizer, lock, backend, engine, task_set, l
             continue
         finally:
             evaluating += time.perf_counter() - evaluate_start
-        reason = trial.user_attrs.get("error", "unknown") if values is None else None
-        kind = str(trial.user_attrs.get("failure_kind", "unknown")) if values is None else ""
+        reason = trial.user_attrs.get(Attr.ERROR, "unknown") if values is None else None
+        kind = str(trial.user_attrs.get(Attr.FAILURE_KIND, "unknown")) if values is None else ""
         with interrupts.deferred():
             optimizer.tell(study, trial, values)
         result.new_trials += 1
@@ -381,7 +426,7 @@ def _search(space, run_dir, study, optimizer, lock, backend, engine, task_set, l
     result.interrupted = result.interrupted or interrupts.pending
     if not result.parents and not result.interrupted and result.engine_fault is None:
         # another worker had the claim: its scores, or (it died) ours
-        result.parents = _score_parents(space, study, backend, task_set, False, lock, engine)
+        result.parents = _score_parents(ctx, False)
     optimizer.close()
     result.seconds = {"evaluating": evaluating, **optimizer.seconds}
     return result
@@ -391,42 +436,43 @@ def _best_value(study: optuna.Study, space: SearchSpace) -> float | None:
     if space.multi_objective:
         return None
     values = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-              if t.user_attrs.get("fidelity") == "full" and t.value is not None]
+              if t.user_attrs.get(Attr.FIDELITY) == "full" and t.value is not None]
     return max(values) if values else None
 
 
-def _evaluate_watching_engine(space, trial, engine, backend, interrupts, task_set, low_set, study):
+def _evaluate_watching_engine(ctx: SearchContext, trial) -> list[float] | None:
     """The trial's evaluation; the engine faults the backend survived meanwhile are noted in the trial
     (``engine_faults``: cause, detail, recovery seconds). One it could not survive is raised (:func:`_engine_fault`)."""
-    events = getattr(backend, "engine_events", [])
+    events = getattr(ctx.backend, "engine_events", [])
     seen = len(events)
     try:
-        return _evaluate_trial(space, trial, engine, interrupts.around(faults.with_faults(backend, trial.number)),
-                               task_set, low_set, study)
+        backend = ctx.interrupts.around(faults.with_faults(ctx.backend, trial.number, ctx.options.faults))
+        return _evaluate_trial(ctx, trial, backend)
     finally:
         if len(events) > seen:
-            with interrupts.deferred():
+            with ctx.interrupts.deferred():
                 trial.set_user_attr("engine_faults", [e.to_dict() for e in events[seen:]])
 
 
-def _engine_fault(study, optimizer, lock, trial, fault: EngineFault, interrupts) -> str:
+def _engine_fault(ctx: SearchContext, trial, fault: EngineFault) -> str:
     """The engine failed and the backend could not replace it here: the candidate is not at fault. It is left
     unscored as a killed worker leaves it (FAIL with ``lost``: no budget spent, the optimiser is told nothing, CMA-ES
     queues it again); the line that stops the run."""
     reason = f"engine fault ({fault.cause}): {fault}"
-    with interrupts.deferred(), lock():
-        _mark_lost(study, optimizer, [study_store.frozen(study, trial)], reason)
+    with ctx.interrupts.deferred(), ctx.lock():
+        _mark_lost(ctx.study, ctx.optimizer, [study_store.frozen(ctx.study, trial)], reason)
     log.warning("trial %d left unscored: %s", trial.number, reason)
     return reason
 
 
-def _evaluate_trial(space, trial, engine, backend, task_set, low_set, study) -> list[float] | None:
+def _evaluate_trial(ctx: SearchContext, trial, backend) -> list[float] | None:
+    space, engine, task_set, low_set, study = ctx.space, ctx.engine, ctx.task_set, ctx.low_set, ctx.study
     genome = {name: trial.params[name] for name in trial.params} if trial.params else None
     if not genome:
         genome = {g.name: trial.suggest_float(g.name, 0.0, 1.0) for g in space.genes()}
     recipe = space.recipe(genome)
-    trial.set_user_attr("recipe", recipe.to_yaml())
-    trial.set_user_attr("seed", recipe.seed)
+    trial.set_user_attr(Attr.RECIPE, recipe.to_yaml())
+    trial.set_user_attr(Attr.SEED, recipe.seed)
     timings: dict[str, float] = {}
     fidelity = "full"
     if low_set is not None:
@@ -435,9 +481,9 @@ def _evaluate_trial(space, trial, engine, backend, task_set, low_set, study) -> 
         low_values = _objective_values(space, low)
         if low_values is None:
             return _record(trial, space, low, "low", timings)
-        low_scalar = space.scalarize({n: s.value for n, s in low.scores.items()})
-        trial.set_user_attr("low_value", low_scalar)
-        trial.set_user_attr("low_scores", low.to_dict())
+        low_scalar = space.scalarize({n: s.value for n, s in low.scores.items() if s.value is not None})
+        trial.set_user_attr(Attr.LOW_VALUE, low_scalar)
+        trial.set_user_attr(Attr.LOW_SCORES, low.to_dict())
         if not _promote(study, space, low_scalar):
             return _record(trial, space, low, "low", timings)
         result = evaluate_candidate(backend, task_set, engine, recipe)
@@ -448,13 +494,13 @@ def _evaluate_trial(space, trial, engine, backend, task_set, low_set, study) -> 
 
 def _record(trial, space, result: CandidateResult, fidelity: str, timings: dict) -> list[float] | None:
     timings.update({k: round(v, 4) for k, v in result.seconds.items()})
-    trial.set_user_attr("scores", result.to_dict())
-    trial.set_user_attr("fidelity", fidelity)
-    trial.set_user_attr("seconds", timings)
+    trial.set_user_attr(Attr.SCORES, result.to_dict())
+    trial.set_user_attr(Attr.FIDELITY, fidelity)
+    trial.set_user_attr(Attr.SECONDS, timings)
     values = _objective_values(space, result)
     if values is None:
-        trial.set_user_attr("error", result.error or "an objective has no finite score")
-        trial.set_user_attr("failure_kind", result.kind or NonFiniteOutput.kind)
+        trial.set_user_attr(Attr.ERROR, result.error or "an objective has no finite score")
+        trial.set_user_attr(Attr.FAILURE_KIND, result.kind or NonFiniteOutput.kind)
     else:
-        trial.set_user_attr("scalarized", space.scalarize({n: s.value for n, s in result.scores.items()}))
+        trial.set_user_attr(Attr.SCALARIZED, space.scalarize({n: s.value for n, s in result.scores.items()}))
     return values

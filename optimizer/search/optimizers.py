@@ -26,13 +26,9 @@ import optuna
 from optuna.distributions import BaseDistribution, FloatDistribution
 from optuna.trial import TrialState
 
-FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
-
-
-def spends_budget(trial: optuna.trial.FrozenTrial) -> bool:
-    """Finished and not lost: a candidate lost with a dead or interrupted worker is scored again, for free."""
-    return trial.state in FINISHED and not trial.user_attrs.get("lost")
-
+from optimizer.study_store import Attr
+from optimizer.run import FINISHED
+from optimizer.catalogue import CATALOGUE, CmaSettings, Nsga2Settings, OptimizerInfo, RandomSettings, TpeSettings
 
 def distributions(gene_names: list[str]) -> dict[str, BaseDistribution]:
     return {name: FloatDistribution(0.0, 1.0) for name in gene_names}
@@ -53,42 +49,63 @@ class Optimizer(Protocol):
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """One optimiser of the registry: adding an optimiser is adding one entry to OPTIMIZERS."""
+    """One optimiser of the registry: its declaration (optimizer/catalogue.py: name, settings schema) and its
+    implementation. ``settings`` arguments are instances of ``info.settings``, validated with the space."""
 
-    name: str
-    summary: str
-    settings: dict[str, Any]  # the optimizer: block's settings and their defaults
-    multi_objective: bool  # optimises several objectives jointly (else their weighted mean)
-    sampler: Callable[[int, dict[str, Any]], optuna.samplers.BaseSampler]  # (seed, settings)
-    build: Callable[[list[str], int, dict[str, Any]], Optimizer]  # (gene names, seed, settings)
+    info: OptimizerInfo
+    sampler: Callable[[int, Any], optuna.samplers.BaseSampler]  # (seed, settings)
+    build: Callable[[list[str], int, Any], Optimizer]  # (gene names, seed, settings)
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def multi_objective(self) -> bool:
+        return self.info.multi_objective
 
 
-def _enqueued_only(seed: int, settings: dict[str, Any]) -> optuna.samplers.BaseSampler:
+def _enqueued_only(seed: int, settings: RandomSettings) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=seed)  # cma enqueues every trial's params; the sampler never draws
 
 
-OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
-    OptimizerSpec("cma", "CMA-ES (pycma) on the weighted mean of the objectives", {"popsize": None, "sigma0": 0.25},
-                  False, _enqueued_only,
-                  lambda genes, seed, s: CMAOptimizer(genes, seed, popsize=s.get("popsize"),
-                                                      sigma0=float(s.get("sigma0", 0.25)))),
-    OptimizerSpec("tpe", "Optuna's multivariate TPE (constant liar for candidates in flight)",
-                  {"n_startup_trials": 10}, True,
-                  lambda seed, s: optuna.samplers.TPESampler(seed=seed, n_startup_trials=int(s.get(
-                      "n_startup_trials", 10)), multivariate=True, constant_liar=True),
-                  lambda genes, seed, s: OptunaOptimizer(genes)),
-    OptimizerSpec("nsga2", "Optuna's NSGA-II", {"population_size": 16}, True,
-                  lambda seed, s: optuna.samplers.NSGAIISampler(seed=seed, population_size=int(s.get(
-                      "population_size", 16))),
-                  lambda genes, seed, s: OptunaOptimizer(genes)),
-    OptimizerSpec("random", "uniform random sampling", {}, True,
-                  lambda seed, s: optuna.samplers.RandomSampler(seed=seed),
-                  lambda genes, seed, s: OptunaOptimizer(genes)),
-)}
+def _tpe(seed: int, settings: TpeSettings) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=settings.n_startup_trials, multivariate=True,
+                                      constant_liar=True)
 
 
-def make_sampler(name: str, seed: int, settings: dict) -> optuna.samplers.BaseSampler:
-    return OPTIMIZERS[name].sampler(seed, settings)
+def _nsga2(seed: int, settings: Nsga2Settings) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.NSGAIISampler(seed=seed, population_size=settings.population_size)
+
+
+def _cma(genes: list[str], seed: int, settings: CmaSettings) -> Optimizer:
+    return CMAOptimizer(genes, seed, popsize=settings.popsize, sigma0=settings.sigma0)
+
+
+def _sampled(genes: list[str], seed: int, settings: Any) -> Optimizer:
+    return OptunaOptimizer(genes)
+
+
+_IMPLEMENTATIONS: dict[str, tuple[Callable, Callable]] = {
+    "cma": (_enqueued_only, _cma),
+    "tpe": (_tpe, _sampled),
+    "nsga2": (_nsga2, _sampled),
+    "random": (lambda seed, settings: optuna.samplers.RandomSampler(seed=seed), _sampled),
+}
+OPTIMIZERS: dict[str, OptimizerSpec] = {name: OptimizerSpec(CATALOGUE[name], *_IMPLEMENTATIONS[name])
+                                        for name in CATALOGUE}
+
+
+def settings_of(name: str, settings: Any = None) -> Any:
+    """The optimiser's typed settings: as given, or its defaults (a mapping is validated here)."""
+    model = CATALOGUE[name].settings
+    if isinstance(settings, model):
+        return settings
+    return model.model_validate(settings or {})
+
+
+def make_sampler(name: str, seed: int, settings: Any = None) -> optuna.samplers.BaseSampler:
+    return OPTIMIZERS[name].sampler(seed, settings_of(name, settings))
 
 
 class OptunaOptimizer:
@@ -151,7 +168,7 @@ class CMAOptimizer:
 
     def _generation_trials(self, study: optuna.Study, generation: int) -> list[optuna.trial.FrozenTrial]:
         return [t for t in study.get_trials(deepcopy=False)
-                if t.system_attrs.get("fixed_params") is not None and t.user_attrs.get("cma_generation") == generation]
+                if t.system_attrs.get("fixed_params") is not None and t.user_attrs.get(Attr.CMA_GENERATION) == generation]
 
     def _phenotype(self, x) -> list[float]:
         from cma.transformations import BoxConstraintsLinQuadTransformation
@@ -196,8 +213,8 @@ class CMAOptimizer:
     def _requeue_missing(self, study: optuna.Study, generation: int) -> None:
         pending = study.user_attrs.get(self.PENDING) or []
         # a lost copy (FAIL, "lost") whose re-queue a kill prevented does not count as present
-        present = {t.user_attrs["cma_index"] for t in self._generation_trials(study, generation)
-                   if not t.user_attrs.get("lost")}
+        present = {t.user_attrs[Attr.CMA_INDEX] for t in self._generation_trials(study, generation)
+                   if not t.user_attrs.get(Attr.LOST)}
         for index, x in enumerate(pending):
             if index not in present:
                 self._enqueue(study, generation, index, x)
@@ -220,7 +237,7 @@ class CMAOptimizer:
             return
         by_index: dict[int, list[optuna.trial.FrozenTrial]] = {}
         for t in self._generation_trials(study, generation):
-            by_index.setdefault(t.user_attrs["cma_index"], []).append(t)
+            by_index.setdefault(t.user_attrs[Attr.CMA_INDEX], []).append(t)
         if len(by_index) < es.popsize:
             return
         maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
@@ -232,14 +249,14 @@ class CMAOptimizer:
             if complete:
                 value = float(complete[0].value)  # type: ignore[arg-type]  # complete: a finite value
                 fitness.append(-value if maximize else value)
-            elif (scored := [t for t in copies if not t.user_attrs.get("lost")]) and all(
+            elif (scored := [t for t in copies if not t.user_attrs.get(Attr.LOST)]) and all(
                     t.state in FINISHED for t in scored):
                 fitness.append(None)  # failed: gets the generation's worst fitness below
             else:
                 return  # still running or re-queued
         done = [f for f in fitness if f is not None]
         worst = max(done) + 1.0 if done else 1.0
-        solutions = [by_index[i][0].user_attrs["cma_x"] for i in range(es.popsize)]
+        solutions = [by_index[i][0].user_attrs[Attr.CMA_X] for i in range(es.popsize)]
         es.tell(solutions, [worst if f is None else f for f in fitness])
         self._save(study, es, generation)
         study.set_user_attr(self.TOLD, generation)
@@ -254,5 +271,5 @@ class CMAOptimizer:
         self._maybe_update(study)
 
 
-def make_optimizer(name: str, gene_names: list[str], seed: int, settings: dict) -> Optimizer:
-    return OPTIMIZERS[name].build(gene_names, seed, settings)
+def make_optimizer(name: str, gene_names: list[str], seed: int, settings: Any = None) -> Optimizer:
+    return OPTIMIZERS[name].build(gene_names, seed, settings_of(name, settings))

@@ -20,7 +20,6 @@ and heartbeat that do nothing.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import socket
@@ -34,17 +33,23 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import TrialState
 
-from optimizer.search import study_store
-from optimizer.search.optimizers import FINISHED, Optimizer, spends_budget
+from optimizer import study_store
+from optimizer.study_store import Attr
+from optimizer.run import FINISHED, spends_budget
+from optimizer.search.optimizers import Optimizer
 
 HEARTBEAT_ENV = "MERGEOPT_HEARTBEAT"  # "INTERVAL[,GRACE]" in whole seconds; default 20,60
 
 
-def heartbeat_settings() -> tuple[int, int]:
-    """Heartbeat interval and grace period (seconds) for shared storage; tests shorten them through the env."""
-    text = os.environ.get(HEARTBEAT_ENV, "").strip()
+DEFAULT_HEARTBEAT = (20, 60)
+
+
+def heartbeat_settings(text: str | None = None) -> tuple[int, int]:
+    """Heartbeat interval and grace period (seconds) for shared storage, from ``INTERVAL[,GRACE]`` (the CLI passes
+    $MERGEOPT_HEARTBEAT; tests shorten them so); None or empty: the defaults."""
+    text = (text or "").strip()
     if not text:
-        return 20, 60
+        return DEFAULT_HEARTBEAT
     try:
         parts = [int(p) for p in text.split(",")]
         interval, grace = (parts[0], parts[1]) if len(parts) == 2 else (parts[0], 3 * parts[0])
@@ -57,22 +62,11 @@ def heartbeat_settings() -> tuple[int, int]:
     return interval, grace
 
 
-def join_study(study: optuna.Study, identity: dict) -> int:
-    """Under the lock: check this worker searches the study's space, and take the next worker number."""
-    text = json.dumps(identity, sort_keys=True, default=str)  # canonical: JSON would turn int keys into strings
-    first = study.user_attrs.get("space")
-    if first is None:
-        study.set_user_attr("space", text)
-    elif first != text:
-        from optimizer.errors import MergeoptError
-
-        old, new = json.loads(first), json.loads(text)
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)) or ["?"]
-        raise MergeoptError(f"study {study.study_name!r} was started with a different search space (key "
-                            f"{changed[0]!r} differs); start every worker with the same space file, or use another "
-                            "--study")
-    number = int(study.user_attrs.get("workers", 0))
-    study.set_user_attr("workers", number + 1)
+def join_study(study: optuna.Study) -> int:
+    """Under the lock: take the next worker number (the run's identity was checked just before, by
+    :func:`optimizer.run.check_same_run` on the study's record: one check for a resume and a joining worker)."""
+    number = int(study.user_attrs.get(Attr.WORKERS, 0))
+    study.set_user_attr(Attr.WORKERS, number + 1)
     return number
 
 
@@ -185,13 +179,14 @@ class Coordinated:
     lock: StudyLock
     recover_stale: Callable[[optuna.Study], list]  # trials marked lost; run under the lock when shared
     worker: str
+    heartbeat: tuple[int, int] = DEFAULT_HEARTBEAT  # (interval, grace) seconds, with shared storage
     # coordination: ask and tell with the lock (waiting for it included); waiting: idle polls for other workers
     seconds: dict = field(default_factory=lambda: {"coordination": 0.0, "waiting": 0.0})
     _beats: dict = field(default_factory=dict)
 
     def ask(self, study: optuna.Study, target: int, deadline: float | None, stop=None):
         """The next trial to score, or None: budget met, deadline passed, or ``stop()`` true while polling."""
-        interval, _ = heartbeat_settings() if self.lock.shared else (None, None)
+        interval = self.heartbeat[0] if self.lock.shared else None
         # poll soon (a generation usually completes within one candidate's time), then back off: many waiting
         # workers must not keep the lock busy for the ones that come to tell
         poll, cap = 0.2, max(0.2, min(2.0, (interval or 1) / 2))
@@ -210,7 +205,7 @@ class Coordinated:
                 if trial is not None:
                     if interval:
                         self._beats[study_store.trial_id(trial)] = Heartbeat(study, trial, interval)
-                    trial.set_user_attr("worker", self.worker)
+                    trial.set_user_attr(Attr.WORKER, self.worker)
                     return trial
             if not self.lock.shared:
                 raise RuntimeError("the optimiser had no candidate to give although no other worker is running")

@@ -97,7 +97,7 @@ def test_masks_are_deterministic_nested_and_independent():
 
 def test_mask_key_is_stable_across_processes():
     # a fixed value: if this changes, every exported recipe re-merges to a different model
-    assert sparsify.mask_key(0, 0, "model.embed_tokens.weight") == sparsify.mask_key(0, 0, "model.embed_tokens.weight")
+    assert sparsify.mask_key(0, 0, "model.embed_tokens.weight") == 5126377207551488245  # pinned (was x == x)
     import subprocess
     import sys
     code = "from optimizer.merge import sparsify; print(sparsify.mask_key(5, 1, 'x.weight'))"

@@ -3,6 +3,8 @@ on; three failures in a row of the same kind stop the run with a clear message."
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from helpers import write_space
 from optuna.trial import TrialState
@@ -17,7 +19,9 @@ pytestmark = pytest.mark.slow  # the kill/resume/fault/worker suites: `pytest -m
 
 
 def search(path, run_dir, **overrides):
-    return run_search(load_space(path, overrides), run_dir, progress=False)
+    """The search as the command line runs it: MERGEOPT_FAULT (set by each test) read and parsed by the caller."""
+    return run_search(load_space(path, overrides), run_dir, progress=False,
+                      faults=faults.parse(os.environ.get(faults.ENV, "")))
 
 
 def space(root, name, **keys):

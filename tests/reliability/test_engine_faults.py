@@ -33,7 +33,7 @@ def test_a_cuda_error_poisons_the_process_and_an_oom_stays_the_candidates():
     assert engine_fault_of(ValueError("CUDA error: not a torch error type")) is None
 
 
-def test_scoring_raises_an_engine_fault_instead_of_failing_the_candidate(search_setup, monkeypatch):
+def test_scoring_raises_an_engine_fault_instead_of_failing_the_candidate(search_setup):
     from optimizer.evaluate.hf import HFBackend
     from optimizer.evaluate.scoring import evaluate_candidate
     from optimizer.evaluate.tasks import load_task_set
@@ -47,11 +47,11 @@ def test_scoring_raises_an_engine_fault_instead_of_failing_the_candidate(search_
     from optimizer.recipe import ModelSpec, Recipe
 
     recipe = Recipe("task_arithmetic", [ModelSpec(str(m), {"weight": 0.3}) for m in models], base_model=str(base))
-    monkeypatch.setenv(faults.ENV, "oom@trial:0,cuda@trial:1")
-    oom = evaluate_candidate(faults.with_faults(backend, 0), task_set, engine, recipe)
+    planned = faults.parse("oom@trial:0,cuda@trial:1")
+    oom = evaluate_candidate(faults.with_faults(backend, 0, planned), task_set, engine, recipe)
     assert oom.failed and oom.kind == "oom"  # the candidate's: recorded against it
     with pytest.raises(EngineFault) as raised:
-        evaluate_candidate(faults.with_faults(backend, 1), task_set, engine, recipe)
+        evaluate_candidate(faults.with_faults(backend, 1, planned), task_set, engine, recipe)
     assert raised.value.cause == "cuda" and raised.value.new_process
 
 

@@ -118,7 +118,7 @@ def evaluation_splits(seed: int = 0) -> dict[str, dict[str, list[Item]]]:
     """Task -> {"search": items, "heldout": items}; disjoint prompts, fixed by ``seed``."""
     splits: dict[str, dict[str, list[Item]]] = {}
     for offset, (name, make) in enumerate(SKILLS.items()):
-        rng, taken = random.Random(seed * 1000 + offset), set()
+        rng, taken = random.Random(seed * 1000 + offset), set[str]()
         splits[name] = {split: unique_items(make, rng, size, taken) for split, size in SPLIT_SIZES.items()}
     capitals = list(CAPITALS)
     random.Random(seed).shuffle(capitals)

@@ -1,4 +1,5 @@
-"""The merge-method registry, and the fused engine's plan for the methods it runs.
+"""The merge-method registry: declarations only, below the recipe that reads them (the kernel plan that runs them
+is :mod:`optimizer.merge.plan`).
 
 Every merge method mergekit 0.1.5 knows is declared here once: its parameters (name, type, default or required,
 range, scope) and how mergeopt runs it (``engine``: ``fused`` in the numba/torch kernels, else ``mergekit``, handed
@@ -13,17 +14,10 @@ both tools.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
-
-from optimizer.errors import MergeoptError
-
-if TYPE_CHECKING:
-    from optimizer.merge import sparsify
-    from optimizer.recipe import Recipe
+from optimizer.errors import MergeoptError, did_you_mean
 
 REQUIRED = object()  # a parameter default meaning "the recipe must give it"
 
@@ -242,15 +236,14 @@ def method_spec(name: Any) -> MethodSpec:
 
 
 def _refuse_name(what: str, name: str, known, verb: str):
-    near = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
-    hint = f"did you mean {near[0]}?" if near else f"use one of {', '.join(sorted(known))}"
-    raise MergeoptError(f"{what} {verb}; {hint}")
+    hint = did_you_mean(name, known) or f"; use one of {', '.join(sorted(known))}"
+    raise MergeoptError(f"{what} {verb}{hint}")
 
 
 def check_parameters(spec: MethodSpec, params: dict[str, Any], where: str) -> dict[str, Any]:
     """Parameters with every scalar coerced to its declared type and range-checked, at parse time.
 
-    A name no method knows is refused with the nearest known name (``densty``: did you mean density?); a name
+    A name no method knows is refused with the nearest known name (``densty (did you mean 'density'?)``); a name
     another method reads is kept and ignored, as mergekit does. Returns a copy of ``params``.
     """
     if not isinstance(params, dict):
@@ -261,11 +254,9 @@ def check_parameters(spec: MethodSpec, params: dict[str, Any], where: str) -> di
         if not spec.has(name):
             if name not in KNOWN_PARAMETERS:
                 own = [p.name for p in spec.parameters] or list(KNOWN_PARAMETERS)
-                near = (difflib.get_close_matches(name, own, n=1, cutoff=0.6)
-                        or difflib.get_close_matches(name, list(KNOWN_PARAMETERS), n=1, cutoff=0.6))
-                hint = f"did you mean {near[0]}?" if near else (
-                    f"{spec.name} reads {', '.join(p.name for p in spec.parameters) or 'no parameters'}")
-                raise MergeoptError(f"{where}.{name}: unknown parameter; {hint}")
+                hint = (did_you_mean(name, own) or did_you_mean(name, sorted(KNOWN_PARAMETERS))
+                        or f"; {spec.name} reads {', '.join(p.name for p in spec.parameters) or 'no parameters'}")
+                raise MergeoptError(f"{where}.{name}: unknown parameter{hint}")
             out[name] = setting
             continue
         out[name] = _coerce_setting(spec.parameter(name), setting, f"{where}.{name}")
@@ -322,108 +313,6 @@ def _gene_names(spec: MethodSpec) -> str:
     always = [p.name for p in genes if p.required] + (["drop_rate"] if spec.sparsification is not None else [])
     optional = [p.name for p in genes if not p.required]
     return ", ".join(always) + (f" (+ {', '.join(optional)})" if optional else "")
-
-
-@dataclass(frozen=True)
-class TensorSlot:
-    """What the engine knows about one tensor: its name, relative depth and, per model, its delta."""
-
-    name: str
-    t: float  # relative depth in [0, 1]; 0 outside the layer stack (mergekit's convention)
-
-
-def tensor_plan(recipe: Recipe, slot: TensorSlot, model_positions: list[int], delta_rows=None,
-                l1_norms=None) -> sparsify.TensorPlan:
-    """Resolve a recipe into the kernel's per-model arrays for one tensor.
-
-    ``model_positions`` are the recipe positions of the models the engine holds, in the engine's row order;
-    ``delta_rows(m)`` returns the float32 delta of row ``m`` (made on demand: TIES magnitude cuts) and
-    ``l1_norms(m, threshold, key)`` the (dense, kept) L1 norms of that delta under a DARE mask (L1 rescale).
-    """
-    from optimizer.merge import sparsify
-    from optimizer.recipe import resolve_parameter
-
-    spec = METHODS[recipe.merge_method]
-    if not spec.fused:
-        raise MergeoptError(f"merge_method {spec.name} does not run in the fused engine; "
-                            "'mergeopt merge' hands such a recipe to mergekit")
-    n = len(model_positions)
-    weights = np.zeros(n, dtype=np.float32)
-    scales = np.ones(n, dtype=np.float32)
-    modes = np.full(n, sparsify.KEEP_ALL, dtype=np.int32)
-    thresholds = np.zeros(n, dtype=np.int64)
-    magnitudes = np.zeros(n, dtype=np.float32)
-    keys = np.zeros(n, dtype=np.uint64)
-    tie_limits = np.zeros(n, dtype=np.int64)
-    glob = recipe.parameters
-    rescale_l1 = spec.sparsification == "magnitude" and bool(
-        resolve_parameter("rescale", [glob], slot.name, slot.t, default=False))
-    for row, pos in enumerate(model_positions):
-        scopes = [recipe.models[pos].parameters, glob]
-        weight = resolve_parameter("weight", scopes, slot.name, slot.t)
-        if weight is None:
-            raise MergeoptError(f"model {recipe.models[pos].model} has no 'weight' for tensor {slot.name}; "
-                                "give it a weight in its parameters or in the recipe's parameters")
-        weights[row] = float(weight)
-        if spec.sparsification is None:
-            continue
-        density = float(resolve_parameter("density", scopes, slot.name, slot.t, default=1.0))
-        if not 0.0 <= density <= 1.0:
-            raise MergeoptError(f"density of {recipe.models[pos].model} for {slot.name} is {density}; it must be within [0, 1]")
-        if spec.sparsification == "magnitude":
-            if density < 1.0:
-                modes[row] = sparsify.KEEP_MAGNITUDE
-                magnitudes[row], tie_limits[row] = sparsify.magnitude_cut(delta_rows(row).abs(), density)
-                if rescale_l1:  # mergekit's rescale: the trimmed delta keeps the dense delta's L1 norm
-                    scales[row] = _trimmed_l1_scale(delta_rows(row), density)
-            continue
-        # DARE
-        if density >= 1.0:
-            continue
-        threshold = sparsify.drop_threshold(1.0 - density)
-        key = sparsify.mask_key(recipe.seed, pos, slot.name)
-        modes[row] = sparsify.KEEP_RANDOM if threshold < sparsify.RANK_LEVELS else sparsify.KEEP_NONE
-        thresholds[row] = threshold
-        keys[row] = np.uint64(key)
-        if recipe.rescale == "dare":
-            scales[row] = sparsify.dare_scale(threshold)
-        elif recipe.rescale == "l1" and threshold < sparsify.RANK_LEVELS:
-            before, after = l1_norms(row, threshold, key)
-            if before >= 1e-7 and after >= 1e-7:
-                scales[row] = before / after
-    normalize = bool(resolve_parameter("normalize", [glob], slot.name, slot.t, default=spec.default_normalize))
-    lam = float(resolve_parameter("lambda", [glob], slot.name, slot.t, default=1.0)) if spec.has("lambda") else 1.0
-    base_coef = 1.0
-    if spec.whole_weights:
-        # linear: out = sum_i w_i x_i (/ sum_i w_i). The engine holds x_m = base + delta_m, so the base's own
-        # coefficient is the weight sum; a base_model outside `models` is one more input with delta 0, weighted
-        # by the global weight (mergekit averages it in the same way).
-        base_weight = 0.0
-        if recipe.linear_base_is_input:
-            base_weight = float(resolve_parameter("weight", [glob], slot.name, slot.t, default=0.0))
-        total = float(weights.sum(dtype=np.float64)) + base_weight
-        if normalize:
-            if abs(total) < 1e-8:
-                raise MergeoptError(f"linear weights sum to {total:g} for tensor {slot.name}; a normalized average "
-                                    "needs a non-zero sum (set normalize: false or change the weights)")
-            weights = (weights / np.float32(total)).astype(np.float32)
-            normalize = False
-        else:
-            base_coef = total
-    return sparsify.TensorPlan(weights=weights, scales=scales, keep_mode=modes, thresholds=thresholds,
-                               magnitudes=magnitudes, keys=keys, tie_limits=tie_limits, consensus=spec.consensus, normalize=normalize,
-                               lam=lam, base_coef=base_coef)
-
-
-def _trimmed_l1_scale(delta, density: float) -> float:
-    """dense L1 / L1 of the top-k elements, k = max(1, int(density * n)); 1 when either is below 1e-7."""
-    import torch
-
-    flat = delta.reshape(-1).abs().float()
-    k = max(1, int(density * flat.numel()))
-    before = float(flat.sum())
-    after = float(torch.topk(flat, k, sorted=False).values.sum())
-    return before / after if before >= 1e-7 and after >= 1e-7 else 1.0
 
 
 def methods_markdown() -> str:

@@ -19,6 +19,33 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from optimizer.files import temporary_path
 
 
+class Attr:
+    """The study's user-attribute keys, spelled once (every module reads and writes them through these names;
+    :class:`optimizer.run.TrialRecord` is the typed view of a trial's)."""
+
+    # a trial's
+    RECIPE = "recipe"  # the recipe YAML the candidate was built from
+    SEED = "seed"  # its DARE mask seed
+    SCORES = "scores"  # {task: {value, stderr, n, ...}}
+    SCALARIZED = "scalarized"  # the weighted mean of the objectives (larger is better)
+    FIDELITY = "fidelity"  # "full" | "low"
+    LOW_VALUE = "low_value"  # the scalarized score on the low-fidelity subset
+    LOW_SCORES = "low_scores"
+    SECONDS = "seconds"  # timings: swap, score, low_swap, low_score
+    ERROR = "error"  # why a candidate failed
+    FAILURE_KIND = "failure_kind"  # oom | nan | an exception's type name
+    LOST = "lost"  # never scored to the end (a dead or interrupted worker): spends no budget
+    WORKER = "worker"  # the worker that scored it (shared storage)
+    CMA_GENERATION = "cma_generation"
+    CMA_INDEX = "cma_index"
+    CMA_X = "cma_x"
+    # the study's
+    RUN = "mergeopt:run"  # the run's record: {"config": ..., "resolved": ...}
+    PARENTS = "parents"  # the base's and the fine-tunes' scores
+    WORKERS = "workers"  # how many workers joined (each takes the next number)
+
+
+
 def storage_url(run_dir: Path, storage: str | None) -> str:
     """The study's database: ``--storage`` when given, else ``study.db`` in the run folder."""
     return storage or f"sqlite:///{(Path(run_dir) / 'study.db').resolve()}"
@@ -80,8 +107,8 @@ def fail_as_lost(study: optuna.Study, trials: list[FrozenTrial], reason: str) ->
     """Trials no worker will finish (RUNNING, so the Study API cannot touch them): FAIL, with ``lost`` and why."""
     storage = study._storage
     for t in trials:
-        storage.set_trial_user_attr(t._trial_id, "error", reason)
-        storage.set_trial_user_attr(t._trial_id, "lost", True)
+        storage.set_trial_user_attr(t._trial_id, Attr.ERROR, reason)
+        storage.set_trial_user_attr(t._trial_id, Attr.LOST, True)
         storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
 
 
