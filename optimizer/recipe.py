@@ -56,6 +56,7 @@ _TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "tok
              "out_dtype", "chat_template", "name"}
 # mergekit forms the fused engine does not run; `mergeopt merge` hands them to mergekit.
 MERGEKIT_ONLY_KEYS = ("slices", "modules", "tokenizer")
+_MODEL_KEYS = {"model", "parameters"}  # an entry of models:
 _MERGEOPT_KEYS = {"seed", "rescale", "trial", "scores", "objectives", "study"}
 
 
@@ -226,7 +227,12 @@ class Recipe:
         for i, entry in enumerate(data["models"]):
             if isinstance(entry, str):
                 entry = {"model": entry}
-            if not isinstance(entry, dict) or "model" not in entry:
+            if not isinstance(entry, dict):
+                raise MergeoptError(f"{source}: models[{i}] needs a 'model' key")
+            if set(entry) - _MODEL_KEYS:  # e.g. 'paramters:' would silently merge with no parameters
+                raise unknown_key(source, str(sorted(set(entry) - _MODEL_KEYS)[0]), sorted(_MODEL_KEYS),
+                                  where=f"models[{i}]")
+            if "model" not in entry:
                 raise MergeoptError(f"{source}: models[{i}] needs a 'model' key")
             params = entry.get("parameters") or {}
             if not isinstance(params, dict):
@@ -241,7 +247,7 @@ class Recipe:
             raise MergeoptError(f"{source}: 'mergeopt' must be a mapping")
         bad = set(block) - _MERGEOPT_KEYS
         if bad:
-            raise MergeoptError(f"{source}: unknown key mergeopt.{sorted(bad)[0]}; allowed: {', '.join(sorted(_MERGEOPT_KEYS))}")
+            raise unknown_key(source, str(sorted(bad)[0]), sorted(_MERGEOPT_KEYS), where="mergeopt")
         method = data["merge_method"]
         spec = method_spec(method)
         if spec.sparsification == "random":
@@ -303,6 +309,15 @@ def resolve_reference(reference: str, root: Path | None = None) -> str:
     if lora is not None:  # model+adapter: each part resolved
         return f"{resolve_reference(lora[0], root)}+{resolve_reference(lora[1], root)}"
     path = Path(reference).expanduser()
+    folder, at, revision = reference.partition("@")
+    whole = Path(reference).expanduser()
+    if at and "+" not in revision and not (whole.exists() or (root is not None and (root / whole).exists())):
+        local = Path(folder).expanduser()
+        local = local if local.is_absolute() or root is None or not (root / local).is_dir() else root / local
+        if local.is_dir():
+            raise MergeoptError(f"{reference}: a revision (@{revision}) is read for Hugging Face ids only, and "
+                                f"{folder} is a local folder; drop '@{revision}', or check that revision out "
+                                "into a folder of its own")
     if path.is_absolute():
         return str(path)
     if root is not None and (root / path).exists():
@@ -538,11 +553,15 @@ def read_yaml_file(path: Path, kind: str) -> Any:
     if not path.is_file():
         raise MergeoptError(f"{kind} {path} does not exist")
     try:
-        return yaml.safe_load(path.read_text())
+        documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
         raise MergeoptError(f"{path}: not valid YAML{where}; fix the syntax and retry") from None
+    if len(documents) > 1:
+        raise MergeoptError(f"{path}: holds {len(documents)} YAML documents (separated by '---'); a {kind} is one "
+                            "document: keep one per file")
+    return documents[0] if documents else None
 
 
 def zoo_path(reference: str) -> str:

@@ -72,3 +72,13 @@ def test_the_readme_links_nothing_outside_the_repository():
         path = target.split("#", 1)[0]
         assert not path.startswith(("/", "..", "http:", "https:", "file:")), target
         assert ROOT.joinpath(path).resolve().is_relative_to(ROOT) and ROOT.joinpath(path).exists(), target
+
+
+def test_the_readmes_merge_example_writes_where_git_ignores_it():
+    import subprocess
+
+    outs = re.findall(r"mergeopt merge \S+ --out (\S+)", ROOT.joinpath("README.md").read_text().split("## Commands")[0])
+    assert outs
+    for out in outs:
+        check = subprocess.run(["git", "check-ignore", "-q", f"{out}/model.safetensors"], cwd=ROOT)
+        assert check.returncode == 0, f"{out} is not ignored by git: a user's merged model would show as untracked"

@@ -83,7 +83,7 @@ def test_filters_pick_the_first_match_and_scopes_fall_back():
     ({"merge_method": "ties", "base_model": "b", "models": []}, "lists no models"),
     ({"merge_method": "ties", "base_model": "b", "models": ["a"], "wieght": 1}, "unknown key 'wieght'"),
     ({"merge_method": "ties", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": "x y"}}],
-      "mergeopt": {"sed": 1}}, "unknown key mergeopt.sed"),
+      "mergeopt": {"sed": 1}}, r"mergeopt: unknown key 'sed' \(did you mean 'seed'\?\)"),
     ({"merge_method": "ties", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": [{"v": 1}]}}]},
      r"models\[0\]\.parameters\.weight: expected a number"),
     ({"merge_method": "ties", "base_model": "b", "models": [{"parameters": {}}]}, r"models\[0\] needs a 'model' key"),
