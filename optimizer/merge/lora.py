@@ -280,22 +280,24 @@ class AdapterWeights:
                 raise MergeoptError(f"tensor {name} of adapter {adapter.folder} holds {bad} NaN or infinite value"
                                     f"{'s' * (bad > 1)}; the adapter is damaged: re-save or re-download it")
             self._tensors[name] = tensor.to(device)
-        # A scale that is a power of two multiplies A exactly: A is scaled once here and each tensor is formed by one
-        # addmm (base + B @ (scale A), bit for bit base + (B @ A) * scale); other scales take two passes more
+        # On a CPU a float32 or bfloat16 tensor is formed by the fused numba loop (kernels.form_lora_*) from the
+        # factors laid out as it reads them: x (r x rows) and y (r x cols), value[p, q] = sum_k x[k, p] y[k, q];
+        # x = B^T is a view of B (read along the rank), so only a transposed layout's B^T is copied.
+        # Elsewhere (a GPU, a float16 base, a stored base layer) one addmm: with a scale that is a power of two, A is
+        # scaled once here (exactly) and base + B @ (scale A) is bit for bit base + (B @ A) * scale.
+        self._factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._prescaled: dict[str, torch.Tensor] = {}
         for adapted in adapter.tensors.values():
-            if adapted.a is not None and math.frexp(adapted.scale)[0] == 0.5:
-                self._prescaled[adapted.target] = self._tensors[adapted.a].float() * adapted.scale
-        # On a CPU a float32 or bfloat16 tensor is formed by the fused numba loop (kernels.form_lora_*) from the
-        # factors laid out as it reads them: x (r x rows) and y (r x cols), value[p, q] = sum_k x[k, p] y[k, q]
-        self._factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        if device.type == "cpu":
-            for adapted in adapter.tensors.values():
-                if adapted.a is None or adapted.b is None or adapted.whole is not None:
-                    continue
-                a, b = self._tensors[adapted.a].float(), self._tensors[adapted.b].float()
-                x, y = (a, b.T) if adapted.kind == "embedding" or adapted.transpose else (b.T, a)
-                self._factors[adapted.target] = (x.contiguous().numpy(), y.contiguous().numpy())
+            if adapted.a is None or adapted.b is None:
+                continue
+            a, b = self._tensors[adapted.a].float(), self._tensors[adapted.b].float()
+            transposed = adapted.kind == "embedding" or adapted.transpose
+            if device.type == "cpu" and adapted.whole is None and \
+                    base[adapted.target].dtype in (torch.float32, torch.bfloat16):
+                x, y = (a, b.T.contiguous()) if transposed else (b.T, a.contiguous())
+                self._factors[adapted.target] = (x.numpy(), y.numpy())
+            elif math.frexp(adapted.scale)[0] == 0.5:
+                self._prescaled[adapted.target] = a * adapted.scale
         self._formed: tuple[str, torch.Tensor] | None = None
 
     @property
