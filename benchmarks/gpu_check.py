@@ -8,7 +8,11 @@ engine, and (when vLLM is installed) ten candidates end to end. Run through ``be
    must touch (read 4 models, write 1) at its measured device-to-device bandwidth;
 3. builds the same recipe with the CPU engine (numba, memory-mapped files) for ``--samples`` sampled tensors and
    counts the bit-identical ones;
-4. with vLLM importable: ten candidates (merge + swap + score on a small generation task) through the vllm backend.
+4. with vLLM importable: ten candidates (merge + swap + score on a small generation task) through the vllm backend,
+   then its worker process killed (SIGKILL) mid-candidate: the time until a new engine holds the candidate, its
+   scores against the ones before, the old processes gone and the card's free memory back;
+5. a real CUDA fault in the search process (``MERGEOPT_FAULT=cuda``: a device-side assert, which poisons the
+   context): a tiny ``mergeopt search`` on the hf backend must restart its process and still meet its budget.
 
 ``--dry-run`` runs the same code on the CPU with a tiny family (the torch kernel stands in for CUDA), so the script
 is tested where no GPU is.
@@ -147,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         same += bool(torch.equal(state[name].cpu(), expected))
     rows.append(("bit-identical to CPU", f"{same}/{len(names)} sampled tensors"))
 
-    rows.append(("vLLM, 10 candidates", _vllm_candidates(base, models, recipe, work, device)))
+    rows.extend(_vllm_candidates(base, models, recipe, work, device))
+    rows.append(("CUDA fault -> process restarted", _cuda_fault_search(work, device)))
     if args.json:
         args.json.write_text(json.dumps(dict(rows), indent=2))
     width = max(len(k) for k, _ in rows)
@@ -161,27 +166,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if same == len(names) else 1
 
 
-def _vllm_candidates(base, models, recipe, work: Path, device) -> str:
-    """Ten candidates end to end through the vllm backend, or why not."""
+def _vllm_candidates(base, models, recipe, work: Path, device) -> list[tuple[str, str]]:
+    """Ten candidates end to end through the vllm backend, then its worker killed mid-candidate; or why not."""
+    rows = ("vLLM, 10 candidates", "vLLM worker killed mid-candidate")
     try:
         import vllm  # noqa: F401
     except ImportError:
-        return "skipped: vLLM is not installed"
+        return [(row, "skipped: vLLM is not installed") for row in rows]
     if device.type != "cuda":
-        return "skipped: the dry run does not start vLLM"
+        return [(row, "skipped: the dry run does not start vLLM") for row in rows]
     from optimizer.evaluate.scoring import evaluate_candidate, make_backend
-    from optimizer.evaluate.tasks import load_task_set
-    from optimizer.merge.engine import MergeEngine
     from optimizer.zoo.tokenizer import save_tokenizer
 
     for folder in [base, *models]:
         save_tokenizer(folder)
-    tasks = work / "vllm-tasks"
-    tasks.mkdir(exist_ok=True)
-    (tasks / "gen.jsonl").write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "target": str(2 * i)}) + "\n"
-                                             for i in range(32)))
-    (tasks / "tasks.yaml").write_text("tasks:\n  - {name: gen, path: gen.jsonl, max_new_tokens: 4}\n")
-    task_set = load_task_set(str(tasks / "tasks.yaml"))
+    task_set = _generation_tasks(work)
+    from optimizer.merge.engine import MergeEngine
+
     engine = MergeEngine.for_recipe(recipe, device="cpu", verify=False)
     backend = make_backend("vllm", base, device=str(device), dtype="bfloat16")
     try:
@@ -193,11 +194,97 @@ def _vllm_candidates(base, models, recipe, work: Path, device) -> str:
             swap += result.seconds.get("swap", 0.0)
             score += result.seconds.get("score", 0.0)
         total = time.perf_counter() - start
+        killed = _kill_worker_mid_candidate(backend, engine, recipe, task_set, result, total / 10)
     finally:
         close = getattr(backend, "close", None)
         if close:
             close()
-    return f"{total:.1f} s ({total / 10:.2f} s per candidate; merge + swap {swap / total:.0%} of it)"
+    return [(rows[0], f"{total:.1f} s ({total / 10:.2f} s per candidate; merge + swap {swap / total:.0%} of it)"),
+            (rows[1], killed)]
+
+
+def _generation_tasks(work: Path):
+    from optimizer.evaluate.tasks import load_task_set
+
+    tasks = work / "vllm-tasks"
+    tasks.mkdir(exist_ok=True)
+    (tasks / "gen.jsonl").write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "target": str(2 * i)}) + "\n"
+                                             for i in range(32)))
+    (tasks / "tasks.yaml").write_text("tasks:\n  - {name: gen, path: gen.jsonl, max_new_tokens: 4}\n")
+    return load_task_set(str(tasks / "tasks.yaml"))
+
+
+def _kill_worker_mid_candidate(backend, engine, recipe, task_set, before, per_candidate: float) -> str:
+    """SIGKILL the engine's worker process half-way through a candidate; the same candidate must come back with the
+    same scores from a new engine, the old processes gone and the card's memory freed."""
+    import os
+    import signal
+    import threading
+
+    import torch
+
+    from optimizer.evaluate.recovery import pid_running
+    from optimizer.evaluate.scoring import evaluate_candidate
+
+    old = dict(backend.processes.names)
+    workers = [pid for pid, name in old.items() if "Worker" in name] or list(old)
+    free_before = torch.cuda.mem_get_info()[0]
+    timer = threading.Timer(per_candidate / 2, lambda: [os.kill(pid, signal.SIGKILL) for pid in workers])
+    start = time.perf_counter()
+    timer.start()
+    after = evaluate_candidate(backend, task_set, engine, recipe)
+    seconds = time.perf_counter() - start
+    timer.join()
+    events = backend.engine_events
+    left = [pid for pid in old if pid_running(pid)]
+    free_after = torch.cuda.mem_get_info()[0]
+    same = after.to_dict() == before.to_dict()
+    recovery = events[-1].recovery_seconds if events else None
+    return (f"{len(events)} fault(s) survived; candidate back in {seconds:.1f} s (new engine + rebuild "
+            f"{recovery or 0:.1f} s); scores {'equal' if same else 'DIFFER'}; old processes left: {len(left)}; "
+            f"free GPU memory {free_before / 2**30:.1f} -> {free_after / 2**30:.1f} GiB")
+
+
+def _cuda_fault_search(work: Path, device) -> str:
+    """A tiny `mergeopt search` on the hf backend on the GPU whose trial 1 hits a real device-side assert: the process
+    must restart itself on the same study and meet the budget (3 trials COMPLETE, trial 1 lost)."""
+    if device.type != "cuda":
+        return "skipped: the dry run has no CUDA context to poison"
+    import os
+    import subprocess
+
+    import optuna
+    import transformers
+    import yaml
+
+    from bench_merge import write_family
+    from optimizer.zoo.tokenizer import save_tokenizer
+
+    config = transformers.LlamaConfig(tie_word_embeddings=False, max_position_embeddings=256,
+                                      architectures=["LlamaForCausalLM"], **GPU_SIZES["tiny"])
+    base, models = write_family(work / "family-cuda-fault", config, 3, dtype="float32")
+    for folder in [base, *models]:
+        save_tokenizer(folder)
+    _generation_tasks(work)
+    space = work / "cuda-fault.yaml"
+    space.write_text(yaml.safe_dump({"name": "cuda-fault", "base_model": str(base), "models": [str(m) for m in models],
+                                     "merge_method": "dare_ties", "objectives": ["gen"], "optimizer": {"name": "random"},
+                                     "budget": {"trials": 3}, "tasks": str(work / "vllm-tasks" / "tasks.yaml"),
+                                     "limit": 8, "seed": 0}))
+    run_dir = work / "cuda-fault-run"
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "optimizer.cli", "search", str(space), "--run-dir", str(run_dir),
+                           "--device", str(device), "--quiet"], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "MERGEOPT_FAULT": "cuda@trial:1", "MERGEOPT_ENGINE_TIMEOUT": "4",
+                               "PYTHONPATH": str(ROOT)})
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        return f"FAILED: exit {done.returncode}: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ''}"
+    trials = optuna.load_study(study_name="cuda-fault", storage=f"sqlite:///{run_dir / 'study.db'}").get_trials()
+    complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    lost = [t.number for t in trials if t.user_attrs.get("lost")]
+    restarts = sum("restarting the process" in line for line in done.stderr.splitlines())
+    return f"exit 0 in {seconds:.0f} s: {complete}/3 trials COMPLETE, lost {lost}, {restarts} restart(s)"
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from optimizer.errors import MergeoptError
+from optimizer.errors import EngineFault, MergeoptError
 from optimizer.recipe import DTYPES
 
 
@@ -208,19 +208,31 @@ def cmd_search(args: argparse.Namespace) -> int:
     options = SearchOptions(storage=args.storage, study_name=args.study, device=args.device,
                             engine_device=args.engine_device, progress=not args.quiet,
                             faults=faults.parse(os.environ.get(faults.ENV, "")),
-                            heartbeat=heartbeat_settings(os.environ.get(HEARTBEAT_ENV)))
+                            heartbeat=heartbeat_settings(os.environ.get(HEARTBEAT_ENV)),
+                            recovery=_engine_recovery())
     if args.threads is None and space.threads is not None:  # the space's own thread count, unless --threads
         configure_threads(space.threads)
     run_dir = args.run_dir or Path("runs") / space.name
     if not _search_plan(space, args):
         return 0
     result = run_search(space, run_dir, options)
+    fault = result.engine_fault
+    if fault is not None:  # a new process on the same study, or one line and exit 75 (optimizer/search/restart.py)
+        from optimizer.evaluate.recovery import EngineRecovery
+        from optimizer.search.restart import restart_if_allowed
+
+        fault = restart_if_allowed(fault, options.recovery or EngineRecovery(), os.environ, sys.orig_argv)
     exported = export_run(run_dir, storage=args.storage, study_name=args.study)
     print_front(exported, verdict=False)
     if exported.front:
         _search_report(run_dir, args.storage, args.study)
     if exported.line:  # the run's verdict, last: the validated best against the best baseline
         print(exported.line)
+    if fault is not None:
+        from optimizer.search.restart import EXIT_ENGINE, stopped_line
+
+        print(stopped_line(fault), file=sys.stderr)
+        return EXIT_ENGINE
     if result.stopped_reason:
         print(f"mergeopt search: stopped: {result.stopped_reason}", file=sys.stderr)
         return 1
@@ -229,6 +241,16 @@ def cmd_search(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 130
     return 0
+
+
+def _engine_recovery():
+    """How a run survives its inference engine: MERGEOPT_ENGINE_RESTARTS, MERGEOPT_ENGINE_TIMEOUT (README,
+    "Safety and reliability"); a bad value is one line before anything loads."""
+    import os
+
+    from optimizer.evaluate.recovery import EngineRecovery
+
+    return EngineRecovery.from_env(os.environ)
 
 
 def _trims_by_magnitude(method: str) -> bool:
@@ -344,7 +366,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                         allow_pickle=args.allow_pickle)
         folder = engine.base_path
     with contextlib.closing(make_backend(args.backend, folder, device=args.device, dtype=dtype,
-                                         engine_device=args.engine_device, **extra)) as backend:
+                                         engine_device=args.engine_device, recovery=_engine_recovery(),
+                                         **extra)) as backend:
         result = evaluate_candidate(backend, task_set, engine, recipe, progress=not args.json)
         # the examples need the live model: before the backend closes
         shown = None
@@ -578,6 +601,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"mergeopt {args.command}: interrupted", file=sys.stderr)
         return 130
+    except EngineFault as exc:  # the engine's, not the input's (optimizer/evaluate/recovery.py): exit 75
+        if args.debug:
+            raise
+        from optimizer.search.restart import EXIT_ENGINE, stopped_line
+
+        print(stopped_line(exc, f"mergeopt {args.command}"), file=sys.stderr)
+        return EXIT_ENGINE
     except BrokenPipeError:  # `mergeopt ... | head`: the reader left; say nothing more
         import os
 

@@ -39,6 +39,39 @@ def failure_kind(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+class EngineFault(RuntimeError):
+    """The inference engine failed, not the candidate: its process died or hung, the connection to it was lost, or a
+    CUDA error poisoned the process that holds it. Never recorded against a genome: the engine is replaced and the
+    candidate scored again (optimizer/evaluate/recovery.py).
+
+    ``cause``: ``dead``, ``hung`` or ``cuda``. ``new_process``: only a new process can recover (a poisoned CUDA
+    context). ``final``: the backend gave up replacing its engine (restarts per hour spent); the candidate in flight
+    is then left unscored (lost: it spends no budget) and the run stops with this line.
+    """
+
+    def __init__(self, message: str, cause: str = "dead", new_process: bool = False, final: bool = False):
+        super().__init__(message)
+        self.cause, self.new_process, self.final = cause, new_process, final
+
+
+def engine_fault_of(exc: BaseException) -> EngineFault | None:
+    """The engine fault an exception raised in this process stands for, or None (then it is the candidate's).
+
+    A CUDA error other than out-of-memory (an illegal address, a device-side assert, a launch failure: torch raises
+    them as ``torch.AcceleratorError``, older releases as a RuntimeError saying "CUDA error") is sticky: every later
+    kernel of the process fails too, whatever the candidate. Matched by class name and message, without torch."""
+    if isinstance(exc, EngineFault):
+        return exc
+    if failure_kind(exc) == CandidateOutOfMemory.kind:
+        return None
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    text = str(exc).strip()
+    if "AcceleratorError" in names or (isinstance(exc, RuntimeError) and text.startswith("CUDA error")):
+        first = text.splitlines()[0] if text else type(exc).__name__
+        return EngineFault(f"a CUDA error poisoned this process ({first})", cause="cuda", new_process=True)
+    return None
+
+
 NEAR_MISS_CUTOFF = 0.6  # how alike a typo must be to a known name to be suggested (difflib's ratio)
 
 

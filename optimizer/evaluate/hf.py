@@ -27,6 +27,9 @@ class HFBackend:
         import transformers
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # none: this backend's engine is this process; a CUDA error that poisons it is raised (scoring turns it into
+        # an EngineFault that needs a new process: optimizer/search/restart.py)
+        self.engine_events: list = []
         self.batch_size = batch_size
         self.model_path = str(model_path)
         if not trust_remote_code:

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from optimizer.errors import MergeoptError, NonFiniteOutput, failure_kind
+from optimizer.errors import EngineFault, MergeoptError, NonFiniteOutput, engine_fault_of, failure_kind
 from optimizer.evaluate.tasks import GenerationRequest, LoglikelihoodRequest, Score, TaskSet
 
 class Backend(Protocol):
@@ -18,6 +18,10 @@ class Backend(Protocol):
     (``contextlib.closing(make_backend(...))``) so its engine is shut down however the command ends."""
 
     name: str
+    # Engine faults (optimizer/evaluate/recovery.py): a backend that can replace its engine does so itself, scores the
+    # weights in flight again and notes each fault survived here; one that cannot raises errors.EngineFault, which
+    # scoring never records against the candidate.
+    engine_events: list
 
     def swap(self, engine: Any, recipe: Any) -> None:
         """Build ``recipe`` with the merge ``engine`` into the live weights."""
@@ -47,17 +51,24 @@ BACKENDS = {"hf": "optimizer.evaluate.hf:HFBackend", "vllm": "optimizer.evaluate
 # and the caller's own engine only checks recipes, on the host
 OWN_MERGE_ENGINE = frozenset({"vllm"})
 
+# backends that replace their own engine when it dies or hangs (the others' engine is this process)
+REPLACES_ENGINE = frozenset({"vllm"})
+
 
 def make_backend(name: str, model_path, device: str | None = None, dtype: str = "float32",
-                 engine_device: str | None = None, **kwargs) -> Backend:
+                 engine_device: str | None = None, recovery=None, **kwargs) -> Backend:
     """The live inference engine of a run, loaded once from the base model's folder. ``engine_device``: where a
-    backend with its own merge engine holds the models (the others build with the caller's engine)."""
+    backend with its own merge engine holds the models (the others build with the caller's engine). ``recovery``:
+    the :class:`~optimizer.evaluate.recovery.EngineRecovery` of a backend that replaces its engine (its default
+    otherwise)."""
     if name not in BACKENDS:
         raise MergeoptError(f"backend {name!r} is not one of {', '.join(BACKENDS)}")
     module, _, cls = BACKENDS[name].partition(":")
     backend_class = getattr(importlib.import_module(module), cls)
     if name in OWN_MERGE_ENGINE:
         kwargs["engine_device"] = engine_device
+    if name in REPLACES_ENGINE and recovery is not None:
+        kwargs["recovery"] = recovery
     return backend_class(model_path, device=device, dtype=dtype, **kwargs)
 
 
@@ -103,9 +114,10 @@ def score(backend, task_set: TaskSet, progress: bool = False, kinds: dict[str, s
             if result.value is None or not math.isfinite(result.value):
                 result = Score(task.metric, None, None, result.n, error="the metric is not a finite number")
                 kinds[task.spec.name] = NonFiniteOutput.kind
-        except MergeoptError:
+        except (MergeoptError, EngineFault):
             raise
         except Exception as exc:  # one bad candidate must not end the run
+            _raise_engine_fault(exc)
             result = Score(task.metric, None, None, 0, error=_reason(exc))
             kinds[task.spec.name] = failure_kind(exc)
         results[task.spec.name] = result
@@ -119,9 +131,10 @@ def evaluate_candidate(backend, task_set: TaskSet, engine=None, recipe=None, pro
     if recipe is not None:
         try:
             backend.swap(engine, recipe)
-        except MergeoptError:
+        except (MergeoptError, EngineFault):
             raise
         except Exception as exc:
+            _raise_engine_fault(exc)
             return CandidateResult({}, {"swap": time.perf_counter() - start}, error=_reason(exc),
                                    kind=failure_kind(exc))
     seconds["swap"] = time.perf_counter() - start
@@ -131,6 +144,14 @@ def evaluate_candidate(backend, task_set: TaskSet, engine=None, recipe=None, pro
     errors = [f"{name}: {s.error}" for name, s in scores.items() if s.error]
     kind = next((kinds[name] for name, s in scores.items() if s.error and name in kinds), None)
     return CandidateResult(scores, seconds, error="; ".join(errors) or None, kind=kind if errors else None)
+
+
+def _raise_engine_fault(exc: Exception) -> None:
+    """An exception that stands for the engine's fault, not the candidate's (errors.engine_fault_of), is raised as
+    that EngineFault."""
+    fault = engine_fault_of(exc)
+    if fault is not None:
+        raise fault from exc
 
 
 def _reason(exc: BaseException) -> str:

@@ -11,9 +11,11 @@ when that tensor is merged, hands it to the kernels as it would a fine-tune's st
 next tensor. ``scale`` is ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``), with ``alpha_pattern``
 honoured and ``r`` read from the tensors' own shapes (so ``rank_pattern`` is too); ``fan_in_fan_out`` (GPT-2's
 Conv1D) transposes ``B @ A``; embedding adapters (``lora_embedding_A/B``) give ``(B @ A)^T``; full tensors the
-adapter stores (``modules_to_save``) replace the base's. So a merge of adapters is bit for bit the merge of their
-merged checkpoints, no adapted model is ever written or held in full, and a tensor no adapter touches is the base's
-(the engine skips it). Forms that are not ``W + scale * B @ A`` (DoRA, LoRA biases, trainable tokens, other PEFT
+adapter stores (``modules_to_save``) replace the base's. On a CPU a float32 or bfloat16 tensor is formed by a fused
+numba loop (:func:`optimizer.merge.kernels.form_lora_bf16`), which sums the rank's products in order where PEFT's
+BLAS sums them otherwise: the formed tensor is PEFT's merged checkpoint up to the float32 rounding of ``B @ A``.
+A merge of adapters is bit for bit the merge of the checkpoints the engine forms, no adapted model is ever written
+or held in full, and a tensor no adapter touches is the base's (the engine skips it). Forms that are not ``W + scale * B @ A`` (DoRA, LoRA biases, trainable tokens, other PEFT
 types) are refused in one line before anything loads.
 """
 
@@ -26,6 +28,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -277,12 +280,24 @@ class AdapterWeights:
                 raise MergeoptError(f"tensor {name} of adapter {adapter.folder} holds {bad} NaN or infinite value"
                                     f"{'s' * (bad > 1)}; the adapter is damaged: re-save or re-download it")
             self._tensors[name] = tensor.to(device)
-        # A scale that is a power of two multiplies A exactly: A is scaled once here and each tensor is formed by one
-        # addmm (base + B @ (scale A), bit for bit base + (B @ A) * scale); other scales take two passes more
+        # On a CPU a float32 or bfloat16 tensor is formed by the fused numba loop (kernels.form_lora_*) from the
+        # factors laid out as it reads them: x (r x rows) and y (r x cols), value[p, q] = sum_k x[k, p] y[k, q];
+        # x = B^T is a view of B (read along the rank), so only a transposed layout's B^T is copied.
+        # Elsewhere (a GPU, a float16 base, a stored base layer) one addmm: with a scale that is a power of two, A is
+        # scaled once here (exactly) and base + B @ (scale A) is bit for bit base + (B @ A) * scale.
+        self._factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._prescaled: dict[str, torch.Tensor] = {}
         for adapted in adapter.tensors.values():
-            if adapted.a is not None and math.frexp(adapted.scale)[0] == 0.5:
-                self._prescaled[adapted.target] = self._tensors[adapted.a].float() * adapted.scale
+            if adapted.a is None or adapted.b is None:
+                continue
+            a, b = self._tensors[adapted.a].float(), self._tensors[adapted.b].float()
+            transposed = adapted.kind == "embedding" or adapted.transpose
+            if device.type == "cpu" and adapted.whole is None and \
+                    base[adapted.target].dtype in (torch.float32, torch.bfloat16):
+                x, y = (a, b.T.contiguous()) if transposed else (b.T, a.contiguous())
+                self._factors[adapted.target] = (x.numpy(), y.numpy())
+            elif math.frexp(adapted.scale)[0] == 0.5:
+                self._prescaled[adapted.target] = a * adapted.scale
         self._formed: tuple[str, torch.Tensor] | None = None
 
     @property
@@ -325,6 +340,11 @@ class AdapterWeights:
                 return start
             wide = start.float()
         else:
+            factors = self._factors.get(name)
+            if factors is not None and base.dtype in (torch.float32, torch.bfloat16):
+                adapted = self._formed_on_cpu(base, factors, tensor.scale)
+                self._formed = (name, adapted)
+                return adapted
             wide = self._widened[name]  # the stored values widen exactly
         # as PEFT's merge_and_unload on a CPU: base + (B @ A) * scale in float32, rounded once to the weight's dtype
         a = self._prescaled.get(name)
@@ -340,6 +360,21 @@ class AdapterWeights:
         adapted = summed if base.dtype == torch.float32 else summed.to(base.dtype)
         self._formed = (name, adapted)
         return adapted
+
+    @staticmethod
+    def _formed_on_cpu(base: torch.Tensor, factors: tuple[np.ndarray, np.ndarray], scale: float) -> torch.Tensor:
+        """base + (B @ A) * scale by the fused loop: the products summed in k order, without a float32 copy of the
+        tensor; equal to PEFT's merge up to the float32 rounding of B @ A (its BLAS sums in another order)."""
+        from optimizer.merge import sparsify
+
+        kernels = sparsify.numba_kernels()
+        out = torch.empty_like(base)
+        x, y = factors
+        if base.dtype == torch.float32:
+            kernels.form_lora_f32(out.numpy(), base.numpy(), x, y, np.float32(scale))
+        else:
+            kernels.form_lora_bf16(sparsify.bits_view(out)[0], sparsify.bits_view(base)[0], x, y, np.float32(scale))
+        return out
 
     def release(self, name: str) -> None:
         if self._formed is not None and self._formed[0] == name:

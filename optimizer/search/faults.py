@@ -12,6 +12,9 @@ Kinds (all raised inside the backend's weight swap, where the real faults happen
   ``error``      RuntimeError (a bug or a driver error in the candidate's build)
   ``interrupt``  KeyboardInterrupt, as Ctrl-C delivers it mid-candidate
   ``kill``       SIGKILL of the whole process mid-candidate (as ``kill -9`` or the OOM killer)
+  ``cuda``       a CUDA error that poisons the process's context: on a CUDA device a real device-side assert (an
+                 out-of-bounds index), elsewhere the torch.AcceleratorError such a kernel fault raises; a fault of
+                 the engine, not of the candidate
   ``slow=S``     a straggler: the candidate takes S seconds longer (a busy GPU, a slow disk), then builds as usual
 Trial numbers are the study's trial numbers; ``N-M`` is a closed range. Unset (the default), nothing changes.
 The command line reads the variable and parses it (:func:`parse`) before the run folder is made; the search gets
@@ -29,7 +32,7 @@ import torch
 from optimizer.errors import MergeoptError
 
 ENV = "MERGEOPT_FAULT"
-KINDS = ("oom", "error", "interrupt", "kill")  # and slow=S
+KINDS = ("oom", "error", "interrupt", "kill", "cuda")  # and slow=S
 
 
 def parse(spec: str) -> dict[int, str]:
@@ -83,4 +86,10 @@ class _FaultyBackend:
             raise RuntimeError(f"candidate build failed {note}")
         if self._kind == "interrupt":
             raise KeyboardInterrupt
+        if self._kind == "cuda":
+            device = getattr(self._backend, "device", None)
+            if isinstance(device, torch.device) and device.type == "cuda":
+                # the real thing: an out-of-bounds index is a device-side assert, which poisons the context
+                torch.zeros(1, device=device)[torch.tensor([1], device=device)].sum().item()
+            raise torch.AcceleratorError(f"CUDA error: an illegal memory access was encountered {note}")
         os.kill(os.getpid(), signal.SIGKILL)

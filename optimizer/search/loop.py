@@ -9,7 +9,11 @@ values, recipe YAML, fidelity, timings and state. Re-running the same command co
 * Ctrl-C finishes nothing half-way: the candidate in flight is recorded as failed ("interrupted"), the tables
   are written, and the command exits 130;
 * three failures in a row with the same reason stop the run with that reason (a broken setup should not burn
-  the whole budget).
+  the whole budget);
+* a fault of the inference engine (dead, hung, a poisoned CUDA context) is not the candidate's: the backend replaces
+  its engine and scores the candidate again (each fault survived is noted in the trial's ``engine_faults``); when it
+  cannot, the candidate is left unscored as a killed worker leaves it (lost, queued again) and the run stops with
+  ``engine_fault`` set (the command restarts its process or exits 75: optimizer/search/restart.py).
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from optimizer.errors import MergeoptError, NonFiniteOutput
+from optimizer.errors import EngineFault, MergeoptError, NonFiniteOutput
 from optimizer.evaluate.scoring import (OWN_MERGE_ENGINE, CandidateResult, check_backend, evaluate_candidate,
                                         make_backend)
+from optimizer.evaluate.recovery import EngineRecovery
 from optimizer.evaluate.tasks import load_task_set
 from optimizer.files import write_atomic
 from optimizer.merge.engine import MergeEngine
@@ -65,6 +70,7 @@ class SearchOptions:
     worker_trials: int | None = None  # at most this many new trials from this worker
     faults: dict[int, str] = field(default_factory=dict)  # the testing hook (search/faults.py), by trial number
     heartbeat: tuple[int, int] = DEFAULT_HEARTBEAT  # (interval, grace) seconds, with shared storage
+    recovery: EngineRecovery | None = None  # how the backend survives its engine (None: its defaults)
 
     @property
     def shared(self) -> bool:
@@ -100,6 +106,7 @@ class SearchResult:
     parents: dict = field(default_factory=dict)
     baselines: dict = field(default_factory=dict)  # label -> record (optimizer/search/baselines.py)
     seconds: dict = field(default_factory=dict)  # this worker's time: evaluating, coordination (lock), waiting
+    engine_fault: EngineFault | None = None  # the engine fault that stopped the run (stopped_reason says it too)
 
 
 def open_study(space: SearchSpace, run_dir: Path, storage: str | None = None, study_name: str | None = None,
@@ -342,11 +349,15 @@ def _run(ctx: SearchContext) -> SearchResult:
 
     # closed however the search ends, so an inference engine (vLLM's worker processes) is always shut down
     with contextlib.closing(make_backend(space.backend, space.base_model, device=options.device, dtype=space.dtype,
-                                         engine_device=options.engine_device)) as backend:
+                                         engine_device=options.engine_device, recovery=options.recovery)) as backend:
         ctx.backend = backend
         result = _search(ctx)
         if not (result.interrupted or result.stopped_reason):  # the finalists re-scored on the validation range
-            validation.after_search(space, ctx.study, backend, ctx.engine, ctx.validation, ctx.lock, options.progress)
+            try:
+                validation.after_search(space, ctx.study, backend, ctx.engine, ctx.validation, ctx.lock,
+                                        options.progress)
+            except EngineFault as fault:  # the trials are all recorded; the validation is left for a rerun
+                result.engine_fault, result.stopped_reason = fault, f"engine fault ({fault.cause}): {fault}"
         return result
 
 
@@ -357,9 +368,14 @@ def _search(ctx: SearchContext) -> SearchResult:
     space, study, optimizer, interrupts = ctx.space, ctx.study, ctx.optimizer, ctx.interrupts
     progress = ctx.options.progress
     result = SearchResult(run_dir=ctx.run_dir, study=study)
-    result.parents = _score_parents(ctx, progress)
-    result.baselines = baselines.before_search(space, study, ctx.backend, ctx.task_set, ctx.engine, result.parents,
-                                               ctx.lock, optimizer, progress)
+    try:
+        result.parents = _score_parents(ctx, progress)
+        result.baselines = baselines.before_search(space, study, ctx.backend, ctx.task_set, ctx.engine,
+                                                   result.parents, ctx.lock, optimizer, progress)
+    except EngineFault as fault:  # before any trial: nothing to leave unscored
+        result.engine_fault, result.stopped_reason = fault, f"engine fault ({fault.cause}): {fault}"
+        optimizer.close()
+        return result
 
     def finished() -> int:
         return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED) if spends_budget(t))
@@ -385,8 +401,10 @@ def _search(ctx: SearchContext) -> SearchResult:
         evaluate_start = time.perf_counter()
         try:
             interrupts.check()
-            backend = interrupts.around(faults.with_faults(ctx.backend, trial.number, ctx.options.faults))
-            values = _evaluate_trial(ctx, trial, backend)
+            values = _evaluate_watching_engine(ctx, trial)
+        except EngineFault as fault:
+            result.engine_fault, result.stopped_reason = fault, _engine_fault(ctx, trial, fault)
+            break
         except KeyboardInterrupt:
             # not the candidate's fault: recorded as lost (it does not spend the budget) and queued again
             with interrupts.deferred(), ctx.lock():
@@ -421,7 +439,8 @@ def _search(ctx: SearchContext) -> SearchResult:
                 bar.set_postfix_str(f"best {best:.3f}")
     bar.close()
     result.interrupted = result.interrupted or interrupts.pending
-    if not result.parents and not result.interrupted:  # another worker had the claim: its scores, or (it died) ours
+    if not result.parents and not result.interrupted and result.engine_fault is None:
+        # another worker had the claim: its scores, or (it died) ours
         result.parents = _score_parents(ctx, False)
     optimizer.close()
     result.seconds = {"evaluating": evaluating, **optimizer.seconds}
@@ -434,6 +453,31 @@ def _best_value(study: optuna.Study, space: SearchSpace) -> float | None:
     values = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
               if t.user_attrs.get(Attr.FIDELITY) == "full" and t.value is not None]
     return max(values) if values else None
+
+
+def _evaluate_watching_engine(ctx: SearchContext, trial) -> list[float] | None:
+    """The trial's evaluation; the engine faults the backend survived meanwhile are noted in the trial
+    (``engine_faults``: cause, detail, recovery seconds). One it could not survive is raised (:func:`_engine_fault`)."""
+    events = getattr(ctx.backend, "engine_events", [])
+    seen = len(events)
+    try:
+        backend = ctx.interrupts.around(faults.with_faults(ctx.backend, trial.number, ctx.options.faults))
+        return _evaluate_trial(ctx, trial, backend)
+    finally:
+        if len(events) > seen:
+            with ctx.interrupts.deferred():
+                trial.set_user_attr("engine_faults", [e.to_dict() for e in events[seen:]])
+
+
+def _engine_fault(ctx: SearchContext, trial, fault: EngineFault) -> str:
+    """The engine failed and the backend could not replace it here: the candidate is not at fault. It is left
+    unscored as a killed worker leaves it (FAIL with ``lost``: no budget spent, the optimiser is told nothing, CMA-ES
+    queues it again); the line that stops the run."""
+    reason = f"engine fault ({fault.cause}): {fault}"
+    with ctx.interrupts.deferred(), ctx.lock():
+        _mark_lost(ctx.study, ctx.optimizer, [study_store.frozen(ctx.study, trial)], reason)
+    log.warning("trial %d left unscored: %s", trial.number, reason)
+    return reason
 
 
 def _evaluate_trial(ctx: SearchContext, trial, backend) -> list[float] | None:

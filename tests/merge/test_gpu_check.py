@@ -23,3 +23,6 @@ def test_gpu_check_dry_run_prints_one_table_with_every_sample_identical(tmp_path
     assert rows["build (dare_ties)"].endswith("median of 2")
     assert "GB/s" in rows["copy bandwidth"]
     assert rows["vLLM, 10 candidates"].startswith("skipped")
+    # the engine-fault checks run on a GPU only (a killed vLLM worker, a poisoned CUDA context)
+    assert rows["vLLM worker killed mid-candidate"].startswith("skipped")
+    assert rows["CUDA fault -> process restarted"] == "skipped: the dry run has no CUDA context to poison"

@@ -1,8 +1,9 @@
 """LoRA adapters as merge inputs (issue 22): an adapter means its merged checkpoint, formed tensor by tensor.
 
 The oracle is PEFT itself: ``merge_and_unload`` of the same adapter into the same base, saved as a model folder (what
-mergekit builds in its --lora-merge-cache for ``base+adapter``). A merge over adapters must be bit for bit the merge
-over those merged checkpoints, for every fused method, on real PEFT adapters of different ranks, targets and forms.
+mergekit builds in its --lora-merge-cache for ``base+adapter``). Each tensor the engine forms must be that checkpoint's
+up to the float32 rounding of B @ A, and a merge over adapters must be bit for bit the merge over the checkpoints the
+engine forms, for every fused method, on real PEFT adapters of different ranks, targets and forms.
 """
 
 from __future__ import annotations
@@ -76,19 +77,56 @@ def merge(base, models, method, weights=(0.7, 0.5), dtype=None, seed=0):
     return MergeEngine(base, models, verify=True).state_dict(recipe, dtype=torch.float32)
 
 
+def ulp(values: torch.Tensor) -> torch.Tensor:
+    """One unit in the last place of each value, in its own dtype."""
+    scale = values.float().abs().clamp_min(torch.finfo(values.dtype).tiny)
+    return torch.ldexp(torch.ones_like(scale), torch.frexp(scale)[1] - 1) * torch.finfo(values.dtype).eps
+
+
+def write_formed(engine: MergeEngine, index: int, folder: Path) -> Path:
+    """The engine's input ``index`` (an adapter: its formed tensors) written as a model folder."""
+    from optimizer.merge import checkpoint
+
+    store = engine.stored_weights(index)
+    return checkpoint.write_model_folder(folder, ((n, store[n].view(engine.shapes[n]).clone()) for n in engine.names),
+                                         engine.base_path, engine.stored_dtype())
+
+
 # the fast tier runs three forms that between them cover every code path; the slow tier all of them
 FAST_FORMS = ("rank8-all-linear-rank-pattern", "modules-to-save-and-embedding", "bf16-base")
 
 
 @pytest.mark.parametrize("form", [f if f in FAST_FORMS else pytest.param(f, marks=pytest.mark.slow) for f in FORMS])
-def test_a_merge_of_adapters_is_bit_for_bit_the_merge_of_their_peft_merged_checkpoints(bases, form, tmp_path):
+def test_an_adapter_is_its_merged_checkpoint_and_merges_as_that_checkpoint(bases, form, tmp_path):
+    """Each adapted tensor the engine forms is PEFT's merge_and_unload of it, up to the float32 rounding of B @ A
+    (PEFT's BLAS sums the rank's products in another order: at most one unit in the last place, on a few elements),
+    and a merge over adapters is bit for bit the merge over the checkpoints the engine forms, for every fused method."""
     base, adapters, merged = adapters_and_merged(bases, form, tmp_path)
+    engine = MergeEngine(base, adapters)
+    differing = total = 0
+    for i, folder in enumerate(merged):
+        theirs = load_file(str(folder / "model.safetensors"))
+        store = engine.stored_weights(1 + i)
+        for name in engine.names:
+            ours = store[name].view(engine.shapes[name])
+            assert ours.dtype == theirs[name].dtype
+            diff = (ours.float() - theirs[name].float()).abs()
+            if ours.dtype == torch.float32:  # the README's float32 tolerance: 4e-7 of the tensor's largest value
+                assert float(diff.max()) <= 4e-7 * float(theirs[name].abs().max()), f"{form}: {name}"
+            else:  # rounded once to bf16 from float32 sums a few ulps of float32 apart: at most one bf16 ulp
+                base_values = engine.stored_weights(0)[name].view(engine.shapes[name]).float().abs()
+                bound = ulp(torch.maximum(theirs[name].float().abs(), base_values).to(ours.dtype))
+                assert bool((diff <= bound).all()), f"{form}: {name} differs from PEFT's merge by > 1 ulp"
+                differing += int((diff > 0).sum())
+                total += diff.numel()
+    assert differing <= 0.001 * total, f"{form}: {differing} of {total} bf16 elements differ from PEFT's merge"
+    formed = [write_formed(engine, 1 + i, tmp_path / f"formed{i}") for i in range(len(adapters))]
     touched = set()
     for adapter in adapters:
         touched |= set(LoraAdapter(adapter).tensors)
     for method in METHODS:
         ours = merge(base, adapters, method)
-        oracle = merge(base, merged, method)
+        oracle = merge(base, formed, method)
         assert ours.keys() == oracle.keys()
         for name in ours:
             assert torch.equal(ours[name], oracle[name]), f"{form} {method}: {name} differs"
@@ -218,7 +256,8 @@ def _write_recipe(path: Path, base: Path, models: list, method: str = "dare_ties
 def test_mergeopt_merge_builds_base_plus_adapter_in_the_engine_in_both_mergekit_forms(bases, tmp_path):
     base = bases["llama"]
     adapters = [make_adapter(base, tmp_path / f"a{i}", seed=i) for i in range(2)]
-    merged = [merged_adapter(base, a, tmp_path / f"m{i}") for i, a in enumerate(adapters)]
+    engine = MergeEngine(base, adapters)
+    merged = [write_formed(engine, 1 + i, tmp_path / f"m{i}") for i in range(len(adapters))]
     string_form = _write_recipe(tmp_path / "string.yaml", base, [f"{base}+{a}" for a in adapters])
     mapping_form = _write_recipe(tmp_path / "mapping.yaml", base, [{"model": str(base), "lora": str(a)}
                                                                   for a in adapters])

@@ -91,8 +91,18 @@ def test_deterministic_lora_merges_agree_with_mergekit(lora_family, form, tmp_pa
     config = FORMS[form](base, adapters)
     theirs, ours = mergekit(config, tmp_path), mergeopt(config)
     # tensors no adapter touches are the base's in both tools; the adapted ones within the documented tolerances
-    if dtype == "float32" or form.endswith("dtype-float32"):
+    if dtype == "float32":
         assert_same(ours, theirs, form)
+    elif form.endswith("dtype-float32"):
+        # float32 arithmetic over bf16 adapted checkpoints: where PEFT's BLAS and the engine's loop round B @ A
+        # to different bf16 neighbours (a few elements in 10^4, tests/merge/test_lora.py), the merge differs by that
+        # one bf16 ulp times the weight; everywhere else to float32 rounding
+        for name, expected in theirs.items():
+            diff = (ours[name].float() - expected.float()).abs()
+            loose = diff > 4e-7 * float(expected.abs().max())
+            bf16_ulp = expected.float().abs().bfloat16().float() * 2.0**-7 + 1e-30
+            assert int(loose.sum()) <= 0.001 * diff.numel(), f"{form}: {name}"
+            assert bool((diff[loose] <= 2 * bf16_ulp[loose]).all()), f"{form}: {name}"
     else:
         # lambda is one more bf16 rounding in mergekit (six with three models): 3.5 ulps measured on one element
         ulps = ULPS + 1 if "lambda" in config.get("parameters", {}) else ULPS

@@ -34,7 +34,8 @@ DENSITIES = (0.5, 0.3)
 SIGN_OUTLIERS = 0.0015
 
 
-@pytest.fixture(scope="module", params=[4e-5, 0.02], ids=["fine-tune-sized-0.2pct", "weight-sized"])
+@pytest.fixture(scope="module", params=[pytest.param(4e-5, id="fine-tune-sized-0.2pct"),
+                                        pytest.param(0.02, id="weight-sized", marks=pytest.mark.slow)])
 def family(request, tmp_path_factory):
     base, models = make_family(tmp_path_factory.mktemp("ties"), "llama", n_models=2, delta_scale=request.param)
     return str(base), [str(m) for m in models]
