@@ -97,7 +97,8 @@ def main() -> None:
             exported = export_run(run_dir)
             run = load_run(run_dir)
             best = next(f for f in finalist_table(run.space, run.study, run.records) if f.trial == exported.best.trial)
-            row = {"searcher": searcher, "seed": seed, "trials": len(run.records), "seconds": round(seconds, 1),
+            complete = sum(1 for t in run.records if t.state.name == "COMPLETE")  # not a queued CMA remainder
+            row = {"searcher": searcher, "seed": seed, "trials": complete, "seconds": round(seconds, 1),
                    "search": best.search, "validation": best.validation, "line": exported.line,
                    **test_comparison(run_dir)}
             rows.append(row)
