@@ -438,7 +438,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     from optimizer.merge import mergekit_fallback
-    from optimizer.recipe import Recipe, read_yaml_file
+    from optimizer.recipe import Recipe, read_yaml_file, reference_model
 
     root = args.recipe.parent
     data, reason = mergekit_fallback.route(read_yaml_file(args.recipe, "recipe file"), root)
@@ -462,7 +462,7 @@ def _merge(args: argparse.Namespace) -> int:
 
     recipe = Recipe.from_dict(data, source=str(args.recipe))
     recipe.resolve_paths(root)
-    base = recipe.base_model or recipe.models[0].model
+    base = recipe.base_model or reference_model(recipe.models[0].model)
     device = args.device or str(default_device())
     plan = plan_memory(base, [m.model for _, m in recipe.delta_models()], engine_device=device, backend=None,
                        allow_pickle=args.allow_pickle, magnitude_trim=_trims_by_magnitude(recipe.merge_method))

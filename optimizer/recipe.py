@@ -167,11 +167,11 @@ class Recipe:
         source = self.tokenizer_source
         if source is None:
             return None
-        base = self.base_model or self.models[0].model
+        base = self.base_model or reference_model(self.models[0].model)
         if source == "base":
             return base
         if source == "union":
-            differing = first_differing_tokenizer(base, [m.model for m in self.models])
+            differing = first_differing_tokenizer(base, [reference_model(m.model) for m in self.models])
             if differing is not None:
                 raise MergeoptError(f"tokenizer_source: union of different tokenizers ({differing} differs from "
                                     f"{base}); 'mergeopt merge' runs such a recipe through mergekit")
@@ -305,6 +305,9 @@ def resolve_reference(reference: str, root: Path | None = None) -> str:
     current one); or a Hugging Face id ``org/name[@revision]`` found in the local cache."""
     if reference.startswith("zoo:"):
         return zoo_path(reference)
+    lora = split_lora(reference, root)
+    if lora is not None:  # model+adapter: each part resolved
+        return f"{resolve_reference(lora[0], root)}+{resolve_reference(lora[1], root)}"
     path = Path(reference).expanduser()
     folder, at, revision = reference.partition("@")
     whole = Path(reference).expanduser()
@@ -340,10 +343,35 @@ def mergekit_only_reason(data: dict, root: Path | None = None) -> str | None:
     for entry in [data.get("base_model")] + [m.get("model") for m in data.get("models") or [] if isinstance(m, dict)]:
         if isinstance(entry, dict):
             return "a model reference with override_architecture"
+    engine_base = data.get("base_model") or next(
+        (m.get("model") for m in data.get("models") or [] if isinstance(m, dict)), None)
+    engine_base = reference_model(engine_base, root) if isinstance(engine_base, str) else None
     for reference in model_references(data):
-        if split_lora(reference, root) is not None:
+        lora = split_lora(reference, root)
+        # an adapter on the base is built by the engine (issue 22); on another model, mergekit applies it to a copy
+        if lora is not None and not _same_reference(lora[0], engine_base, root):
             return f"the LoRA reference {reference} (mergekit applies the adapter to a temporary copy of the model)"
     return None
+
+
+def reference_model(reference: str, root: Path | None = None) -> str:
+    """The model a reference names: ``model+adapter`` -> model; any other reference as it is."""
+    lora = split_lora(reference, root)
+    return reference if lora is None else lora[0]
+
+
+def _same_reference(a: str, b: str | None, root: Path | None) -> bool:
+    """Whether two model references name one folder (resolved where they can be, else as written)."""
+    if b is None:
+        return False
+
+    def resolved(ref: str) -> str:
+        try:
+            return str(Path(resolve_reference(ref, root)).expanduser().resolve())
+        except MergeoptError:
+            return ref
+
+    return a == b or resolved(a) == resolved(b)
 
 
 def plain_references(data: dict) -> dict:

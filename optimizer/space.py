@@ -45,7 +45,7 @@ from optimizer.methods import (
     check_parameters,
     gene_parameters,
 )
-from optimizer.recipe import DTYPES, ModelSpec, Recipe, read_yaml_file, zoo_path
+from optimizer.recipe import DTYPES, ModelSpec, Recipe, read_yaml_file, split_lora, zoo_path
 from optimizer.schema import Fraction, Integer, NonNegativeNumber, PositiveInt, PositiveNumber, Strict, one_of, text
 
 DIRECTIONS = ("maximize", "minimize")
@@ -585,6 +585,9 @@ def parse_space(data: Any, source: str = "space", root: Path = Path("."), defaul
             return value
         if value.startswith("zoo:"):
             return zoo_path(value)
+        lora = split_lora(value, root)
+        if lora is not None:  # mergekit's model+adapter (issue 22)
+            return f"{model_ref(lora[0], key)}+{model_ref(lora[1], key)}"
         candidate = Path(value) if Path(value).is_absolute() else (root / value)
         if not candidate.exists():
             candidate = Path(value)
@@ -642,6 +645,10 @@ def parse_space(data: Any, source: str = "space", root: Path = Path("."), defaul
         tasks = str(candidate.resolve()) if candidate.exists() else tasks
     base = model_ref(config.base_model, "base_model")
     models = [model_ref(m, f"models[{i}]") for i, m in enumerate(config.models)]
+    if resolve_models:  # a LoRA adapter folder stands for the space's base with the adapter applied (issue 22)
+        from optimizer.merge.lora import is_adapter
+
+        models = [f"{base}+{m}" if is_adapter(m) else m for m in models]
     modules = config.modules or []
 
     if facts is not None:

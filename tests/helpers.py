@@ -112,3 +112,36 @@ def write_search_setup(root: Path, tied: bool = False) -> Path:
     (root / "tasks.yaml").write_text("tasks:\n  - {name: gen, path: gen.jsonl, max_new_tokens: 3}\n"
                                      "  - {name: mc, kind: multiple_choice, path: mc.jsonl}\n")
     return root
+
+
+def make_adapter(base: Path, folder: Path, r: int = 4, alpha: float = 8, targets=("q_proj", "v_proj"), seed: int = 0,
+                 scale: float = 0.05, **config) -> Path:
+    """A real PEFT LoRA adapter on ``base``, saved as safetensors, with every B matrix (PEFT starts them at zero) and
+    every A matrix drawn at random (``scale`` sets how large the adapted deltas are); ``config``: more LoraConfig
+    fields (use_rslora, rank_pattern, alpha_pattern, modules_to_save, fan_in_fan_out...)."""
+    import peft
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    tuned = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets),
+                                                       **config))
+    gen = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+            elif "modules_to_save" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * scale)
+    tuned.save_pretrained(folder)
+    return folder
+
+
+def merged_adapter(base: Path, adapter: Path, folder: Path, dtype=None) -> Path:
+    """PEFT's own merge of an adapter into its base (merge_and_unload), saved as a model folder: what mergekit
+    builds for ``base+adapter`` in its --lora-merge-cache."""
+    import peft
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    merged = peft.PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    merged.save_pretrained(folder)
+    return folder

@@ -22,10 +22,10 @@ import torch
 from tqdm import tqdm
 
 from optimizer.errors import MergeoptError
-from optimizer.merge import checkpoint, sparsify, torch_methods
+from optimizer.merge import checkpoint, lora, sparsify, torch_methods
 from optimizer.merge.plan import TensorSlot, tensor_plan
 from optimizer.methods import METHODS
-from optimizer.recipe import Recipe, relative_depth
+from optimizer.recipe import Recipe, reference_model, relative_depth, split_lora
 
 KERNELS = ("numba", "torch")
 # Elements merged per call when the result needs a cast or runs on torch: bounds the float32 scratch (64 MiB)
@@ -61,12 +61,17 @@ class MergeEngine:
             raise MergeoptError(f"kernel {self.kernel!r} cannot run on {self.device}; use one of {', '.join(KERNELS)} "
                                 "(numba runs on the CPU only)")
         self.base_path = _key(base)
-        self.model_paths = [_key(m) for m in models]
+        # a fine-tune is a model folder, an adapter folder or mergekit's ``base+adapter`` (applied to this base)
+        adapters = [adapter_of(m, self.base_path) for m in models]
+        self.model_paths = [_key(m) if a is None else f"{self.base_path}+{_key(a)}" for m, a in zip(models, adapters)]
         if not self.model_paths:
             raise MergeoptError("no models to merge; list at least one fine-tuned model")
         base_info = checkpoint.inspect_model(base, allow_pickle)
-        infos = [checkpoint.inspect_model(m, allow_pickle) for m in models]
+        infos = [checkpoint.inspect_model(m, allow_pickle) for m, a in zip(models, adapters) if a is None]
         checkpoint.check_homologous(base_info, infos)
+        read = {a: lora.LoraAdapter(a, allow_pickle) for a in adapters if a is not None}  # headers only
+        for found in read.values():
+            found.check_base(base, base_info.shapes)
         self.config = base_info.config
         self.names = list(base_info.shapes)
         self.shapes = dict(base_info.shapes)
@@ -74,11 +79,18 @@ class MergeEngine:
         self.slots = [TensorSlot(name, self._depth(name)) for name in self.names]
         self._slot_by_name = {slot.name: slot for slot in self.slots}
 
-        folders = [base, *models]
-        bar = tqdm(total=len(folders), desc="loading models", unit="model", disable=not progress, leave=False)
-        self._stored: list[checkpoint.StoredWeights] = []
-        for folder in folders:
-            self._stored.append(checkpoint.StoredWeights(folder, allow_pickle, self.device))
+        bar = tqdm(total=1 + len(models), desc="loading models", unit="model", disable=not progress, leave=False)
+        self._stored: list[checkpoint.StoredWeights | lora.AdapterWeights] = []
+        base_store = checkpoint.StoredWeights(base, allow_pickle, self.device)
+        self._stored.append(base_store)
+        bar.update()
+        widened = lora.WidenedBase(base_store)  # one float32 copy of the tensor being merged, for every adapter
+        for folder, adapter_folder in zip(models, adapters):
+            if adapter_folder is None:
+                self._stored.append(checkpoint.StoredWeights(folder, allow_pickle, self.device))
+            else:  # the adapter's own tensors; its adapted tensors are formed one at a time while merging
+                self._stored.append(lora.AdapterWeights(read[adapter_folder], base_store, self.shapes, self.device,
+                                                        widened))
             bar.update()
         bar.close()
         self._rows = {path: row for row, path in enumerate(self.model_paths)}
@@ -93,7 +105,7 @@ class MergeEngine:
     def for_recipe(cls, recipe: Recipe, device: str | torch.device | None = None, allow_pickle: bool = False,
                    progress: bool = False, kernel: str | None = None, verify: bool = True) -> MergeEngine:
         """An engine holding exactly the models a recipe names."""
-        base = recipe.base_model or recipe.models[0].model
+        base = recipe.base_model or reference_model(recipe.models[0].model)
         models = [m.model for _, m in recipe.delta_models()]
         return cls(base, models, device=device, allow_pickle=allow_pickle, progress=progress, kernel=kernel,
                    verify=verify)
@@ -102,18 +114,31 @@ class MergeEngine:
         return relative_depth(checkpoint.layer_index(name), self.num_layers)
 
     # ---- the stored inputs --------------------------------------------------------------------------------
-    def stored_weights(self, index: int) -> checkpoint.StoredWeights:
-        """The stored tensors of the base (index 0) or of fine-tune ``index - 1``."""
+    def stored_weights(self, index: int) -> checkpoint.StoredWeights | lora.AdapterWeights:
+        """The stored tensors of the base (index 0) or of fine-tune ``index - 1`` (an adapter's: formed on demand)."""
         return self._stored[index]
 
-    def inputs(self, name: str, rows: Sequence[int] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The flat stored base tensor ``name`` and those of the fine-tunes ``rows`` (all by default)."""
+    def inputs(self, name: str, rows: Sequence[int] | None = None,
+               round_to: torch.dtype | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The flat stored base tensor ``name`` and those of the fine-tunes ``rows`` (all by default); ``round_to``:
+        float32 inputs rounded to that half-precision dtype first (copies, for this tensor only)."""
         rows = range(len(self.model_paths)) if rows is None else rows
-        return self._stored[0][name], [self._stored[1 + r][name] for r in rows]
+        return (_rounded(self._stored[0][name], round_to),
+                [_rounded(self._stored[1 + r][name], round_to) for r in rows])
 
-    def delta(self, name: str, row: int) -> torch.Tensor:
+    def delta(self, name: str, row: int, round_to: torch.dtype | None = None) -> torch.Tensor:
         """Fine-tune ``row`` minus the base for one tensor, in float32 (made on demand, never kept)."""
-        return self._stored[1 + row][name].float() - self._stored[0][name].float()
+        base, (tuned,) = self.inputs(name, [row], round_to)
+        return tuned.float() - base.float()
+
+    @staticmethod
+    def input_rounding(recipe: Recipe) -> torch.dtype | None:
+        """The dtype float32 inputs are rounded to before a recipe merges them: TIES with a half-precision ``dtype``
+        trims and elects signs on the rounded deltas, as mergekit does (it casts every input to ``dtype`` first).
+        None for every other recipe (the fused kernel reads the stored values, computes in float32, rounds once)."""
+        if METHODS[recipe.merge_method].sparsification == "magnitude" and recipe.dtype in ("bfloat16", "float16"):
+            return checkpoint.torch_dtype(recipe.dtype)
+        return None
 
     def stored_dtype(self) -> torch.dtype:
         """The dtype most of the base checkpoint's weights are stored in."""
@@ -128,13 +153,16 @@ class MergeEngine:
         if name in self._checked:
             return
         for store in self._stored:
+            if isinstance(store, lora.AdapterWeights):  # its own tensors were checked as it loaded
+                continue
             bad = sparsify.count_nonfinite(store[name])
             if bad:
                 raise MergeoptError(f"tensor {name} of {store.folder} holds {bad} NaN or infinite value{'s' * (bad > 1)}; "
                                     "the checkpoint is damaged: re-export or re-download that model")
         base = self._stored[0][name]
-        self._unchanged[name] = frozenset(row for row, store in enumerate(self._stored[1:])
-                                          if _same_bytes(store[name], base))
+        self._unchanged[name] = frozenset(
+            row for row, store in enumerate(self._stored[1:])
+            if (name not in store.touched if isinstance(store, lora.AdapterWeights) else _same_bytes(store[name], base)))
         self._checked.add(name)
 
     def release(self, name: str) -> None:
@@ -151,7 +179,8 @@ class MergeEngine:
             raise MergeoptError(f"recipe base_model {recipe.base_model} is not the engine's base {self.base_path}")
         positions: list[int | None] = [None] * len(self.model_paths)
         for pos, spec in recipe.delta_models():
-            row = self._rows.get(_key(spec.model))
+            adapter = adapter_of(spec.model, self.base_path)
+            row = self._rows.get(_key(spec.model) if adapter is None else f"{self.base_path}+{_key(adapter)}")
             if row is None:
                 raise MergeoptError(f"recipe model {spec.model} was not loaded into the engine; "
                                     f"it holds {', '.join(self.model_paths)}")
@@ -165,14 +194,16 @@ class MergeEngine:
         if METHODS[recipe.merge_method].engine == "torch":  # a torch function per tensor (issue 14)
             return torch_methods.TorchPlan(recipe, slot.name, slot.t, tuple(self.shapes[slot.name]), positions)
         active = [row for row, pos in enumerate(positions) if pos is not None]
+        round_to = self.input_rounding(recipe)
         sub = tensor_plan(recipe, slot, [p for p in positions if p is not None],
-                          delta_rows=lambda i: self.delta(slot.name, active[i]),
+                          delta_rows=lambda i: self.delta(slot.name, active[i], round_to),
                           l1_norms=lambda i, threshold, key: self._l1_norms(slot.name, active[i], threshold, key))
+        sub.round_inputs = round_to
         if len(active) == len(positions):
             return sub
         # Models the recipe leaves out take part with weight 0 and nothing kept.
         n = len(positions)
-        return sparsify.TensorPlan(
+        return sparsify.TensorPlan(round_inputs=round_to,
             weights=_scatter(sub.weights, active, n, 0),
             scales=_scatter(sub.scales, active, n, 1),
             keep_mode=_scatter(sub.keep_mode, active, n, sparsify.KEEP_NONE),
@@ -196,11 +227,12 @@ class MergeEngine:
                     target: torch.Tensor) -> torch.Tensor:
         """Merge one tensor into ``target`` (any dtype and device, viewed flat); returns ``target``."""
         self._check_inputs(slot.name)
-        base, models = self.inputs(slot.name)
-        flat = target.view(-1)
         if isinstance(plan, torch_methods.TorchPlan):
-            flat.copy_(plan.merge(base, models))
+            base, models = self.inputs(slot.name)
+            target.view(-1).copy_(plan.merge(base, models))
             return target
+        base, models = self.inputs(slot.name, round_to=plan.round_inputs)
+        flat = target.view(-1)
         n = flat.numel()
         unchanged = self._unchanged[slot.name]
         if unchanged and all(row in unchanged for row in np.flatnonzero(plan.keep_mode != sparsify.KEEP_NONE)):
@@ -281,6 +313,25 @@ class MergeEngine:
 
         write_chat_template(recipe, out)
         return out
+
+
+def adapter_of(reference: str | Path, base_path: str) -> Path | None:
+    """The adapter folder a fine-tune reference names (an adapter folder, or ``base+adapter`` on this base), or None
+    for a model folder. ``model+adapter`` on a model other than the engine's base is refused in one line."""
+    parts = split_lora(str(reference))
+    if parts is not None:
+        if _key(parts[0]) != base_path:
+            raise MergeoptError(f"{reference} applies the adapter to {parts[0]}, not to the base {base_path}; the "
+                                "engine applies adapters to the base only ('mergeopt merge' hands this to mergekit)")
+        return Path(parts[1])
+    return Path(reference) if lora.is_adapter(reference) else None
+
+
+def _rounded(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A stored float32 tensor rounded to a half-precision dtype (a copy); any other tensor as it is."""
+    if dtype is None or tensor.dtype != torch.float32:
+        return tensor
+    return tensor.to(dtype)
 
 
 def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:

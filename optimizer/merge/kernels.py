@@ -254,3 +254,51 @@ def weighted_sum(out, base, base_kind, models, kinds, table, weights):
         target = out[start:start + length]
         for i in range(length):
             target[i] = source[i] + acc[i]
+
+
+@nb.njit(inline="always", cache=True)
+def _lora_row(acc, x, y, p):
+    """acc[q] = sum_k x[k, p] * y[k, q] for one row p, the terms added in k order (each product and sum rounded)."""
+    acc[:] = 0.0
+    for k in range(x.shape[0]):
+        xk = x[k, p]
+        yk = y[k]
+        for q in range(acc.shape[0]):
+            acc[q] += xk * yk[q]
+
+
+@nb.njit(parallel=True, cache=True)
+def form_lora_f32(out, base, x, y, scale):
+    """A float32 tensor adapted by a LoRA: ``out[p, q] = base[p, q] + (sum_k x[k, p] * y[k, q]) * scale`` (flat,
+    row-major, ``cols = y.shape[1]``): ``x = B^T`` and ``y = A`` for ``B @ A``, ``x = A`` and ``y = B^T`` for its
+    transpose. Row by row in parallel; nothing but one row of float32 scratch per thread."""
+    cols = y.shape[1]
+    for p in nb.prange(x.shape[1]):
+        acc = np.empty(cols, dtype=np.float32)
+        _lora_row(acc, x, y, p)
+        row = base[p * cols:(p + 1) * cols]
+        target = out[p * cols:(p + 1) * cols]
+        for q in range(cols):
+            target[q] = row[q] + acc[q] * scale
+
+
+@nb.njit(parallel=True, cache=True)
+def form_lora_bf16(out, base, x, y, scale):
+    """The same for a bfloat16 tensor (``base`` and ``out`` as uint16 bits): the sum in float32, rounded once to
+    bfloat16 (to nearest, ties to even), as a float32 -> bfloat16 cast rounds."""
+    cols = y.shape[1]
+    for p in nb.prange(x.shape[1]):
+        acc = np.empty(cols, dtype=np.float32)
+        _lora_row(acc, x, y, p)
+        wide = np.empty(cols, dtype=np.uint32)
+        values = wide.view(np.float32)
+        row = base[p * cols:(p + 1) * cols]
+        for q in range(cols):
+            wide[q] = np.uint32(row[q]) << np.uint32(16)
+        for q in range(cols):
+            values[q] = values[q] + acc[q] * scale
+        target = out[p * cols:(p + 1) * cols]
+        for q in range(cols):
+            bits = wide[q]
+            bits = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+            target[q] = np.uint16(bits >> np.uint32(16))

@@ -15,7 +15,9 @@ What cannot fit is refused in one line that names the way out.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,22 +66,89 @@ def model_size(folder: str | Path, allow_pickle: bool = False) -> ModelSize:
                      max((e[0] for e in entries), default=0))
 
 
-def _size_from_config(folder: Path, config: dict) -> ModelSize:
+def _meta_model(folder: Path, config: dict) -> torch.nn.Module:
+    """The model a config describes, built on the meta device (no memory)."""
     import transformers
 
-    dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32").removeprefix("torch.")
-    if dtype not in _DTYPE_BYTES:
-        dtype = "float32"
     try:
         hf_config = transformers.AutoConfig.for_model(**config)
         with torch.device("meta"):
-            model = transformers.AutoModelForCausalLM.from_config(hf_config)
+            return transformers.AutoModelForCausalLM.from_config(hf_config)
     except (ValueError, KeyError, TypeError) as exc:
         raise MergeoptError(f"{folder} holds no weights and its config.json cannot be sized ({exc}); "
                             "point at a folder with safetensors weights") from None
+
+
+def _size_from_config(folder: Path, config: dict) -> ModelSize:
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32").removeprefix("torch.")
+    if dtype not in _DTYPE_BYTES:
+        dtype = "float32"
+    model = _meta_model(folder, config)
     numels = [p.numel() for p in model.parameters()]  # a tied embedding is one parameter, stored once
     return ModelSize(folder, sum(numels), sum(numels) * _DTYPE_BYTES[dtype], dtype, max(numels, default=0),
                      from_config=True)
+
+
+def adapter_folder(reference: str | Path) -> Path | None:
+    """The adapter folder of a fine-tune reference (``base+adapter`` or an adapter folder), None for a model."""
+    from optimizer.merge import lora
+    from optimizer.recipe import split_lora
+
+    parts = split_lora(str(reference))
+    if parts is not None:
+        return Path(parts[1])
+    return Path(reference) if lora.is_adapter(reference) else None
+
+
+def adapter_size(folder: str | Path, base: str | Path, allow_pickle: bool = False) -> ModelSize:
+    """A LoRA adapter's own size, and (``largest``) the elements of the largest base tensor it adapts: from its
+    safetensors header, or, for a folder holding only ``adapter_config.json`` (a template), from the configuration
+    applied to the base's modules built on the meta device."""
+    from optimizer.merge import lora
+
+    folder = Path(folder)
+    if (folder / lora.ADAPTER_WEIGHTS).is_file() or (folder / lora.ADAPTER_PICKLE).is_file():
+        adapter = lora.LoraAdapter(folder, allow_pickle)
+        numels = [_numel(e.shape) for e in adapter.entries.values()]
+        dtypes = {str(e.dtype).removeprefix("torch.") for e in adapter.entries.values()}
+        largest = max((_numel(adapter.expected_shape(t)) for t in adapter.tensors.values()), default=0)
+        return ModelSize(folder, sum(numels), adapter.nbytes, "/".join(sorted(dtypes)) or "float32", largest)
+    try:
+        config = json.loads((folder / lora.ADAPTER_CONFIG).read_text())
+    except (OSError, ValueError):
+        raise MergeoptError(f"{folder} is not a PEFT adapter folder (no readable {lora.ADAPTER_CONFIG})") from None
+    model = _meta_model(Path(base), checkpoint.read_config(base))
+    rank, ranks = int(config.get("r", 8)), dict(config.get("rank_pattern") or {})
+    targets, saved = config.get("target_modules") or [], list(config.get("modules_to_save") or [])
+    parameters, largest = 0, 0
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if weight is None or weight.dim() != 2:
+            continue
+        if any(name == m or name.endswith("." + m) for m in saved):
+            parameters += weight.numel()
+            largest = max(largest, weight.numel())
+        elif _targeted(name, module, targets):
+            r = next((int(v) for k, v in ranks.items() if re.match(rf"(.*\.)?({k})$", name)), rank)
+            parameters += r * sum(weight.shape)
+            largest = max(largest, weight.numel())
+    return ModelSize(folder, parameters, parameters * 4, "float32", largest, from_config=True)
+
+
+def _targeted(name: str, module: torch.nn.Module, targets) -> bool:
+    """PEFT's target_modules rule: a regex matching the whole name, a list of name suffixes, or all-linear."""
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 @dataclass
@@ -122,7 +191,9 @@ def plan_memory(base: str | Path, models: list[str | Path], *, engine_device: st
                 allow_pickle: bool = False, magnitude_trim: bool = False) -> MemoryPlan:
     """What a search (``backend`` set) or a merge (``backend=None``) will hold on the engine's and the scorer's
     devices. ``device_memory`` is the card's size in bytes (default: asked from torch when a card is used)."""
-    sizes = [model_size(f, allow_pickle) for f in [base, *models]]
+    adapter_folders = [adapter_folder(m) for m in models]
+    sizes = [model_size(f, allow_pickle) for f in [base, *(m for m, a in zip(models, adapter_folders) if a is None)]]
+    adapters = [adapter_size(a, base, allow_pickle) for a in adapter_folders if a is not None]
     largest = max(s.largest for s in sizes)
     stored = sizes[0]
     engine_device = str(engine_device)
@@ -131,8 +202,14 @@ def plan_memory(base: str | Path, models: list[str | Path], *, engine_device: st
     engine_bytes = sum(s.nbytes for s in sizes)
     where = "cpu (memory-mapped: the page cache holds them)" if engine_device == "cpu" else engine_device
     dtypes = sorted({s.dtype for s in sizes})
-    plan.rows.append(("engine", f"{len(sizes)} models x {_fmt(stored.nbytes)} {'/'.join(dtypes)} on {where}",
-                      engine_bytes))
+    count = f"{len(sizes)} models x" if len(sizes) > 1 else "base"
+    plan.rows.append(("engine", f"{count} {_fmt(stored.nbytes)} {'/'.join(dtypes)} on {where}", engine_bytes))
+    if adapters:  # held at their own size, on the merge device
+        adapter_bytes = sum(a.nbytes for a in adapters)
+        plan.rows.append(("adapters", f"{len(adapters)} LoRA adapters ({_fmt(adapter_bytes)} in all, "
+                                      f"{'/'.join(sorted({a.dtype for a in adapters}))}) on {engine_device}",
+                          adapter_bytes))
+        engine_bytes += adapter_bytes
     gpu = next((d for d in (engine_device, scoring_device) if d != "cpu"), None)
     plan.device = gpu or "cpu"
     if gpu is not None:
@@ -163,6 +240,10 @@ def plan_memory(base: str | Path, models: list[str | Path], *, engine_device: st
     if magnitude_trim:
         scratch += largest * 8
         what += " + one widened delta (magnitude trim)"
+    if adapters:  # each adapter's tensor being merged, in the base's dtype, and the float32 temporaries forming one
+        adapted = max(a.largest for a in adapters)
+        scratch += len(adapters) * adapted * _DTYPE_BYTES.get(stored.dtype, 4) + 12 * adapted
+        what += f" + {len(adapters)} adapted tensors of {adapted:,} elements"
     plan.rows.append(("scratch", f"largest tensor {largest:,} elements: {what}", scratch))
     if engine_device != "cpu":
         on_device += scratch

@@ -105,6 +105,9 @@ class TensorPlan:
     base_coef: float = 1.0
     # int64 (M,): for KEEP_MAGNITUDE, elements tied at the cut are kept up to this index; None: all ties kept
     tie_limits: np.ndarray | None = None
+    # the half-precision dtype float32 inputs are rounded to before merging (the engine passes the kernels rounded
+    # copies, so both kernels see the same values); None: the stored values (see MergeEngine.input_rounding)
+    round_inputs: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         if self.tie_limits is None:

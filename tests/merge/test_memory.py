@@ -108,3 +108,47 @@ def test_threads_are_set_together_and_bad_counts_refused():
     assert out == ["1", "1", "1", "1"]
     bad = run_cli("merge", "x.yaml", "--out", "y", "--threads", "0")
     assert bad.returncode == 1 and "--threads must be at least 1" in bad.stderr
+
+
+def test_adapters_are_planned_at_their_own_size_from_configs_alone(template_8b, tmp_path):
+    """An 8B base (config only) with 10 rank-16 adapters on every linear module (adapter_config.json only): each
+    adapter is sized from its configuration over the base's modules on the meta device, the scratch counts one
+    adapted tensor per adapter, and the whole fits an 80 GB card beside vLLM where the same 10 dense do not."""
+    from optimizer.merge.memory import adapter_size
+
+    linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    adapters = []
+    for i in range(10):
+        folder = tmp_path / f"adapter-{i}"
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 16, "lora_alpha": 32,
+                                                                "target_modules": linear}))
+        adapters.append(folder)
+    size = adapter_size(adapters[0], template_8b[0])
+    # per layer: 16 x (in + out) of q (4096+4096), k and v (4096+1024), o (4096+4096), gate, up, down (4096+14336)
+    assert size.from_config and size.parameters == 32 * 16 * 81920 and size.nbytes == 4 * size.parameters
+    assert size.largest == 14336 * 4096
+    plan = plan_memory(template_8b[0], [str(a) for a in adapters], engine_device="cuda:0", backend="vllm",
+                       live_dtype="bfloat16", device_memory=80 * GiB)
+    text = plan.text()
+    assert "base 15.0 GiB bfloat16 on cuda:0" in text and "10 LoRA adapters (1.6 GiB in all, float32)" in text
+    assert "10 adapted tensors of 58,720,256 elements" in text
+    assert plan.fits
+    dense = plan_memory(template_8b[0], template_8b[1:] * 3 + template_8b[1:2], engine_device="cuda:0",
+                        backend="vllm", live_dtype="bfloat16", device_memory=80 * GiB)
+    assert not dense.fits
+
+
+def test_adapter_files_are_planned_from_their_headers(llama_family, tmp_path):
+    from helpers import make_adapter
+
+    pytest.importorskip("peft")
+    base, _ = llama_family
+    adapter = make_adapter(base, tmp_path / "a", r=4, targets=("q_proj", "down_proj"))
+    plan = plan_memory(base, [f"{base}+{adapter}", str(adapter)], engine_device="cpu", backend=None)
+    adapters = next(row for row in plan.rows if row[0] == "adapters")
+    file = adapter / "adapter_model.safetensors"
+    assert adapters[2] == 2 * (file.stat().st_size - 8 - int.from_bytes(file.read_bytes()[:8], "little"))
+    assert "2 LoRA adapters" in adapters[1]
+    scratch = next(row for row in plan.rows if row[0] == "scratch")
+    assert "2 adapted tensors of 6,144 elements" in scratch[1]  # down_proj: 64 x 96
