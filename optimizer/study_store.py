@@ -50,6 +50,7 @@ class Attr:
     ERROR = "error"  # why a candidate failed
     FAILURE_KIND = "failure_kind"  # oom | nan | an exception's type name
     LOST = "lost"  # never scored to the end (a dead or interrupted worker): spends no budget
+    ENGINE_FAULTS = "engine_faults"  # engine faults survived while it was scored: [{cause, detail, recovery_seconds}]
     WORKER = "worker"  # the worker that scored it (shared storage)
     CMA_GENERATION = "cma_generation"
     CMA_INDEX = "cma_index"
