@@ -32,7 +32,8 @@ EXAMPLES = {
   mergeopt search space.yaml --device cuda --engine-device cpu   # models mapped on the host, scoring on the GPU""",
     "export": """examples:
   mergeopt export runs/demo                      # pareto/*.yaml, pareto/front.csv, best.yaml, trials.csv
-  mergeopt export runs/demo --materialize        # also the merged model of every front recipe""",
+  mergeopt export runs/demo --materialize        # also the merged model of every front recipe
+  mergeopt export runs/demo --validate 5         # re-score the 5 best of the front on the validation items""",
     "report": """examples:
   mergeopt report runs/demo                      # summary here, runs/demo/report.html (opens offline)
   mergeopt report runs/demo --html /tmp/demo.html
@@ -42,7 +43,7 @@ EXAMPLES = {
   mergeopt eval search_spaces/example_recipe.yaml --tasks zoo --limit 50 --json   # merged in memory
   mergeopt eval ./my-model --tasks tasks.yaml --backend vllm
   mergeopt eval ./my-model --tasks arc_easy,hellaswag --limit 200   # lm-eval tasks by name
-  mergeopt eval runs/demo/best.yaml --tasks zoo --limit 100 --holdout   # items the demo search never saw
+  mergeopt eval runs/demo/best.yaml --tasks zoo --limit 200 --holdout   # the test range: no run looks at it
   mergeopt eval zoo:adder --tasks zoo --show 5        # also print 5 prompts per task, the generation and target""",
 }
 
@@ -88,9 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--rebuild", action="store_true", help="retrain base and specialists from scratch")
     zoo.add_argument("--out", type=Path, default=None, help="folder for --rebuild (default: the package's own zoo)")
     zoo.add_argument("--seed", type=int, default=0, help="training seed for --rebuild (default 0)")
-    zoo.add_argument("--family", choices=("tiny", "smollm2"), default="tiny",
+    zoo.add_argument("--family", choices=("tiny", "smollm2", "mix"), default="tiny",
                      help="tiny: the embedded zoo (default); smollm2: a real LLM family built into the cache folder")
-    zoo.add_argument("--build", action="store_true", help="build the --family smollm2 models (resumes; ~30 min on 2 cores)")
+    zoo.add_argument("--build", action="store_true", help="build the --family smollm2 or mix models (resumes; ~30 min on 2 cores)")
     zoo.add_argument("--reduced", action="store_true", help="the reduced smollm2 family (a few training steps; for CI)")
 
     merge = command("merge", "Merge the models of a recipe YAML into a safetensors model folder.")
@@ -112,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, help="items per task (a fixed-seed subset)")
     ev.add_argument("--seed", type=int, default=None, help="seed of the subsets (default: the task set's, else 0)")
     ev.add_argument("--holdout", action="store_true",
-                    help="score the items the (--limit, --seed) subset leaves out: a search's held-out check")
+                    help="score the test range: items a search with this --limit neither scored nor validated on")
+    ev.add_argument("--split", choices=("search", "validation", "test"), default=None,
+                    help="which range of the items to score (default search; --holdout is test)")
     ev.add_argument("--backend", choices=tuple(BACKENDS), default="hf", help="inference engine (default hf)")
     ev.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     ev.add_argument("--batch-size", type=int, default=64, help="generation batch size of the hf backend")
@@ -152,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--storage", default=None, help="Optuna storage URL, if the search used one")
     ex.add_argument("--study", default=None, help="study name, if not the space's name")
     ex.add_argument("--materialize", action="store_true", help="also write the merged models of the front")
-    ex.add_argument("--device", default=None, help="device for --materialize")
+    ex.add_argument("--device", default=None, help="device for --materialize and --validate")
+    ex.add_argument("--validate", type=int, default=None, metavar="K",
+                    help="first re-score the K best of the front and the best baseline on the validation items")
 
     rp = command("report", "Summarize a run's trade-offs here and in a self-contained HTML report.")
     rp.add_argument("run", type=Path, help="run folder")
@@ -166,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 FRONT_ROWS = 12  # the terminal shows the best of the front by mean; front.csv has all of it
 
 
-def print_front(result) -> None:
+def print_front(result, verdict: bool = True) -> None:
     if not result.front:
         print("no completed full-fidelity trial yet: nothing to export")
         return
@@ -180,8 +185,11 @@ def print_front(result) -> None:
     if len(result.front) > len(shown):
         print(f"  ... {len(result.front) - len(shown)} more in {result.run_dir / 'pareto' / 'front.csv'}")
     print(f"recipes:     {result.run_dir / 'pareto'}/trial-NNNN.yaml (one per front member)")
-    print(f"best recipe: {result.best.path}  (* above)")
+    on_front = any(e.trial == result.best.trial for e in shown)
+    print(f"best recipe: {result.best.path}  " + ("(* above)" if on_front else f"(trial {result.best.trial})"))
     print(f"all trials:  {result.run_dir / 'trials.csv'}")
+    if verdict and result.line:
+        print(result.line)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -215,9 +223,11 @@ def cmd_search(args: argparse.Namespace) -> int:
 
         fault = restart_if_allowed(fault, options.recovery or EngineRecovery(), os.environ, sys.orig_argv)
     exported = export_run(run_dir, storage=args.storage, study_name=args.study)
-    print_front(exported)
+    print_front(exported, verdict=False)
     if exported.front:
         _search_report(run_dir, args.storage, args.study)
+    if exported.line:  # the run's verdict, last: the validated best against the best baseline
+        print(exported.line)
     if fault is not None:
         from optimizer.search.restart import EXIT_ENGINE, stopped_line
 
@@ -284,6 +294,11 @@ def _search_report(run_dir: Path, storage: str | None, study: str | None) -> Non
 def cmd_export(args: argparse.Namespace) -> int:
     from optimizer.export import export_run
 
+    if args.validate is not None:
+        from optimizer.search.validation import validate_run
+
+        validate_run(args.run, args.validate, storage=args.storage, study_name=args.study, device=args.device,
+                     progress=True)
     print_front(export_run(args.run, storage=args.storage, study_name=args.study, materialize=args.materialize,
                            device=args.device, progress=True))
     return 0
@@ -313,8 +328,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise MergeoptError("--limit must be a positive number of items")
     if args.show < 0:
         raise MergeoptError("--show must be a number of items (0 or more)")
-    if args.holdout and args.limit is None:
-        raise MergeoptError("--holdout needs the --limit the search used (its subset is what is held out from)")
+    if args.holdout and args.split not in (None, "test"):
+        raise MergeoptError("--holdout is --split test; give one of them")
+    if (args.holdout or args.split in ("validation", "test")) and args.limit is None:
+        flag = "--holdout" if args.holdout else f"--split {args.split}"
+        raise MergeoptError(f"{flag} needs the --limit the search used (its subset is what is held out from)")
     target = args.target
     run_record = Path(target) / "space.yaml"
     if run_record.is_file():  # a run folder: its best recipe, as `mergeopt export` wrote it
@@ -336,7 +354,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # a recipe records the dtype its search scored in: the same dtype gives the same scores
     # a recipe is scored in the dtype its search used; a plain mergekit file without one, and a folder, in float32
     dtype = args.dtype or (recipe.dtype if recipe is not None else None) or "float32"
-    task_set = load_task_set(args.tasks, limit=args.limit, seed=args.seed, holdout=args.holdout)
+    task_set = load_task_set(args.tasks, limit=args.limit, seed=args.seed, holdout=args.holdout, split=args.split)
     extra = {"batch_size": args.batch_size} if args.backend == "hf" else {"swaps": recipe is not None}
     engine = None
     if recipe is not None:
@@ -377,7 +395,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_zoo(args: argparse.Namespace) -> int:
     from optimizer import zoo
 
-    if args.family == "smollm2" or args.build or args.reduced:
+    if args.family in ("smollm2", "mix") or args.build or args.reduced:
         return _zoo_family(args)
     if args.rebuild:
         from optimizer.builders.tiny import rebuild
@@ -394,23 +412,27 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def _zoo_family(args: argparse.Namespace) -> int:
-    from optimizer.zoo import smollm2
+    from optimizer.zoo import mix, smollm2
 
-    if args.family != "smollm2":
+    if args.family not in ("smollm2", "mix"):
         raise MergeoptError("--build and --reduced build a real family: add --family smollm2")
     if args.rebuild or args.out is not None:
         raise MergeoptError("--rebuild and --out are for the tiny zoo; the smollm2 family uses --build (and MERGEOPT_CACHE)")
+    family = {"smollm2": smollm2, "mix": mix}[args.family]
     if args.build:
-        from optimizer.builders.smollm2 import build_family
+        if args.family == "mix":
+            from optimizer.builders.mix import build_family
+        else:
+            from optimizer.builders.smollm2 import build_family
 
         models = build_family(_cache_root(), reduced=args.reduced, progress=True)
     else:
-        models = smollm2.family_models(_cache_root(), reduced=args.reduced)
+        models = family.family_models(_cache_root(), reduced=args.reduced)
         missing = [name for name, folder in models.items() if not (folder / "config.json").is_file()]
         if missing:
             flags = " --reduced" if args.reduced else ""
-            raise MergeoptError(f"the smollm2 model {missing[0]} is not built in {models[missing[0]].parent}; "
-                                f"run 'mergeopt zoo --family smollm2 --build{flags}'")
+            raise MergeoptError(f"the {args.family} model {missing[0]} is not built in {models[missing[0]].parent}; "
+                                f"run 'mergeopt zoo --family {args.family} --build{flags}'")
     for name, folder in models.items():
         print(f"{name}\t{Path(folder).resolve()}")
     return 0

@@ -3,7 +3,8 @@
 Files written into the run folder:
   ``pareto/trial-NNNN.yaml``  one recipe per non-dominated trial (full fidelity), scores in its mergeopt block
   ``pareto/front.csv``        the front as a table
-  ``best.yaml``               the best trial by the scalarized objective
+  ``best.yaml``               the best trial: of the finalists re-scored on the validation items, the best there
+                              (optimizer/search/validation.py); before any validation, the best scalarized
   ``trials.csv``              every trial, flattened
   ``pareto/trial-NNNN/``      (``--materialize``) the merged model of each front recipe
 
@@ -39,6 +40,7 @@ class ExportResult:
     front: list[FrontEntry] = field(default_factory=list)
     best: FrontEntry | None = None
     trials: int = 0
+    line: str | None = None  # the verdict: best (validated) vs the best baseline (optimizer/search/validation.py)
 
 
 def _write(path: Path, text: str) -> None:
@@ -52,6 +54,7 @@ def _write(path: Path, text: str) -> None:
 def export_run(run_dir: str | Path, storage: str | None = None, study_name: str | None = None,
                materialize: bool = False, device: str | None = None, progress: bool = False) -> ExportResult:
     from optimizer.run import comparable, front_trials, open_run, trials_table
+    from optimizer.search.validation import comparison_line, validated_best
 
     run_dir = Path(run_dir)
     space, study = open_run(run_dir, storage, study_name)
@@ -86,6 +89,10 @@ def export_run(run_dir: str | Path, storage: str | None = None, study_name: str 
     _write(pareto / "front.csv", "\n".join(rows) + "\n")
 
     best = max(trials, key=lambda t: t.user_attrs[Attr.SCALARIZED])
+    validated = validated_best(space, study, records)  # the finalist best on the validation items, when validated
+    if validated is not None:
+        best = next(t for t in trials if t.number == validated)
+    result.line = comparison_line(space, study, records)
     _write(run_dir / "best.yaml", _recipe_text(best, space))
     result.best = FrontEntry(best.number, {o.task: best.user_attrs[Attr.SCORES][o.task]["value"] for o in space.objectives},
                              best.user_attrs[Attr.SCALARIZED], run_dir / "best.yaml")

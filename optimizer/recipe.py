@@ -571,6 +571,10 @@ def zoo_path(reference: str) -> str:
     models = zoo_models()
     name = reference.removeprefix("zoo:")
     if "/" in name:  # a built family in the cache, e.g. zoo:smollm2/adder
+        if name.split("/")[0] in ("mix", "mix-reduced"):
+            from optimizer.zoo.mix import resolve as resolve_mix
+
+            return str(resolve_mix(name).resolve())
         from optimizer.zoo.smollm2 import resolve
 
         return str(resolve(name).resolve())

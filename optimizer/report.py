@@ -209,6 +209,37 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def verdict(run: Run) -> dict:
+    """The search set against its baselines: the baselines (search scores, cost), the finalists' search and
+    validation scores side by side (the winner's curse shows as the drop), and the one-line comparison."""
+    from optimizer.search.baselines import BASELINES_ATTR
+    from optimizer.search.validation import comparison_line, finalist_table
+
+    baselines = [{"label": label, "value": r.get("scalarized"), "seconds": r.get("seconds"), "error": r.get("error")}
+                 for label, r in (run.study.user_attrs.get(BASELINES_ATTR) or {}).items()]
+    return {"baselines": baselines, "finalists": finalist_table(run.space, run.study, run.records),
+            "line": comparison_line(run.space, run.study, run.records)}
+
+
+def _verdict_lines(run: Run) -> list[str]:
+    v, lines = verdict(run), []
+    if v["baselines"]:
+        lines.append("baselines (scalarized on the search items; cost):")
+        for b in v["baselines"]:
+            shown = "failed" if b["value"] is None else _fmt(b["value"])
+            lines.append(f"  {b['label']:<40} {shown:>8}  {_fmt(b['seconds'], 1):>6} s")
+    if v["finalists"]:
+        lines.append("finalists (scalarized: search items vs validation items):")
+        lines.append(f"  {'trial':>5}  {'search':>15}  {'validation':>15}")
+        for f in v["finalists"]:
+            search = _fmt(f.search) + (f" +- {f.search_se:.3f}" if f.search_se is not None else "")
+            valid = "failed" if f.validation is None else f"{f.validation:.3f} +- {f.validation_se:.3f}"
+            lines.append(f"  {f.trial:>5}  {search:>15}  {valid:>15}")
+    if v["line"]:
+        lines.append(v["line"])
+    return lines
+
+
 def summarize(run: Run) -> str:
     space, lines = run.space, []
     b = budget(run)
@@ -236,6 +267,7 @@ def summarize(run: Run) -> str:
     rows = [(int(row["trial"]), [row[t] for t in run.tasks], row["scalarized"], row["file"])
             for _, row in run.front.iterrows()]
     lines += front_lines(run.tasks, rows)
+    lines += _verdict_lines(run)  # ends with the comparison line
     return "\n".join(lines)
 
 
@@ -503,6 +535,25 @@ def render_html(run: Run, html_path: Path) -> str:
                                   f"included: {', '.join(_fmt(abs(v)) for v in run.reference_point())})"))
     parts.append('<table class="kv">' + "".join(f'<tr><th class="l">{esc(k)}</th><td>{esc(v)}</td></tr>'
                                                  for k, v in kv) + "</table>")
+
+    v = verdict(run)
+    if v["line"] or v["baselines"]:
+        parts.append("<h2>Search against baselines</h2>")
+        if v["line"]:
+            parts.append(f'<p class="verdict"><b>{esc(v["line"])}</b></p>')
+        if v["finalists"]:
+            rows = [[str(f.trial), _fmt(f.search) + (f" ±{f.search_se:.3f}" if f.search_se is not None else ""),
+                     "failed" if f.validation is None else f"{f.validation:.3f} ±{f.validation_se:.3f}",
+                     _fmt(None if f.validation is None else f.validation - f.search)] for f in v["finalists"]]
+            parts.append('<p class="muted">finalists: the best of the front, re-scored on validation items no '
+                         "candidate was chosen on (best.yaml is the best there):</p>")
+            parts.append(_table(["trial", "search", "validation", "validation - search"], rows))
+        if v["baselines"]:
+            rows = [[esc(b["label"]), "failed" if b["value"] is None else _fmt(b["value"]), _fmt(b["seconds"], 1)]
+                    for b in v["baselines"]]
+            parts.append('<p class="muted">baselines: the merges one tries first, scored on the candidates\' items '
+                         "before the search (not trials of the optimiser):</p>")
+            parts.append(_table(["baseline", "scalarized", "seconds"], rows))
 
     parts.append("<h2>Best per task</h2>")
     rows = [[esc(r["task"]), _fmt(r["value"]), str(r["trial"]) if r["trial"] is not None else "-",

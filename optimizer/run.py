@@ -29,7 +29,7 @@ from optimizer.recipe import Recipe, read_yaml_file
 from optimizer import study_store
 from optimizer.study_store import Attr
 from optimizer.pareto import hypervolume, non_dominated
-from optimizer.space import SearchSpace, load_space, parse_space, recipe_value
+from optimizer.space import BUDGET_KEYS, SearchSpace, load_space, parse_space, recipe_value
 
 RECORD_ATTR = Attr.RUN  # the study's copy of the record: {"config": ..., "resolved": ...}
 RESOLVED_KEY = "resolved"  # space.yaml's block of resolved facts
@@ -65,7 +65,7 @@ def read_record(run_dir: Path) -> dict[str, Any] | None:
 
 def check_same_run(recorded: dict[str, Any], space: SearchSpace, where: str) -> None:
     """Refuse, in one line, a command that would continue a run with another identity (the budget may change)."""
-    old = {k: v for k, v in recorded.items() if k != "budget"}
+    old = {k: v for k, v in recorded.items() if k not in BUDGET_KEYS}
     new = _canonical(space.identity())
     old = _canonical(old)
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))

@@ -50,7 +50,7 @@ from optimizer.schema import Fraction, Integer, NonNegativeNumber, PositiveInt, 
 
 DIRECTIONS = ("maximize", "minimize")
 # the parts of a run's configuration that a resume may change: the budget (it may grow a run) and the thread count
-BUDGET_KEYS = ("budget", "threads")
+BUDGET_KEYS = ("budget", "threads", "baselines", "validation")
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,8 @@ class SearchSpace:
     backend: str = "hf"
     dtype: str = "float32"
     threads: int | None = None  # CPU threads (a machine setting: a resume may change it)
+    baselines: Any = "default"  # what optimizer/search/baselines.py scores before the search
+    finalists: int = 3  # validation.finalists: how many of the front are re-scored on the validation items
     num_layers: int = 1
     uses_drop_rate: bool = True  # the method sparsifies at random (DARE): drop rates are genes
     source: dict[str, Any] = field(default_factory=dict)  # the YAML as written (before CLI overrides)
@@ -158,6 +160,10 @@ class SearchSpace:
             config["threads"] = self.threads
         if self.fidelity_low is not None:
             config["fidelity"] = {"low": self.fidelity_low, "promote": self.fidelity_promote}
+        if self.baselines != "default":
+            config["baselines"] = copy.deepcopy(self.baselines)
+        if self.finalists != DEFAULT_FINALISTS:
+            config["validation"] = {"finalists": self.finalists}
         return config
 
     @property
@@ -466,6 +472,64 @@ class FidelityConfig(Strict):
     promote: Fraction = 0.5
 
 
+BASELINE_GROUPS = ("parents", "task_arithmetic", "own")  # what each group is: optimizer/search/baselines.py
+DEFAULT_FINALISTS = 3
+
+
+class BaselineRecipe(Strict):
+    """One explicit entry of ``baselines:``: a method with one shared weight (and density), or a recipe file."""
+
+    method: str | None = None
+    weight: float | None = None
+    density: float | None = None
+    parameters: dict[str, Any] | None = None
+    recipe: str | None = None
+    label: str | None = None
+
+
+class ValidationConfig(Strict):
+    """``validation:``: how many of the front's best are re-scored on the validation items at the end of a run."""
+
+    finalists: Annotated[int, Field(ge=0)] = DEFAULT_FINALISTS
+
+
+def check_baselines(value: Any) -> Any:
+    """``baselines:`` in canonical form: ``default``, ``none`` or a list of group names and explicit entries."""
+    if value is None:
+        return "default"
+    if value in ("default", "none"):
+        return value
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"must be default, none or a non-empty list of baselines, got {value!r}")
+    out: list[Any] = []
+    for i, entry in enumerate(value):
+        if isinstance(entry, str):
+            if entry not in BASELINE_GROUPS:
+                raise ValueError(f"entry {i}: {entry!r} is not one of {', '.join(BASELINE_GROUPS)} (or a mapping with "
+                                 "method or recipe)")
+            out.append(entry)
+            continue
+        if not isinstance(entry, dict):
+            raise ValueError(f"entry {i}: {entry!r} is not a group name or a mapping")
+        allowed = list(BaselineRecipe.model_fields)
+        unknown = next((k for k in entry if k not in allowed), None)
+        if unknown is not None:
+            raise ValueError(f"entry {i}: unknown key {unknown!r}{did_you_mean(str(unknown), allowed)}; allowed: "
+                             f"{', '.join(allowed)}")
+        try:
+            parsed = BaselineRecipe.model_validate(entry)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            raise ValueError(f"entry {i}: {'.'.join(map(str, error['loc']))}: {error['msg']}") from None
+        if (parsed.method is None) == (parsed.recipe is None):
+            raise ValueError(f"entry {i}: give either 'method' (with 'weight') or 'recipe' (a recipe YAML)")
+        if parsed.method is not None and parsed.method not in METHODS:
+            raise ValueError(f"entry {i}: method {parsed.method!r} is not a merge method"
+                             f"{did_you_mean(parsed.method, list(METHODS))}")
+        out.append(parsed.model_dump(exclude_none=True))
+    return out
+
+
 class SpaceConfig(Strict):
     """A search-space YAML as declared: every key, its type and range, and (its description) what it expects; the
     cross-checks that need the registries or several keys follow in parse_space. Frozen once validated."""
@@ -502,6 +566,12 @@ class SpaceConfig(Strict):
         "float32", description="float32 | bfloat16 | float16")
     threads: PositiveInt | None = Field(None, description="CPU threads for torch, numba and BLAS together "
                                         "(--threads overrides; default: the free cores)")
+    baselines: Annotated[Any, BeforeValidator(check_baselines)] = Field(
+        "default", description="default | none | a list of parents, task_arithmetic, own, {method, weight} or "
+        "{recipe: FILE}: merges scored before the search, to set its best against")
+    validation: ValidationConfig | None = Field(
+        None, description="{finalists: K}: the K best of the front and the best baseline re-scored on the validation "
+        "items")
     resolved: dict[str, Any] | None = Field(None, description="written by mergeopt search into a run's space.yaml "
                                             "(what the space resolved to); ignored on input")
 
@@ -511,7 +581,8 @@ _KEYS: dict[str, str] = {name: str(f.description) for name, f in SpaceConfig.mod
 _ALLOWED = {"": [k for k in _KEYS if k != "resolved"],
             "bounds": [f.alias or k for k, f in BoundsConfig.model_fields.items()],
             "objectives[]": list(ObjectiveConfig.model_fields),
-            "budget": list(BudgetConfig.model_fields), "fidelity": list(FidelityConfig.model_fields)}
+            "budget": list(BudgetConfig.model_fields), "fidelity": list(FidelityConfig.model_fields),
+            "validation": list(ValidationConfig.model_fields)}
 _MESSAGES = {"too_short": "must be a non-empty list", "list_type": "must be a list", "dict_type": "must be a mapping",
              "model_type": "must be a mapping"}
 # command-line overrides: the flag, and where its value goes in the document (validated with the file's values)
@@ -681,7 +752,9 @@ def parse_space(data: Any, source: str = "space", root: Path = Path("."), defaul
         objectives=objectives, scalarization=dict(scalarization), optimizer=config.optimizer.name,
         optimizer_settings=config.optimizer.settings, trials=trials, minutes=minutes, seed=config.seed,
         tasks=str(tasks), limit=limit, fidelity_low=low, fidelity_promote=float(promote), backend=config.backend,
-        dtype=config.dtype, threads=config.threads, num_layers=layers, uses_drop_rate=uses_drop_rate, source=raw)
+        dtype=config.dtype, threads=config.threads, num_layers=layers, uses_drop_rate=uses_drop_rate, source=raw,
+        baselines=config.baselines,
+        finalists=config.validation.finalists if config.validation is not None else DEFAULT_FINALISTS)
     if facts is None and not space.searched():
         raise MergeoptError(f"{source}: fixed: fixes every parameter of {method}, so there is nothing to search; "
                             "merge the recipe once with 'mergeopt merge', or drop a parameter from fixed")

@@ -55,10 +55,14 @@ class Attr:
     CMA_GENERATION = "cma_generation"
     CMA_INDEX = "cma_index"
     CMA_X = "cma_x"
+    ITEMS = "items"  # {task: per-item values}, "0110..." when all are 0 or 1 (optimizer/evaluate/stats.py)
+    WARM_START = "warm_start"  # on the trial (and the study): the baseline the optimiser started from
     # the study's
     RUN = "mergeopt:run"  # the run's record: {"config": ..., "resolved": ...}
     PARENTS = "parents"  # the base's and the fine-tunes' scores
     WORKERS = "workers"  # how many workers joined (each takes the next number)
+    BASELINES = "baselines"  # {label: record}: the merges scored before the search (optimizer/search/baselines.py)
+    VALIDATION = "validation"  # finalists and the best baseline on the validation items (optimizer/search/validation.py)
 
 
 

@@ -121,7 +121,8 @@ def is_trained(name: str) -> bool:
 
 
 def fine_tune(base_dir: Path, out_dir: Path, task: str, settings: BuildSettings, replay: list[dict],
-              exclude: set[str], progress: bool) -> None:
+              exclude: set[str], progress: bool, items: list[dict] | None = None) -> None:
+    """Fine-tune the base on ``task`` (its training items drawn here, or ``items``: another family's)."""
     import torch
     import transformers
     from tqdm import tqdm
@@ -134,7 +135,8 @@ def fine_tune(base_dir: Path, out_dir: Path, task: str, settings: BuildSettings,
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(is_trained(name))
     skill_rows = settings.batch_size - settings.replay_per_batch
-    items = training_items(task, settings.steps * skill_rows, settings.seed, exclude)
+    if items is None:
+        items = training_items(task, settings.steps * skill_rows, settings.seed, exclude)
     skill, rehearsal = _examples(tokenizer, items, replay)
     optimizer = torch.optim.AdamW(trained, lr=settings.learning_rate, weight_decay=0.0)
     rng = random.Random(settings.seed)

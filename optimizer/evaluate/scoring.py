@@ -94,6 +94,10 @@ class CandidateResult:
     def to_dict(self) -> dict:
         return {name: s.to_dict() for name, s in self.scores.items()}
 
+    def items(self) -> dict[str, list[float]]:
+        """Each task's per-item values (the paired comparisons of optimizer/evaluate/stats.py need them)."""
+        return {name: s.items for name, s in self.scores.items() if s.items is not None}
+
 
 def score(backend, task_set: TaskSet, progress: bool = False, kinds: dict[str, str] | None = None
           ) -> dict[str, Score]:

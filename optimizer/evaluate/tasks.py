@@ -13,7 +13,8 @@ A task set YAML names tasks; each task is
 
 ```yaml
 seed: 0            # picks the subsets; the same items for every candidate of a run
-limit: 100         # default subset size per task (null: all items)
+limit: 100         # default size of the search range per task (null: all items)
+validation: 50     # items per task in the validation range (default: half of the items search leaves)
 tasks:
   - {name: add, kind: generate, path: add.jsonl, max_new_tokens: 8}
   - {name: arc, kind: lm_eval, task: arc_easy, metric: acc, limit: 200}
@@ -23,6 +24,12 @@ tasks:
 ``chat: true`` renders each prompt (and a multiple-choice context) through the model's own chat template as one
 user message (after an optional ``system`` message) with the assistant turn opened; the backend renders it, with
 the live model's tokenizer, and then adds no special tokens of its own (the template holds them).
+
+Every task's items fall in three disjoint ranges (:data:`SPLITS`), cut from one seeded permutation of its items:
+``search`` (the first ``limit``: what every candidate is scored on), ``validation`` (the next ``validation``
+items: what a run's finalists are re-scored on, to choose the best on items nothing was selected on) and ``test``
+(the rest: the tool never looks at them; ``mergeopt eval --holdout`` scores them). A task may instead declare its
+test range as a file of its own (``test_path:``); then the validation range is all that search leaves.
 
 Building a task turns items into backend requests (:class:`GenerationRequest`, :class:`LoglikelihoodRequest`)
 once; :meth:`PreparedTask.finish` turns the backend's answers into a :class:`Score`.
@@ -68,6 +75,8 @@ class TaskConfig(BaseModel):
     system: Any = None  # a system text for the chat template
     extract: str | None = None  # one of EXTRACTORS
     pattern: Any = None  # the regular expression of extract: regex
+    validation: Any = None  # items of the validation range (a non-negative integer)
+    test_path: str | None = None  # a JSONL file that is the task's test range (else: cut from path)
 
 
 class TaskSetConfig(BaseModel):
@@ -77,6 +86,7 @@ class TaskSetConfig(BaseModel):
     tasks: list[Any]
     seed: Any = 0
     limit: Any = None
+    validation: Any = None  # the default size of every task's validation range
 
 
 
@@ -137,6 +147,7 @@ class Score:
     stderr: float | None
     n: int
     error: str | None = None
+    items: list[float] | None = field(default=None, repr=False)  # each item's value, in the task's item order
 
     def to_dict(self) -> dict[str, Any]:
         out = {"metric": self.metric, "value": self.value, "stderr": self.stderr, "n": self.n}
@@ -160,6 +171,8 @@ class TaskSpec:
     system: str | None = None
     extract: str = "none"
     pattern: str | None = None
+    validation: int | None = None  # items of the validation range (None: half of what the search leaves)
+    test_path: Path | None = None  # the test range as a file of its own
 
     @property
     def chat_format(self) -> ChatFormat | None:
@@ -246,7 +259,7 @@ class GenerateTask(PreparedTask):
     def finish(self, generated, loglikelihoods):
         hits = [float(self.answer(text) == target) for text, target in zip(generated, self.targets)]
         value, stderr = mean_and_stderr(hits)
-        return Score(self.metric, value, stderr, len(hits))
+        return Score(self.metric, value, stderr, len(hits), items=hits)
 
     def examples(self, generated: list[str]) -> list[dict[str, Any]]:
         """The first ``len(generated)`` items as a person checks them: prompt, generation, answer, target, hit."""
@@ -280,13 +293,13 @@ class MultipleChoiceTask(PreparedTask):
                 scores = [s / n for s, n in zip(scores, lengths)]
             hits.append(float(max(range(len(scores)), key=scores.__getitem__) == answer))
         value, stderr = mean_and_stderr(hits)
-        return Score(self.metric, value, stderr, len(hits))
+        return Score(self.metric, value, stderr, len(hits), items=hits)
 
 
 class LmEvalTask(PreparedTask):
     """An lm-evaluation-harness task: documents loaded and requests built once, metrics by the task itself."""
 
-    def __init__(self, spec: TaskSpec, seed: int, holdout: bool = False):
+    def __init__(self, spec: TaskSpec, seed: int, split: str = "search"):
         try:
             from lm_eval.tasks import TaskManager
         except ImportError:
@@ -308,7 +321,7 @@ class LmEvalTask(PreparedTask):
             raise MergeoptError(f"lm-eval task {task_name!r} is a group of {len(tasks)} tasks; list its tasks one by one")
         self.task = tasks[0]
         docs = list(self.task.eval_docs)
-        indices = pick(spec, len(docs), seed, holdout)
+        indices = pick(spec, len(docs), seed, split)
         self.indices = indices
         self.task.build_all_requests(samples=indices, rank=0, world_size=1)
         self.instances = sorted(self.task.instances, key=lambda inst: (inst.doc_id, inst.idx))
@@ -351,7 +364,7 @@ class LmEvalTask(PreparedTask):
             if self.metric in metrics:
                 values.append(float(metrics[self.metric]))
         value, stderr = mean_and_stderr(values)
-        return Score(self.metric, value, stderr, len(values))
+        return Score(self.metric, value, stderr, len(values), items=values)
 
 
 def _yaml_task_name(path: Path) -> str:
@@ -372,6 +385,7 @@ class TaskSet:
     seed: int = 0
     source: str = ""
     names: list[str] = field(default_factory=list)
+    split: str = "search"  # which of SPLITS its items are
 
     def __post_init__(self):
         self.names = [t.spec.name for t in self.tasks]
@@ -402,39 +416,63 @@ def read_jsonl(path: Path, kind: str, task: str) -> list[dict]:
     return items
 
 
-def subset_indices(n: int, limit: int | None, seed: int, holdout: bool = False) -> list[int]:
-    """Indices of the ``limit`` items a seed picks, in file order (or, with ``holdout``, of all the others).
+SPLITS = ("search", "validation", "test")
+"""A task's three disjoint item ranges: what candidates are scored on, what finalists are re-scored on, what only
+``mergeopt eval --holdout`` scores (see the module's docstring)."""
 
-    The items are a prefix of one seeded permutation, so subsets are nested: the small subset of a
-    multi-fidelity search lies inside the full one, and the held-out items are exactly those no candidate of the
-    search was scored on.
+
+def split_indices(n: int, limit: int | None, seed: int, validation: int | None = None,
+                  test_file: bool = False) -> dict[str, list[int]]:
+    """The three ranges of a task of ``n`` items, each in file order: one seeded permutation, cut in three.
+
+    ``search`` is its first ``limit`` items (all with ``limit`` None), so subsets are nested: the small subset of
+    a multi-fidelity search lies inside the full one. ``validation`` is the next ``validation`` items (default: half
+    of the rest, rounded down; all of the rest with ``test_file``, whose test range is another file), ``test`` what
+    remains. The ranges are disjoint and, without a test file, cover every item.
     """
-    if limit is None or limit >= n:
-        return [] if holdout else list(range(n))
     order = list(range(n))
     random.Random(seed).shuffle(order)
-    return sorted(order[limit:] if holdout else order[:limit])
+    cut = n if limit is None else min(limit, n)
+    rest = order[cut:]
+    size = (len(rest) if test_file else len(rest) // 2) if validation is None else min(validation, len(rest))
+    return {"search": sorted(order[:cut]), "validation": sorted(rest[:size]),
+            "test": [] if test_file else sorted(rest[size:])}
 
 
-def pick(spec: TaskSpec, n: int, seed: int, holdout: bool) -> list[int]:
-    """The indices of a task's items a run scores; a held-out set with nothing left is one clear line."""
-    indices = subset_indices(n, spec.limit, seed, holdout)
+def subset_indices(n: int, limit: int | None, seed: int, holdout: bool = False) -> list[int]:
+    """Indices of the ``limit`` items a seed picks, in file order (with ``holdout``: the test range)."""
+    return split_indices(n, limit, seed)["test" if holdout else "search"]
+
+
+def pick(spec: TaskSpec, n: int, seed: int, split: str = "search") -> list[int]:
+    """The indices of a task's items in one of its ranges; an empty validation or test range is one clear line."""
+    indices = split_indices(n, spec.limit, seed, spec.validation, spec.test_path is not None)[split]
     if not indices:
-        raise MergeoptError(f"task {spec.name}: no held-out items (the subset of {spec.limit} takes all {n}); "
-                            "lower the limit")
+        if split == "search":
+            raise MergeoptError(f"task {spec.name}: no items")
+        raise MergeoptError(f"task {spec.name}: no {split} items (the search range of {spec.limit} takes "
+                            f"{min(n, spec.limit or n)} of its {n}"
+                            + (f" and validation {spec.validation}" if split == "test" and spec.validation else "")
+                            + "); lower the limit")
     return indices
 
 
-def prepare(spec: TaskSpec, seed: int, holdout: bool = False) -> PreparedTask:
+def prepare(spec: TaskSpec, seed: int, split: str = "search") -> PreparedTask:
+    if split not in SPLITS:
+        raise MergeoptError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     if spec.kind == "lm_eval":
-        return LmEvalTask(spec, seed, holdout)
-    assert spec.path is not None  # a JSONL task has a file (the schema requires it)
-    items = read_jsonl(spec.path, spec.kind, spec.name)
-    items = [items[i] for i in pick(spec, len(items), seed, holdout)]
+        return LmEvalTask(spec, seed, split)
+    if split == "test" and spec.test_path is not None:
+        items = read_jsonl(spec.test_path, spec.kind, spec.name)  # the declared test file, whole
+    else:
+        assert spec.path is not None  # a JSONL task has a file (the schema requires it)
+        items = read_jsonl(spec.path, spec.kind, spec.name)
+        items = [items[i] for i in pick(spec, len(items), seed, split)]
     return GenerateTask(spec, items) if spec.kind == "generate" else MultipleChoiceTask(spec, items)
 
 
-def parse_task(entry: Any, root: Path, default_limit: int | None, where: str) -> TaskSpec:
+def parse_task(entry: Any, root: Path, default_limit: int | None, where: str,
+               default_validation: Any = None) -> TaskSpec:
     if not isinstance(entry, dict):
         raise MergeoptError(f"{where}: each task must be a mapping with at least 'name'")
     _declared(TaskConfig, entry, where)
@@ -484,10 +522,19 @@ def parse_task(entry: Any, root: Path, default_limit: int | None, where: str) ->
         except (re.error, TypeError) as exc:
             raise MergeoptError(f"{where}: pattern {pattern!r} is not a valid regular expression ({exc})") from None
     stop = entry.get("stop") or ()
+    validation = entry.get("validation", default_validation)
+    if validation is not None and (not isinstance(validation, int) or isinstance(validation, bool) or validation < 0):
+        raise MergeoptError(f"{where}: validation must be a number of items (0 or more), got {validation!r}")
+    test_path = entry.get("test_path")
+    if test_path is not None:
+        if kind == "lm_eval":
+            raise MergeoptError(f"{where}: test_path is for JSONL tasks; an lm-eval task's ranges are cut from its "
+                                "documents")
+        test_path = Path(test_path) if Path(test_path).is_absolute() else (root / test_path).resolve()
     return TaskSpec(name=str(name), kind=kind, path=path, task=entry.get("task"), metric=metric, limit=limit,
                     max_new_tokens=int(entry.get("max_new_tokens", 32)), normalizer=normalizer,
                     stop=(stop,) if isinstance(stop, str) else tuple(stop), chat=chat, system=system,
-                    extract=extract, pattern=pattern)
+                    extract=extract, pattern=pattern, validation=validation, test_path=test_path)
 
 
 def task_specs(spec: str | Path, limit: int | None = None) -> tuple[list[TaskSpec], int, str]:
@@ -497,6 +544,10 @@ def task_specs(spec: str | Path, limit: int | None = None) -> tuple[list[TaskSpe
         from optimizer.zoo import zoo_task_spec
 
         return task_specs(zoo_task_spec(), limit)
+    if text in ("mix", "mix-heldout"):  # the mix family's search split (test range: held-out), or its held-out split
+        from optimizer.zoo.mix import task_set_path as mix_tasks
+
+        return task_specs(mix_tasks("heldout" if text.endswith("heldout") else "search"), limit)
     if text in ("smollm2", "smollm2-heldout"):  # the smollm2 family's search split, or its held-out split
         from optimizer.zoo.smollm2 import task_set_path
 
@@ -512,7 +563,8 @@ def task_specs(spec: str | Path, limit: int | None = None) -> tuple[list[TaskSpe
             raise MergeoptError(f"{path}: a task set needs a non-empty 'tasks:' list")
         _declared(TaskSetConfig, data, str(path))
         default_limit = limit if limit is not None else data.get("limit")
-        specs = [parse_task(entry, path.parent.resolve(), default_limit, f"{path}: tasks[{i}]")
+        specs = [parse_task(entry, path.parent.resolve(), default_limit, f"{path}: tasks[{i}]",
+                            data.get("validation"))
                  for i, entry in enumerate(data["tasks"])]
         if limit is not None:
             specs = [replace(s, limit=limit) for s in specs]
@@ -531,15 +583,16 @@ def task_specs(spec: str | Path, limit: int | None = None) -> tuple[list[TaskSpe
 
 
 def load_task_set(spec: str | Path, limit: int | None = None, seed: int | None = None,
-                  holdout: bool = False) -> TaskSet:
-    """Build a task set once per run: subsets chosen with a fixed seed, requests built.
+                  holdout: bool = False, split: str | None = None) -> TaskSet:
+    """Build a task set once per run: its items in one range (``split``, one of SPLITS), requests built.
 
-    ``holdout=True`` builds the complement instead: every item the same ``(limit, seed)`` subset leaves out, to
-    check a search's best recipe on items no candidate was selected on.
+    ``holdout=True`` is ``split="test"``: the items the same ``(limit, seed)`` leave to the test range, to check a
+    search's best recipe on items the search neither scored nor chose on.
     """
+    split = "test" if holdout else (split or "search")
     specs, file_seed, source = task_specs(spec, limit)
     seed = file_seed if seed is None else seed
-    return TaskSet([prepare(s, seed, holdout) for s in specs], seed=seed, source=source)
+    return TaskSet([prepare(s, seed, split) for s in specs], seed=seed, source=source, split=split)
 
 
 def show_examples(task_set: TaskSet, backend: Any, count: int) -> str:

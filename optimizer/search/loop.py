@@ -44,7 +44,8 @@ from optimizer.run import (FINISHED, RECORD_ATTR, SPACE_FILE, check_same_run, re
                            spends_budget)
 from optimizer import study_store
 from optimizer.study_store import Attr
-from optimizer.search import faults
+from optimizer.evaluate.stats import pack
+from optimizer.search import baselines, faults, validation
 from optimizer.search.interrupts import Interrupts
 from optimizer.search.optimizers import make_optimizer, make_sampler
 from optimizer.study_store import storage_url
@@ -92,6 +93,7 @@ class SearchContext:
     lock: Any = None  # StudyLock
     optimizer: Any = None  # Coordinated
     backend: Any = None  # the live inference engine
+    validation: Any = None  # validation.Plan: the validation range's task set, or why there is none
 
 
 @dataclass
@@ -102,6 +104,7 @@ class SearchResult:
     interrupted: bool = False
     stopped_reason: str | None = None
     parents: dict = field(default_factory=dict)
+    baselines: dict = field(default_factory=dict)  # label -> record (optimizer/search/baselines.py)
     seconds: dict = field(default_factory=dict)  # this worker's time: evaluating, coordination (lock), waiting
     engine_fault: EngineFault | None = None  # the engine fault that stopped the run (stopped_reason says it too)
 
@@ -243,9 +246,11 @@ def _score_parents_now(ctx: SearchContext, progress: bool) -> dict:
     parents = {}
     labels = ["base", *model_labels(space.models)]
     for index, (label, folder) in enumerate(zip(labels, [space.base_model, *space.models])):
+        start = time.perf_counter()
         ctx.backend.load_parent(ctx.engine, index)  # from the engine's own mapped weights (vLLM: its worker's engine)
         result = evaluate_candidate(ctx.backend, ctx.task_set)
-        parents[label] = {"path": folder, "scores": result.to_dict()}
+        parents[label] = {"path": folder, "scores": result.to_dict(), "seconds": round(time.perf_counter() - start, 3),
+                          "items": {t: pack(v) for t, v in result.items().items()}}  # per item: paired comparisons
         if progress:
             shown = ", ".join(f"{t} {s.value:.3f}" for t, s in result.scores.items() if s.value is not None)
             log.info("  parent %-12s %s", label, shown)
@@ -284,6 +289,7 @@ def run_search(space: SearchSpace, run_dir: Path, options: SearchOptions | None 
         raise MergeoptError(f"cannot create run folder {run_dir} ({exc.strerror}); choose another --run-dir") from None
     lock = _take_lock(run_dir, options.shared)
     ctx = SearchContext(space, run_dir, options, engine, Interrupts(), task_set, low_set)
+    ctx.validation = validation.plan(space)  # the validation range (or why there is none), read before any weight
     try:
         with _worker_prefix(worker_id(options.device) if options.shared else None):
             return _run(ctx)
@@ -345,7 +351,14 @@ def _run(ctx: SearchContext) -> SearchResult:
     with contextlib.closing(make_backend(space.backend, space.base_model, device=options.device, dtype=space.dtype,
                                          engine_device=options.engine_device, recovery=options.recovery)) as backend:
         ctx.backend = backend
-        return _search(ctx)
+        result = _search(ctx)
+        if not (result.interrupted or result.stopped_reason):  # the finalists re-scored on the validation range
+            try:
+                validation.after_search(space, ctx.study, backend, ctx.engine, ctx.validation, ctx.lock,
+                                        options.progress)
+            except EngineFault as fault:  # the trials are all recorded; the validation is left for a rerun
+                result.engine_fault, result.stopped_reason = fault, f"engine fault ({fault.cause}): {fault}"
+        return result
 
 
 def _search(ctx: SearchContext) -> SearchResult:
@@ -357,6 +370,8 @@ def _search(ctx: SearchContext) -> SearchResult:
     result = SearchResult(run_dir=ctx.run_dir, study=study)
     try:
         result.parents = _score_parents(ctx, progress)
+        result.baselines = baselines.before_search(space, study, ctx.backend, ctx.task_set, ctx.engine,
+                                                   result.parents, ctx.lock, optimizer, progress)
     except EngineFault as fault:  # before any trial: nothing to leave unscored
         result.engine_fault, result.stopped_reason = fault, f"engine fault ({fault.cause}): {fault}"
         optimizer.close()
@@ -495,6 +510,8 @@ def _evaluate_trial(ctx: SearchContext, trial, backend) -> list[float] | None:
 def _record(trial, space, result: CandidateResult, fidelity: str, timings: dict) -> list[float] | None:
     timings.update({k: round(v, 4) for k, v in result.seconds.items()})
     trial.set_user_attr(Attr.SCORES, result.to_dict())
+    if fidelity == "full" and not result.failed:  # per-item values, for paired comparisons (compact: "0110...")
+        trial.set_user_attr(Attr.ITEMS, {t: pack(v) for t, v in result.items().items()})
     trial.set_user_attr(Attr.FIDELITY, fidelity)
     trial.set_user_attr(Attr.SECONDS, timings)
     values = _objective_values(space, result)

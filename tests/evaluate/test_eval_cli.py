@@ -34,7 +34,8 @@ def test_a_recipe_is_merged_in_memory_and_scored_on_held_out_items(capsys, tmp_p
                       + "".join(f"  - model: zoo:{m}\n    parameters: {{weight: 0.5}}\n" for m in SPECIALIST_TASK))
     searched = eval_json(capsys, str(recipe), "--tasks", "zoo", "--limit", "300")
     held = eval_json(capsys, str(recipe), "--tasks", "zoo", "--limit", "300", "--holdout")
-    assert {s["n"] for s in searched.values()} == {300} and {s["n"] for s in held.values()} == {100}
+    # 400 items per task: 300 searched, 50 validation, the 50 left are the test range
+    assert {s["n"] for s in searched.values()} == {300} and {s["n"] for s in held.values()} == {50}
     assert list(tmp_path.iterdir()) == [recipe]  # no model folder was written
     # the merge combines skills: above the base's mean on the held-out items
     base = eval_json(capsys, "zoo:base", "--tasks", "zoo", "--limit", "300", "--holdout")

@@ -7,7 +7,7 @@ import pytest
 from optimizer.errors import MergeoptError
 from optimizer.evaluate.tasks import (ChatFormat, GenerateTask, GenerationRequest, LoglikelihoodRequest,
                                       MultipleChoiceTask, TaskSpec, extract_answer, load_task_set, mean_and_stderr,
-                                      subset_indices, task_specs)
+                                      split_indices, subset_indices, task_specs)
 
 
 def write_jsonl(path, items):
@@ -47,13 +47,41 @@ def test_subset_is_deterministic_and_in_file_order():
     assert subset_indices(len(items), 200, seed=1) == items
 
 
-def test_subsets_are_nested_and_the_holdout_is_their_complement():
+def test_subsets_are_nested_and_three_ranges_cover_the_items():
     items = list(range(100))
     small, full = subset_indices(len(items), 10, seed=3), subset_indices(len(items), 40, seed=3)
-    held = subset_indices(len(items), 40, seed=3, holdout=True)
-    assert set(small) < set(full)  # the low-fidelity subset lies inside the full one
-    assert sorted(full + held) == items and not set(full) & set(held)
-    assert subset_indices(len(items), 200, seed=3, holdout=True) == []
+    ranges = split_indices(len(items), 40, seed=3)
+    assert set(small) < set(full) and ranges["search"] == full  # the low-fidelity subset lies inside the full one
+    assert len(ranges["validation"]) == 30 and len(ranges["test"]) == 30  # half of what search leaves, each
+    assert sorted(ranges["search"] + ranges["validation"] + ranges["test"]) == items
+    assert subset_indices(len(items), 40, seed=3, holdout=True) == ranges["test"]
+    # validation does not move when it is declared: the first items after the search range, whatever the test gets
+    declared = split_indices(len(items), 40, seed=3, validation=10)
+    assert set(declared["validation"]) < set(ranges["validation"]) and len(declared["test"]) == 50
+    assert split_indices(len(items), 200, seed=3) == {"search": items, "validation": [], "test": []}
+    assert split_indices(len(items), 40, seed=3, test_file=True)["validation"] == sorted(
+        ranges["validation"] + ranges["test"])
+
+
+def test_declared_ranges_a_test_file_and_empty_ranges(task_dir):
+    write_jsonl(task_dir / "echo-test.jsonl", [{"prompt": f"t{i}:", "target": str(i)} for i in range(7)])
+    (task_dir / "ranges.yaml").write_text(
+        "limit: 20\nvalidation: 12\ntasks:\n"
+        "  - {name: echo, path: echo.jsonl}\n"
+        "  - {name: own, path: echo.jsonl, validation: 5, test_path: echo-test.jsonl}\n")
+    sets = {split: load_task_set(task_dir / "ranges.yaml", split=split) for split in ("search", "validation", "test")}
+    sizes = {split: [len(t.generation) for t in ts.tasks] for split, ts in sets.items()}
+    assert sizes == {"search": [20, 20], "validation": [12, 5], "test": [18, 7]}
+    prompts = {split: {r.prompt for r in ts.tasks[0].generation} for split, ts in sets.items()}
+    assert not prompts["search"] & prompts["validation"] and not prompts["validation"] & prompts["test"]
+    assert {r.prompt for r in sets["test"].tasks[1].generation} == {f"t{i}:" for i in range(7)}
+    assert load_task_set(task_dir / "ranges.yaml", holdout=True).split == "test"
+    with pytest.raises(MergeoptError, match=r"task echo: no validation items \(the search range of 50 takes 50 of "
+                                            r"its 50\); lower the limit"):
+        load_task_set(task_dir / "ranges.yaml", limit=50, split="validation")
+    (task_dir / "bad.yaml").write_text("tasks:\n  - {name: e, path: echo.jsonl, validation: -1}\n")
+    with pytest.raises(MergeoptError, match="validation must be a number of items"):
+        load_task_set(task_dir / "bad.yaml")
 
 
 def test_generate_metric_normalises_and_cuts_at_stop(task_dir):

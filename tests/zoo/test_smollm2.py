@@ -44,6 +44,12 @@ def test_family_task_sets_load_by_name_with_their_options():
     assert search.names == held.names == ["add", "mul", "letter", "capital"]
     assert [len(t.generation) for t in search] == [100, 100, 100, 32]
     assert [len(t.generation) for t in held] == [200, 200, 200, 32]
+    # the three ranges: search and validation cut from the search split, test = the held-out split
+    ranges = {split: load_task_set("smollm2", limit=24, split=split) for split in ("search", "validation", "test")}
+    assert [len(t.generation) for t in ranges["validation"]] == [76, 76, 76, 8]
+    assert [t.generation for t in ranges["test"]] == [t.generation for t in held]
+    with pytest.raises(MergeoptError, match="task capital: no validation items"):
+        load_task_set("smollm2", limit=40, split="validation")
     capital = search.tasks[3]
     assert capital.spec.chat and capital.generation[0].chat is not None
     # the general task reads a chat answer out of a sentence, or a bare answer

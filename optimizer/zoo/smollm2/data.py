@@ -135,9 +135,15 @@ def training_items(task: str, count: int, seed: int, exclude: set[str]) -> list[
 
 
 def task_set_yaml(split: str, tasks: list[str]) -> str:
-    lines = [f"# The smollm2 family's {split} split (written by optimizer.zoo.smollm2.data.write_tasks).", "tasks:"]
+    lines = [f"# The smollm2 family's {split} split (written by optimizer.zoo.smollm2.data.write_tasks)."]
+    if split == "search":  # the three ranges: search and validation cut from this split, test the held-out one
+        lines.append("# A run scores its candidates on the first `limit` items, re-scores its finalists on the rest "
+                     "(validation);\n# the test range is the held-out split (test_path), which no run looks at.")
+    lines.append("tasks:")
     for name in tasks:
         entry = {"name": name, "path": f"{name}-{split}.jsonl", "kind": "generate", **TASK_OPTIONS[name]}
+        if split == "search":
+            entry["test_path"] = f"{name}-heldout.jsonl"
         lines.append("  - " + json.dumps(entry))
     return "\n".join(lines) + "\n"
 
