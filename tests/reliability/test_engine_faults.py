@@ -179,3 +179,16 @@ def test_repeated_cuda_errors_stop_the_run_in_one_line_once_the_restarts_are_spe
     trials = study.get_trials()
     assert len(trials) == 2 and all(t.state == TrialState.FAIL and t.user_attrs["lost"] for t in trials)
     figures("repeated CUDA errors stop the run (exit 75)", injected=2, survived=2)
+
+
+def test_the_readme_quotes_the_line_that_stops_a_run_whose_restarts_are_spent():
+    from pathlib import Path
+
+    from optimizer.search.restart import stopped_line
+
+    clock = Clock()
+    budget = RestartBudget(EngineRecovery(), history=[clock.now - 60 * i for i in range(5)], clock=clock)
+    with pytest.raises(EngineFault) as stop:
+        budget.spend(EngineFault("the engine died (VLLM::Worker pid 4242 exited)"), "the vLLM engine")
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert f"\n{stopped_line(stop.value)}\n" in readme
