@@ -75,7 +75,10 @@ def write_space(root: Path, name: str, **overrides) -> Path:
     space = {"name": name, "base_model": str(root / "models" / "m0"),
              "models": [str(root / "models" / f"m{i}") for i in (1, 2, 3)],
              "merge_method": "dare_ties", "objectives": ["gen", "mc"], "optimizer": {"name": "random"},
-             "budget": {"trials": 4}, "tasks": str(root / "tasks.yaml"), "limit": 12, "seed": 0}
+             "budget": {"trials": 4}, "tasks": str(root / "tasks.yaml"), "limit": 12, "seed": 0,
+             # the baselines and the validation of a run are tested in tests/search/test_baselines.py; the other
+             # tests of searches score the parents only, so the fast tier stays fast
+             "baselines": ["parents"], "validation": {"finalists": 1}}
     space.update(overrides)
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(space, sort_keys=False))

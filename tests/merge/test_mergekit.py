@@ -48,7 +48,13 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+# each case runs mergekit-yaml in a process of its own (about 5 s): two stay in the fast tier, the rest run in the slow
+# tier (CI runs both); tests/merge/test_mergekit_forms.py covers every form through mergekit's Python API as well
+SLOW_CASES = {"linear", "ties_gradient"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c
+                                  for c in sorted(CASES)])
 def test_deterministic_methods_agree_with_mergekit(case, family, tmp_path):
     base, models, engine = family
     kwargs = dict(CASES[case])
@@ -61,7 +67,7 @@ def test_deterministic_methods_agree_with_mergekit(case, family, tmp_path):
         assert rel < 1e-5, f"{case}: {name} differs by {rel:.2e} relative"
 
 
-@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+@pytest.mark.parametrize("method", [pytest.param("dare_linear", marks=pytest.mark.slow), "dare_ties"])
 def test_dare_methods_keep_the_same_fraction_and_norm(method, family, tmp_path):
     """Masks differ (mergekit draws torch.bernoulli masks), but kept fractions agree within 1%, and with
     rescale: l1 both tools give every sparsified delta exactly the dense delta's L1 norm."""

@@ -16,7 +16,7 @@ def report_run(search_setup, tmp_path_factory) -> Path:
     from optimizer.space import load_space
 
     path = write_space(search_setup, "report", optimizer={"name": "random"}, budget={"trials": 10},
-                       granularity={"layer_groups": 2}, limit=6)
+                       granularity={"layer_groups": 2}, limit=6, baselines="default", validation={"finalists": 3})
     run_dir = tmp_path_factory.mktemp("report") / "run"
     run_search(load_space(path), run_dir, progress=False)
     export_run(run_dir)

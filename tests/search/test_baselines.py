@@ -27,7 +27,7 @@ def searched(search_setup, tmp_path_factory):
     """One short CMA-ES run with the default baselines and two finalists."""
     run_dir = tmp_path_factory.mktemp("baselines") / "run"
     space = load_space(write_space(search_setup, "verdict", optimizer={"name": "cma", "popsize": 4},
-                                   validation={"finalists": 2}))
+                                   baselines="default", validation={"finalists": 2}))
     result = run_search(space, run_dir, progress=False)
     return space, run_dir, result
 

@@ -87,10 +87,15 @@ def test_one_layer_depth_is_mergekits_in_the_engine_and_the_report(search_setup)
     assert all(series == [1.0] for series in weights.values()), weights
 
 
-def test_a_run_that_spent_its_budget_says_so(search_setup, tmp_path):
-    space = write_space(search_setup, "spent", budget={"trials": 2}, limit=4)
-    first = run_cli("search", space, "--run-dir", tmp_path / "run")
-    assert first.returncode == 0, first.stderr
-    again = run_cli("search", space, "--run-dir", tmp_path / "run", "--trials", "2")
-    assert again.returncode == 0, again.stderr
-    assert "the run has spent its budget (2 of 2 trials); raise it with --trials to search on" in again.stderr
+def test_a_run_that_spent_its_budget_says_so(search_setup, tmp_path, caplog):
+    import logging
+
+    from optimizer.search.loop import run_search
+
+    path = write_space(search_setup, "spent", budget={"trials": 2}, limit=4, baselines="none",
+                       validation={"finalists": 0})
+    run_search(load_space(path), tmp_path / "run", progress=False)
+    with caplog.at_level(logging.INFO, logger="mergeopt"):
+        again = run_search(load_space(path, {"trials": 2}), tmp_path / "run", progress=True)
+    assert again.new_trials == 0
+    assert "the run has spent its budget (2 of 2 trials); raise it with --trials to search on" in caplog.text
