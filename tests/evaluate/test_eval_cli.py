@@ -1,5 +1,6 @@
 """`mergeopt eval` reproduces the zoo's table: each specialist beats the base on its own skill; --json is clean."""
 
+import pytest
 import json
 
 from optimizer.cli import main
@@ -43,6 +44,7 @@ def test_a_recipe_is_merged_in_memory_and_scored_on_held_out_items(capsys, tmp_p
     assert mean(held) > mean(base)
 
 
+@pytest.mark.slow  # 5-10 s of subprocesses: the slow tier (CI runs it) keeps the fast tier under 3 minutes
 def test_eval_of_a_bf16_runs_recipe_reproduces_its_recorded_scores(capsys, tmp_path):
     """A recipe records the dtype its search scored in; `eval` scores in it (it used to score in float32 and
     give other numbers for bit-identical weights)."""

@@ -71,6 +71,7 @@ def run_cli(*args, cwd=None):
                           timeout=300)
 
 
+@pytest.mark.slow  # 5-10 s of subprocesses: the slow tier (CI runs it) keeps the fast tier under 3 minutes
 def test_search_plan_prints_and_refuses_before_anything_is_created(template_8b, tmp_path):
     space = yaml.safe_load(open("search_spaces/lm_eval_example.yaml"))
     space["base_model"] = str(template_8b[0])

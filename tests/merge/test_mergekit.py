@@ -88,6 +88,7 @@ def test_dare_methods_keep_the_same_fraction_and_norm(method, family, tmp_path):
         assert (theirs[name] - base_state[name]).abs().sum() == pytest.approx(float(l1_dense), rel=1e-4)
 
 
+@pytest.mark.slow  # 5-10 s of subprocesses: the slow tier (CI runs it) keeps the fast tier under 3 minutes
 def test_mergekit_accepts_a_full_dare_recipe(family, tmp_path):
     base, models, engine = family
     recipe = make("dare_ties", base, models, weights=[0.7, [0.3, 0.6], 0.5], densities=[0.4, 0.6, [0.9, 0.5]], seed=3)

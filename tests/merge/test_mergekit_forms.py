@@ -637,6 +637,7 @@ def test_a_searched_della_recipe_moves_the_share_of_elements_mergekit_moves(fami
     assert abs(moved[0] - moved[1]) / total < 0.02, moved
 
 
+@pytest.mark.slow  # 5-10 s of subprocesses: the slow tier (CI runs it) keeps the fast tier under 3 minutes
 def test_mergekit_yaml_accepts_a_searched_slerp_recipe(families, tmp_path, capsys):
     """The command itself (not only its Python API): mergekit-yaml merges the exported slerp recipe to mergeopt's
     tensors."""

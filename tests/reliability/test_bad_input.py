@@ -183,6 +183,7 @@ def test_a_bad_space_through_the_real_command(search_setup, tmp_path):
                           "gamma, epsilon, lambda)\n"
 
 
+@pytest.mark.slow  # 5-10 s of subprocesses: the slow tier (CI runs it) keeps the fast tier under 3 minutes
 def test_a_model_with_nan_or_inf_weights_is_refused_before_the_search(search_setup, inf_model, tmp_path, figures):
     def nan(state):
         state["model.layers.1.self_attn.q_proj.weight"][3, :5] = float("nan")
