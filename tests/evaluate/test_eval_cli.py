@@ -1,7 +1,8 @@
 """`mergeopt eval` reproduces the zoo's table: each specialist beats the base on its own skill; --json is clean."""
 
-import pytest
 import json
+
+import pytest
 
 from optimizer.cli import main
 from optimizer.zoo import SPECIALIST_TASK
