@@ -36,7 +36,7 @@ from optuna.trial import TrialState
 from optimizer.errors import EngineFault, MergeoptError, NonFiniteOutput
 from optimizer.evaluate.scoring import (OWN_MERGE_ENGINE, CandidateResult, check_backend, evaluate_candidate,
                                         make_backend)
-from optimizer.evaluate.recovery import EngineRecovery
+from optimizer.evaluate.recovery import EngineRecovery, pid_running
 from optimizer.evaluate.tasks import load_task_set
 from optimizer.files import write_atomic
 from optimizer.merge.engine import MergeEngine
@@ -185,19 +185,9 @@ def _check_lock(run_dir: Path) -> None:
         pid = int(lock.read_text().strip() or 0)
     except (OSError, ValueError):
         return
-    if pid and pid != os.getpid() and _alive(pid):
+    if pid and pid != os.getpid() and pid_running(pid):
         raise MergeoptError(f"{run_dir} is in use by process {pid}; wait for it, or use --storage with a database "
                             "server to run several workers on one study")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def recover_stale(study: optuna.Study, optimizer, shared: bool) -> list:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from optimizer.zoo.smollm2 import default_cache_root
+from optimizer.zoo.family import Family
 
 FAMILY = "mix"
 
@@ -25,37 +25,9 @@ MODEL_NAMES: tuple[str, ...] = ("base", *SPECIALIST_TASK)
 TASKS_DIR: Path = Path(__file__).resolve().parent / "tasks"
 
 
-def family_dir(cache_root: Path | None = None, reduced: bool = False) -> Path:
-    root = default_cache_root() if cache_root is None else Path(cache_root)
-    return root / (f"{FAMILY}-reduced" if reduced else FAMILY)
+MIX = Family(FAMILY, MODEL_NAMES, TASKS_DIR)
+family_dir, family_models, resolve, task_set_path = MIX.folder, MIX.models, MIX.resolve, MIX.task_set_path
 
 
-def family_models(cache_root: Path | None = None, reduced: bool = False) -> dict[str, Path]:
-    """Model name -> transformers folder (built or not), base first."""
-    folder = family_dir(cache_root, reduced)
-    return {name: folder / name for name in MODEL_NAMES}
-
-
-def resolve(reference: str) -> Path:
-    """``mix/NAME`` (or ``mix-reduced/NAME``) -> its folder in the cache."""
-    from optimizer.errors import MergeoptError
-
-    family, _, name = reference.partition("/")
-    if family not in (FAMILY, f"{FAMILY}-reduced") or name not in MODEL_NAMES:
-        raise MergeoptError(f"zoo:{reference} is not a family model; use zoo:{FAMILY}/NAME with NAME one of "
-                            f"{', '.join(MODEL_NAMES)} (or zoo:{FAMILY}-reduced/NAME)")
-    folder = family_models(reduced=family.endswith("-reduced"))[name]
-    if not (folder / "config.json").is_file():
-        flag = " --reduced" if family.endswith("-reduced") else ""
-        raise MergeoptError(f"zoo:{reference} is not built yet ({folder}); run 'mergeopt zoo --family {FAMILY} "
-                            f"--build{flag}'")
-    return folder
-
-
-def task_set_path(split: str = "search") -> Path:
-    """The task-set YAML of a split: ``search`` (search and validation ranges; test = held-out) or ``heldout``."""
-    return TASKS_DIR / f"{split}.yaml"
-
-
-__all__ = ["FAMILY", "MODEL_NAMES", "SPECIALIST_TASK", "TASKS_DIR", "family_dir", "family_models", "resolve",
+__all__ = ["FAMILY", "MIX", "MODEL_NAMES", "SPECIALIST_TASK", "TASKS_DIR", "family_dir", "family_models", "resolve",
            "task_set_path"]

@@ -10,13 +10,16 @@ from the same generators with other seeds and never equal an evaluation prompt.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable
 from pathlib import Path
 
-from optimizer.zoo.smollm2.data import (CAPITALS, GENERAL_TASK, LETTERS, TASK_OPTIONS, Item, _addition, _few_shot,
-                                        _multiplication, _next_letter, capital_item, unique_items)
+from optimizer.zoo.family import task_set_yaml as task_set_yaml_of
+from optimizer.zoo.family import write_task_files
+
+from optimizer.zoo.smollm2 import data as smollm2_data
+from optimizer.zoo.smollm2.data import (GENERAL_TASK, LETTERS, TASK_OPTIONS, Item, _addition, _few_shot,
+                                        _multiplication, _next_letter)
 
 
 def _subtraction(rng: random.Random) -> tuple[str, str]:
@@ -48,52 +51,25 @@ SPLIT_SIZES = {"search": 100, "heldout": 200}
 
 
 def evaluation_splits(seed: int = 0) -> dict[str, dict[str, list[Item]]]:
-    """Task -> {"search": items, "heldout": items}; disjoint prompts, fixed by ``seed`` (the capitals: halves)."""
-    splits: dict[str, dict[str, list[Item]]] = {}
-    for offset, (name, make) in enumerate(SKILLS.items()):
-        rng, taken = random.Random(seed * 1000 + 500 + offset), set[str]()
-        splits[name] = {split: unique_items(make, rng, size, taken) for split, size in SPLIT_SIZES.items()}
-    capitals = list(CAPITALS)
-    random.Random(seed).shuffle(capitals)
-    half = len(capitals) // 2
-    splits[GENERAL_TASK] = {"search": [capital_item(*c) for c in capitals[:half]],
-                            "heldout": [capital_item(*c) for c in capitals[half:]]}
-    return splits
+    """Task -> {"search": items, "heldout": items}; disjoint prompts, fixed by ``seed``, on random streams of their
+    own (so no prompt is drawn as the smollm2 family draws it)."""
+    return smollm2_data.evaluation_splits(seed, SKILLS, SPLIT_SIZES, stream=500)
 
 
 def training_items(task: str, count: int, seed: int, exclude: set[str]) -> list[Item]:
     """Training items of a skill: fresh draws, none of whose prompts is an evaluation prompt."""
-    offset = list(SKILLS).index(task)
-    return unique_items(SKILLS[task], random.Random(20_000 + seed * 1000 + offset), count, set(exclude))
+    return smollm2_data.training_items(task, count, seed, exclude, SKILLS, stream=20_000)
 
 
 def task_set_yaml(split: str, tasks: list[str]) -> str:
-    lines = [f"# The mix family's {split} split (written by optimizer.zoo.mix.data.write_tasks)."]
-    if split == "search":
-        lines.append("# Search and validation are cut from this split; the test range is the held-out split.")
-    lines.append("tasks:")
-    for name in tasks:
-        entry = {"name": name, "path": f"{name}-{split}.jsonl", "kind": "generate", **OPTIONS[name]}
-        if split == "search":
-            entry["test_path"] = f"{name}-heldout.jsonl"
-        lines.append("  - " + json.dumps(entry))
-    return "\n".join(lines) + "\n"
+    header = (["Search and validation are cut from this split; the test range is the held-out split."]
+              if split == "search" else [])
+    return task_set_yaml_of("mix", split, tasks, OPTIONS, header)
 
 
 def write_tasks(folder: Path, seed: int = 0) -> dict[str, Path]:
     """Write every split as JSONL plus one task-set YAML per split; returns split -> YAML path."""
-    folder.mkdir(parents=True, exist_ok=True)
-    splits = evaluation_splits(seed)
-    for name, by_split in splits.items():
-        for split, items in by_split.items():
-            with (folder / f"{name}-{split}.jsonl").open("w") as handle:
-                for number, item in enumerate(items):
-                    handle.write(json.dumps({"id": f"{name}-{split}-{number:04d}", **item}) + "\n")
-    paths = {}
-    for split in SPLIT_SIZES:
-        paths[split] = folder / f"{split}.yaml"
-        paths[split].write_text(task_set_yaml(split, list(splits)))
-    return paths
+    return write_task_files(folder, evaluation_splits(seed), SPLIT_SIZES, task_set_yaml)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,12 @@ drawn from the same generator with another seed, never equal to an evaluation it
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable
 from pathlib import Path
+
+from optimizer.zoo.family import task_set_yaml as task_set_yaml_of
+from optimizer.zoo.family import write_task_files
 
 Item = dict[str, str]
 
@@ -114,12 +116,16 @@ def unique_items(make: Callable[[random.Random], Item], rng: random.Random, coun
     return items
 
 
-def evaluation_splits(seed: int = 0) -> dict[str, dict[str, list[Item]]]:
-    """Task -> {"search": items, "heldout": items}; disjoint prompts, fixed by ``seed``."""
+def evaluation_splits(seed: int = 0, skills: dict[str, Callable[[random.Random], Item]] | None = None,
+                      sizes: dict[str, int] | None = None, stream: int = 0) -> dict[str, dict[str, list[Item]]]:
+    """Task -> {"search": items, "heldout": items}; disjoint prompts, fixed by ``seed`` (the capitals: halves).
+    ``skills``, ``sizes`` and ``stream`` (which random streams) default to this family's; the mix family passes its
+    own."""
     splits: dict[str, dict[str, list[Item]]] = {}
-    for offset, (name, make) in enumerate(SKILLS.items()):
-        rng, taken = random.Random(seed * 1000 + offset), set[str]()
-        splits[name] = {split: unique_items(make, rng, size, taken) for split, size in SPLIT_SIZES.items()}
+    for offset, (name, make) in enumerate((SKILLS if skills is None else skills).items()):
+        rng, taken = random.Random(seed * 1000 + stream + offset), set[str]()
+        splits[name] = {split: unique_items(make, rng, size, taken)
+                        for split, size in (SPLIT_SIZES if sizes is None else sizes).items()}
     capitals = list(CAPITALS)
     random.Random(seed).shuffle(capitals)
     half = len(capitals) // 2
@@ -128,40 +134,25 @@ def evaluation_splits(seed: int = 0) -> dict[str, dict[str, list[Item]]]:
     return splits
 
 
-def training_items(task: str, count: int, seed: int, exclude: set[str]) -> list[Item]:
+def training_items(task: str, count: int, seed: int, exclude: set[str],
+                   skills: dict[str, Callable[[random.Random], Item]] | None = None, stream: int = 10_000
+                   ) -> list[Item]:
     """Training items of a skill: fresh draws, none of whose prompts is an evaluation prompt."""
-    offset = list(SKILLS).index(task)
-    return unique_items(SKILLS[task], random.Random(10_000 + seed * 1000 + offset), count, set(exclude))
+    skills = SKILLS if skills is None else skills
+    offset = list(skills).index(task)
+    return unique_items(skills[task], random.Random(stream + seed * 1000 + offset), count, set(exclude))
 
 
 def task_set_yaml(split: str, tasks: list[str]) -> str:
-    lines = [f"# The smollm2 family's {split} split (written by optimizer.zoo.smollm2.data.write_tasks)."]
-    if split == "search":  # the three ranges: search and validation cut from this split, test the held-out one
-        lines.append("# A run scores its candidates on the first `limit` items, re-scores its finalists on the rest "
-                     "(validation);\n# the test range is the held-out split (test_path), which no run looks at.")
-    lines.append("tasks:")
-    for name in tasks:
-        entry = {"name": name, "path": f"{name}-{split}.jsonl", "kind": "generate", **TASK_OPTIONS[name]}
-        if split == "search":
-            entry["test_path"] = f"{name}-heldout.jsonl"
-        lines.append("  - " + json.dumps(entry))
-    return "\n".join(lines) + "\n"
+    header = (["A run scores its candidates on the first `limit` items, re-scores its finalists on the rest "
+               "(validation);", "the test range is the held-out split (test_path), which no run looks at."]
+              if split == "search" else [])  # the three ranges: search and validation here, test the held-out split
+    return task_set_yaml_of("smollm2", split, tasks, TASK_OPTIONS, header)
 
 
 def write_tasks(folder: Path, seed: int = 0) -> dict[str, Path]:
     """Write every split as JSONL plus one task-set YAML per split; returns split -> YAML path."""
-    folder.mkdir(parents=True, exist_ok=True)
-    splits = evaluation_splits(seed)
-    for name, by_split in splits.items():
-        for split, items in by_split.items():
-            with (folder / f"{name}-{split}.jsonl").open("w") as handle:
-                for number, item in enumerate(items):
-                    handle.write(json.dumps({"id": f"{name}-{split}-{number:04d}", **item}) + "\n")
-    paths = {}
-    for split in SPLIT_SIZES:
-        paths[split] = folder / f"{split}.yaml"
-        paths[split].write_text(task_set_yaml(split, list(splits)))
-    return paths
+    return write_task_files(folder, evaluation_splits(seed), SPLIT_SIZES, task_set_yaml)
 
 
 if __name__ == "__main__":
