@@ -113,8 +113,10 @@ def test_the_worker_killed_or_hung_mid_search_costs_no_trial(tied_setup, tmp_pat
     name = f"vllm-{cause}"
     space = write_space(tied_setup, name, backend="vllm", budget={"trials": TRIALS}, limit=8)
     run_dir = tmp_path / "run"
-    # a short hang floor: the stopped worker is found within seconds, not the default two minutes
-    proc = start_search(space, run_dir, tmp_path, MERGEOPT_ENGINE_TIMEOUT="10")
+    # a short hang floor: the stopped worker is found within seconds, not the default two minutes; trials 2-3 are
+    # held 2 s in flight (MERGEOPT_FAULT's straggler, before their weights are built) so that the poll below finds a
+    # candidate in flight on a quiet machine too, where a tiny model's candidate takes a few hundredths of a second
+    proc = start_search(space, run_dir, tmp_path, MERGEOPT_ENGINE_TIMEOUT="10", MERGEOPT_FAULT="slow=2@trial:2-3")
     try:
         victim, seen = signal_worker_mid_candidate(proc, run_dir, name, sig)
         err = finish(proc, seen)
@@ -139,7 +141,7 @@ def test_with_no_restart_allowed_the_run_stops_in_one_line_and_the_candidate_is_
     name = "vllm-no-restart"
     space = write_space(tied_setup, name, backend="vllm", budget={"trials": TRIALS}, limit=8)
     run_dir = tmp_path / "run"
-    proc = start_search(space, run_dir, tmp_path, MERGEOPT_ENGINE_RESTARTS="0")
+    proc = start_search(space, run_dir, tmp_path, MERGEOPT_ENGINE_RESTARTS="0", MERGEOPT_FAULT="slow=2@trial:1-2")
     try:
         victim, seen = signal_worker_mid_candidate(proc, run_dir, name, signal.SIGKILL, after=1)
         err = finish(proc, seen)
