@@ -55,6 +55,7 @@ def test_merge_writes_the_model_the_engine_builds(tmp_path, llama_family):
         assert torch.equal(merged[name], tensor), name
 
 
+@pytest.mark.slow  # a dozen subprocesses: the slow tier (CI runs it) keeps the fast tier under 3 minutes
 def test_errors_are_one_line_and_nonzero(tmp_path, llama_family):
     base, models = llama_family
     proc = mergeopt("merge", tmp_path / "missing.yaml", "--out", tmp_path / "o")

@@ -3,6 +3,7 @@ what is wrong and what to do, and a refused merge leaves nothing behind."""
 
 import shutil
 
+import pytest
 import yaml
 from helpers import assert_one_line_error, run_cli
 from safetensors.torch import load_file, save_file
@@ -35,6 +36,7 @@ def test_a_file_with_several_yaml_documents_is_said_so(search_setup, tmp_path):
     assert_one_line_error(run_cli("search", space, "--run-dir", tmp_path / "run"), "holds 2 YAML documents")
 
 
+@pytest.mark.slow  # two merges through the command line: the slow tier (CI runs it) keeps the fast tier under 3 minutes
 def test_a_merge_refused_after_it_started_leaves_no_out_folder(search_setup, tmp_path):
     base, model = search_setup / "models" / "m0", search_setup / "models" / "m1"
     broken = tmp_path / "broken"
@@ -58,8 +60,6 @@ def test_a_merge_refused_after_it_started_leaves_no_out_folder(search_setup, tmp
 
 def test_one_formatter_answers_misspelt_keys_in_spaces_recipes_and_task_sets(search_setup, tmp_path):
     """The same words wherever a key is misspelt: unknown key 'x' (did you mean 'y'?); allowed keys: ..."""
-    import pytest
-
     from optimizer.errors import MergeoptError
     from optimizer.evaluate.tasks import load_task_set
     from optimizer.recipe import Recipe

@@ -81,6 +81,7 @@ def test_rerunning_continues_the_study_without_duplicates(search_setup, tmp_path
     assert len(set(genomes)) == 6
 
 
+@pytest.mark.slow  # resumes are also killed and continued in tests/reliability (slow): the slow tier (CI runs it) keeps the fast tier under 3 minutes
 def test_cma_resumes_the_same_run(search_setup, tmp_path):
     """Two invocations of 4 + 4 trials ask CMA for exactly the candidates one run of 8 asks for."""
     path = write_space(search_setup, "cma", optimizer={"name": "cma", "popsize": 4}, objectives=["mc"])
